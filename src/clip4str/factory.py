@@ -1,0 +1,30 @@
+"""Build models from presets (and optionally CLIP weights from a local file)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from clip4str.model import CLIP4STR, ModelConfig
+from clip4str.model.config import merge
+from clip4str.presets import load_preset
+from clip4str.weights import load_exact, read_clip_checkpoint
+
+
+def create_model(name: str, clip_checkpoint: str | Path | None = None, quick_gelu: bool | None = None,
+                 **overrides: Any) -> CLIP4STR:
+    """A CLIP4STR from preset `name` with config overrides; towers from `clip_checkpoint` if given.
+
+    With a CLIP file, the tower sizes and activation come from the file (shapes and family), not the preset.
+    """
+    data = merge(load_preset(name), overrides)
+    clip = None
+    if clip_checkpoint is not None:
+        clip = read_clip_checkpoint(clip_checkpoint, quick_gelu)
+        data["clip"] = clip.config
+    model = CLIP4STR(ModelConfig.from_dict(data))
+    if clip is not None:
+        state = dict(clip.state_dict)
+        state.setdefault("logit_scale", model.clip.logit_scale.detach().clone())
+        load_exact(model.clip, state, str(clip_checkpoint))
+    return model

@@ -1,0 +1,215 @@
+"""The CLIP4STR module: CLIP image encoder -> image decoder -> CLIP text encoder -> cross-modal decoder."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from clip4str.charset import CharsetAdapter, DecodedText, Tokenizer
+from clip4str.model.config import DECODE_MODES, ModelConfig
+from clip4str.model.decoder import Decoder
+from clip4str.model.permutations import causal_masks, cloze_query_mask, generate_permutations, permutation_masks
+from clip4str.model.towers import (build_clip, clip_bpe_tokenizer, encode_image_tokens, encode_text_tokens,
+                                   freeze_image_tower, freeze_text_tower)
+
+
+@dataclass
+class LossOutput:
+    """Training loss (image branch + weight x cross branch) and its two parts, each averaged over targets."""
+
+    loss: torch.Tensor
+    image_loss: torch.Tensor
+    cross_loss: torch.Tensor | None
+
+
+@dataclass
+class DecodeOutput:
+    """Logits of the final prediction and of the image branch; `*_lengths` = valid positions per row."""
+
+    logits: torch.Tensor
+    lengths: torch.Tensor
+    image_logits: torch.Tensor
+    image_lengths: torch.Tensor
+
+
+class CLIP4STR(nn.Module):
+    """CLIP4STR as a pure module: `forward` computes the permutation loss, `decode` predicts."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.tokenizer = Tokenizer(config.charset)
+        self.caption_adapter = CharsetAdapter(config.caption_charset)
+        self.clip = build_clip(config.clip)
+        self.clip.logit_scale.requires_grad_(False)  # only the zero-shot ranking uses it
+        self.provenance: dict = {}
+
+        def decoder() -> Decoder:
+            return Decoder(config.embed_dim, config.decoder_heads, config.decoder_depth, config.decoder_mlp_ratio,
+                           config.dropout, len(self.tokenizer), self.tokenizer.num_classes,
+                           config.max_label_length + 1)
+
+        self.image_decoder = decoder()
+        self.cross_decoder = decoder() if config.cross_branch else None
+        self._frozen = freeze_text_tower(self.clip, config.text_freeze_layers) + \
+            freeze_image_tower(self.clip.visual, config.image_freeze_layers)
+
+    def train(self, mode: bool = True) -> CLIP4STR:
+        """Set train/eval mode; frozen tower parts always stay in eval mode."""
+        super().train(mode)
+        for module in self._frozen:
+            module.eval()
+        return self
+
+    # -- encoders -------------------------------------------------------------------------------------
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        """Preprocessed images (B, 3, H, W) -> image tokens (B, N, D)."""
+        h, w = self.config.image_size
+        if not isinstance(images, torch.Tensor) or images.ndim != 4 or tuple(images.shape[1:]) != (3, h, w):
+            got = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
+            raise ValueError(f"expected a float tensor of shape (B, 3, {h}, {w}), got {got}; "
+                             "prepare images with clip4str.data.transforms.preprocess")
+        if images.shape[0] == 0:
+            raise ValueError("empty batch: give at least one image")
+        return encode_image_tokens(self.clip.visual, images)
+
+    def encode_text(self, captions: Sequence[str], device: torch.device) -> torch.Tensor:
+        """Captions -> CLIP text features of every token (B, context, D)."""
+        ids = clip_bpe_tokenizer(self.config.text_context_length)(list(captions)).to(device)
+        return encode_text_tokens(self.clip, ids)
+
+    def captions(self, logits: torch.Tensor, lengths: torch.Tensor | None = None) -> list[str]:
+        """Greedy strings of image-branch logits, cut at EOS and mapped to the caption charset."""
+        ids = logits.argmax(-1).tolist()
+        if lengths is not None:
+            ids = [row[:n] for row, n in zip(ids, lengths.tolist(), strict=True)]
+        return [self.caption_adapter(self.tokenizer.ids_to_text(row)) for row in ids]
+
+    def cross_memory(self, image_tokens: torch.Tensor, captions: Sequence[str]) -> torch.Tensor:
+        """[image tokens ; text tokens]; image tokens detached so the cross loss never trains the image tower."""
+        text = self.encode_text(captions, image_tokens.device)
+        return torch.cat([image_tokens.detach(), text.to(image_tokens.dtype)], dim=1)
+
+    # -- training -------------------------------------------------------------------------------------
+    def forward(self, images: torch.Tensor, labels: Sequence[str] | torch.Tensor, perms: torch.Tensor | None = None,
+                generator: torch.Generator | None = None) -> LossOutput:
+        """Permutation language modelling loss of both branches (the cross branch gets the true context)."""
+        tgt = labels if isinstance(labels, torch.Tensor) else self.tokenizer.encode(labels)
+        tgt = tgt.to(images.device)
+        if len(tgt) != len(images):
+            raise ValueError(f"{len(images)} images but {len(tgt)} labels")
+        if (tgt[:, 1] == self.tokenizer.eos_id).any():
+            raise ValueError("a label is empty after dropping characters outside the charset")
+        memory = self.encode_image(images)
+        if perms is None:
+            cfg = self.config
+            perms = generate_permutations(tgt.shape[1] - 2, cfg.num_permutations, cfg.perm_forward,
+                                          cfg.perm_mirrored, generator, images.device)
+        pad, eos = self.tokenizer.pad_id, self.tokenizer.eos_id
+        tgt_in, tgt_out = tgt[:, :-1], tgt[:, 1:]
+        padding = (tgt_in == pad) | (tgt_in == eos)
+        image_kv = self.image_decoder.memory_kv(memory)
+        n = (tgt_out != pad).sum()
+        image_sum = cross_sum = numel = 0
+        for i, perm in enumerate(perms):
+            content_mask, query_mask = permutation_masks(perm)
+            logits = self.image_decoder(tgt_in, image_kv, content_mask, padding, query_mask=query_mask)
+            image_sum = image_sum + n * F.cross_entropy(logits.flatten(0, 1), tgt_out.flatten(), ignore_index=pad)
+            if self.cross_decoder is not None:
+                cross_mem = self.cross_memory(memory, self.captions(logits))
+                cross = self.cross_decoder(tgt_in, cross_mem, content_mask, padding, query_mask=query_mask)
+                cross_sum = cross_sum + n * F.cross_entropy(cross.flatten(0, 1), tgt_out.flatten(), ignore_index=pad)
+            numel = numel + n
+            if i == 1:  # only the first two permutations learn EOS
+                tgt_out = torch.where(tgt_out == eos, pad, tgt_out)
+                n = (tgt_out != pad).sum()
+        image_loss = image_sum / numel
+        cross_loss = cross_sum / numel if self.cross_decoder is not None else None
+        loss = image_loss if cross_loss is None else image_loss + self.config.cross_loss_weight * cross_loss
+        return LossOutput(loss, image_loss, cross_loss)
+
+    # -- decoding -------------------------------------------------------------------------------------
+    def decode(self, images: torch.Tensor, mode: str | None = None, refine_iters: int | None = None,
+               max_length: int | None = None, early_exit: bool = True) -> DecodeOutput:
+        """Predict logits for preprocessed images; every row is decoded as if it were alone in the batch.
+
+        mode: 'ar' (greedy autoregressive) or 'nar' (one pass); refine_iters: cloze refinement passes per
+        branch; max_length caps the label length; early_exit stops AR decoding once every row emitted EOS.
+        """
+        mode = self.config.decode_mode if mode is None else mode
+        refine_iters = self.config.refine_iters if refine_iters is None else refine_iters
+        if mode not in DECODE_MODES:
+            raise ValueError(f"mode must be one of {DECODE_MODES}, got {mode!r}")
+        limit = self.config.max_label_length if max_length is None else min(max_length, self.config.max_label_length)
+        steps = limit + 1
+        memory = self.encode_image(images)
+        img_logits, img_len = self._first_pass(self.image_decoder, memory, steps, mode, early_exit, None)
+        cross_mem = cross_logits = cross_len = None
+        if self.cross_decoder is not None:
+            cross_mem = self.cross_memory(memory, self.captions(img_logits, img_len))
+            cross_logits, cross_len = self._first_pass(self.cross_decoder, cross_mem, steps, mode, early_exit,
+                                                       img_len)
+        for _ in range(refine_iters):
+            img_logits, img_len_new = self._refine(self.image_decoder, memory, img_logits, img_len, steps)
+            if self.cross_decoder is not None:
+                cross_mem = self.cross_memory(memory, self.captions(img_logits))
+                cross_logits, cross_len = self._refine(self.cross_decoder, cross_mem, cross_logits, cross_len, steps)
+            img_len = img_len_new
+        if self.cross_decoder is None:
+            return DecodeOutput(img_logits, img_len, img_logits, img_len)
+        return DecodeOutput(cross_logits, cross_len, img_logits, img_len)
+
+    def _first_pass(self, decoder: Decoder, memory: torch.Tensor, steps: int, mode: str, early_exit: bool,
+                    budget: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        b, device = memory.shape[0], memory.device
+        kv = decoder.memory_kv(memory)
+        tok = self.tokenizer
+        if mode == "nar":
+            bos = torch.full((b, 1), tok.bos_id, dtype=torch.long, device=device)
+            return decoder(bos, kv, query_len=steps), torch.full((b,), steps, device=device)
+        # The cross branch decodes as many steps as the image branch took for that row (the reference).
+        stops_at_eos = budget is None
+        budget = torch.full((b,), steps, device=device) if budget is None else budget
+        tgt = torch.full((b, steps), tok.pad_id, dtype=torch.long, device=device)
+        tgt[:, 0] = tok.bos_id
+        mask, _ = causal_masks(steps, device)
+        logits = []
+        for i in range(int(budget.max())):
+            j = i + 1
+            out = decoder(tgt[:, :j], kv, mask[:j, :j], query_start=i, query_len=1, query_mask=mask[i:j, :j])
+            logits.append(out)
+            if j < steps:
+                tgt[:, j] = out.squeeze(1).argmax(-1)
+                if early_exit and ((tgt == tok.eos_id).any(-1) | (budget <= j)).all():
+                    break
+        logits = torch.cat(logits, dim=1)
+        lengths = budget.clamp(max=logits.shape[1])
+        if early_exit and stops_at_eos:
+            # A row alone stops right after its first EOS: that is its length.
+            is_eos = logits.argmax(-1) == tok.eos_id
+            first = torch.where(is_eos.any(-1), is_eos.float().argmax(-1) + 1, logits.shape[1])
+            lengths = torch.minimum(lengths, first)
+        return logits, lengths
+
+    def _refine(self, decoder: Decoder, memory: torch.Tensor, logits: torch.Tensor, lengths: torch.Tensor,
+                steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+        tok = self.tokenizer
+        b, length = logits.shape[:2]
+        bos = torch.full((b, 1), tok.bos_id, dtype=torch.long, device=logits.device)
+        ctx = torch.cat([bos, logits[:, :-1].argmax(-1)], dim=1)
+        positions = torch.arange(length, device=logits.device)
+        padding = ((ctx == tok.eos_id).cumsum(-1) > 0) | (positions[None] >= lengths[:, None])
+        content_mask, _ = causal_masks(length, logits.device)
+        query_mask = cloze_query_mask(steps, length, logits.device)
+        out = decoder(ctx, decoder.memory_kv(memory), content_mask, padding, query_len=steps, query_mask=query_mask)
+        return out, torch.full((b,), steps, device=logits.device)
+
+    @torch.inference_mode()
+    def read(self, images: torch.Tensor, **decode_options: object) -> list[DecodedText]:
+        """Preprocessed images -> text, confidence and per-character probabilities for each image."""
+        out = self.decode(images, **decode_options)
+        return self.tokenizer.decode(out.logits.float().softmax(-1), out.lengths.tolist())

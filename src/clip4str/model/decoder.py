@@ -1,0 +1,151 @@
+"""PARSeq's two-stream (query + content) decoder: layers, stack, token embedding and head."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+KV = tuple[torch.Tensor, torch.Tensor]
+
+
+class Attention(nn.Module):
+    """Multi-head attention with `nn.MultiheadAttention`'s parameter names, computed with fused SDPA.
+
+    Keys and values of a fixed memory can be projected once (`project_kv`) and reused at every step.
+    """
+
+    def __init__(self, dim: int, heads: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"width {dim} is not divisible by {heads} heads")
+        self.heads, self.dropout = heads, dropout
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * dim, dim))
+        self.in_proj_bias = nn.Parameter(torch.zeros(3 * dim))
+        self.out_proj = nn.Linear(dim, dim)
+        nn.init.xavier_uniform_(self.in_proj_weight)
+
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, d = x.shape
+        return x.view(b, n, self.heads, d // self.heads).transpose(1, 2)
+
+    def project_kv(self, x: torch.Tensor) -> KV:
+        """Project keys and values of `x`: two (B, H, L, D/H) tensors."""
+        _, w_k, w_v = self.in_proj_weight.chunk(3)
+        _, b_k, b_v = self.in_proj_bias.chunk(3)
+        return self._heads(F.linear(x, w_k, b_k)), self._heads(F.linear(x, w_v, b_v))
+
+    def forward(self, query: torch.Tensor, kv: torch.Tensor | KV, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Attend from `query` (B, Lq, D) over `kv` (tensor or projected pair); `mask` is additive."""
+        w_q, b_q = self.in_proj_weight.chunk(3)[0], self.in_proj_bias.chunk(3)[0]
+        q = self._heads(F.linear(query, w_q, b_q))
+        k, v = self.project_kv(kv) if isinstance(kv, torch.Tensor) else kv
+        if mask is not None:
+            mask = mask.to(q.dtype)
+        p = self.dropout if self.training else 0.0
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
+        return self.out_proj(out.transpose(1, 2).flatten(2))
+
+
+class DecoderLayer(nn.Module):
+    """Pre-LayerNorm two-stream layer: self-attention over the content, cross-attention over memory, MLP."""
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0, dropout: float = 0.1) -> None:
+        super().__init__()
+        self.self_attn = Attention(dim, heads, dropout)
+        self.cross_attn = Attention(dim, heads, dropout)
+        hidden = int(dim * mlp_ratio)
+        self.linear1, self.linear2 = nn.Linear(dim, hidden), nn.Linear(hidden, dim)
+        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.norm_q, self.norm_c = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.dropout = nn.Dropout(dropout)
+
+    def _stream(self, x: torch.Tensor, x_norm: torch.Tensor, content: torch.Tensor, memory: torch.Tensor | KV,
+                mask: torch.Tensor | None) -> torch.Tensor:
+        x = x + self.dropout(self.self_attn(x_norm, content, mask))
+        x = x + self.dropout(self.cross_attn(self.norm1(x), memory))
+        return x + self.dropout(self.linear2(self.dropout(F.gelu(self.linear1(self.norm2(x))))))
+
+    def forward(self, query: torch.Tensor, content: torch.Tensor, memory: torch.Tensor | KV,
+                query_mask: torch.Tensor | None, content_mask: torch.Tensor | None,
+                update_content: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        content_norm = self.norm_c(content)
+        query = self._stream(query, self.norm_q(query), content_norm, memory, query_mask)
+        if update_content:
+            content = self._stream(content, content_norm, content_norm, memory, content_mask)
+        return query, content
+
+
+class TokenEmbedding(nn.Module):
+    """Token embedding scaled by sqrt(width)."""
+
+    def __init__(self, num_tokens: int, dim: int) -> None:
+        super().__init__()
+        self.embedding = nn.Embedding(num_tokens, dim)
+        self.scale = math.sqrt(dim)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.scale * self.embedding(tokens)
+
+
+def additive_mask(blocked: torch.Tensor | None, padding: torch.Tensor | None) -> torch.Tensor | None:
+    """Combine a (Lq, Lk) blocked mask and a (B, Lk) padding mask (True = hidden) into (B|1, 1, Lq, Lk)."""
+    if blocked is None and padding is None:
+        return None
+    hidden = torch.zeros(1, 1, 1, 1, dtype=torch.bool, device=(blocked if blocked is not None else padding).device)
+    if blocked is not None:
+        hidden = hidden | blocked[None, None]
+    if padding is not None:
+        hidden = hidden | padding[:, None, None, :]
+    return torch.zeros(hidden.shape, device=hidden.device).masked_fill_(hidden, float("-inf"))
+
+
+class Decoder(nn.Module):
+    """Decoder stack with position queries, token embedding, final norm and classification head."""
+
+    def __init__(self, dim: int, heads: int, depth: int, mlp_ratio: float, dropout: float,
+                 num_tokens: int, num_classes: int, max_positions: int) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(DecoderLayer(dim, heads, mlp_ratio, dropout) for _ in range(depth))
+        self.pos_queries = nn.Parameter(torch.empty(1, max_positions, dim))
+        self.text_embed = TokenEmbedding(num_tokens, dim)
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, num_classes)
+        self.dropout = nn.Dropout(dropout)
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        nn.init.trunc_normal_(self.pos_queries, std=0.02)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Embedding):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+
+    def memory_kv(self, memory: torch.Tensor) -> list[KV]:
+        """Keys and values of the memory for every layer, computed once for many decoding steps."""
+        return [layer.cross_attn.project_kv(memory) for layer in self.layers]
+
+    def forward(self, tgt_in: torch.Tensor, memory: torch.Tensor | list[KV], content_mask: torch.Tensor | None = None,
+                padding_mask: torch.Tensor | None = None, query_start: int = 0, query_len: int | None = None,
+                query_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (B, Lq, C) for position queries [query_start, query_start + Lq) given context `tgt_in`.
+
+        Masks are boolean with True = hidden: content/query masks (L, L) / (Lq, L), padding (B, L).
+        """
+        b, length = tgt_in.shape
+        query_len = length if query_len is None else query_len
+        # BOS is the null context: only the characters after it get a position.
+        content = torch.cat([self.text_embed(tgt_in[:, :1]),
+                             self.pos_queries[:, : length - 1] + self.text_embed(tgt_in[:, 1:])], dim=1)
+        content = self.dropout(content)
+        query = self.dropout(self.pos_queries[:, query_start: query_start + query_len].expand(b, -1, -1))
+        q_mask = additive_mask(query_mask, padding_mask)
+        c_mask = additive_mask(content_mask, padding_mask) if len(self.layers) > 1 else None
+        mem = memory if isinstance(memory, list) else [memory] * len(self.layers)
+        for i, layer in enumerate(self.layers):
+            query, content = layer(query, content, mem[i], q_mask, c_mask, update_content=i < len(self.layers) - 1)
+        return self.head(self.norm(query))

@@ -1,0 +1,183 @@
+"""Checkpoints: our format (safetensors + JSON config) and CLIP weights from local OpenAI/open_clip files."""
+
+from __future__ import annotations
+
+import json
+import re
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from clip4str.model.clip4str import CLIP4STR
+from clip4str.model.config import ModelConfig
+
+CONFIG_NAME, WEIGHTS_NAME = "config.json", "model.safetensors"
+FORMAT = "clip4str-checkpoint-v1"
+# Keys that OpenAI's released CLIP archives carry beside the weights.
+OPENAI_MARKERS = ("input_resolution", "context_length", "vocab_size")
+
+
+# -- our checkpoint format ------------------------------------------------------------------------------
+def save_checkpoint(model: CLIP4STR, path: str | Path, provenance: dict[str, Any] | None = None) -> Path:
+    """Write `model` as a folder holding config.json and model.safetensors; returns the folder."""
+    folder = Path(path)
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    save_file(tensors, str(folder / WEIGHTS_NAME), metadata={"format": FORMAT})
+    doc = {"format": FORMAT, "model": model.config.to_dict(), "provenance": provenance or {}}
+    (folder / CONFIG_NAME).write_text(json.dumps(doc, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    return folder
+
+
+def read_checkpoint_config(path: str | Path) -> tuple[dict[str, Any], Path]:
+    """The JSON document and weights path of a checkpoint folder (or its config.json / model.safetensors)."""
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"checkpoint {str(p)!r} does not exist; give a folder made by clip4str "
+                                "(config.json + model.safetensors)")
+    folder = p if p.is_dir() else p.parent
+    config_path, weights_path = folder / CONFIG_NAME, folder / WEIGHTS_NAME
+    for needed in (config_path, weights_path):
+        if not needed.is_file():
+            raise FileNotFoundError(f"checkpoint {str(folder)!r} has no {needed.name}; a clip4str checkpoint is "
+                                    "a folder with config.json and model.safetensors")
+    try:
+        doc = json.loads(config_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{config_path} is not valid JSON ({e}); the checkpoint is damaged") from e
+    if doc.get("format") != FORMAT or "model" not in doc:
+        raise ValueError(f"{config_path} is not a clip4str checkpoint config (format {doc.get('format')!r})")
+    return doc, weights_path
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu") -> CLIP4STR:
+    """Load a CLIP4STR checkpoint folder in eval mode; needs no other file."""
+    doc, weights_path = read_checkpoint_config(path)
+    model = CLIP4STR(ModelConfig.from_dict(doc["model"]))
+    try:
+        state = load_file(str(weights_path))
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"{weights_path} could not be read ({e}); the file is truncated or not safetensors") from e
+    load_exact(model, state, str(weights_path))
+    model.provenance = doc.get("provenance", {})
+    return model.to(device).eval()
+
+
+def load_exact(module: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Load a state dict that must match `module` key for key and shape for shape."""
+    expected = module.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = sorted(k for k in set(expected) & set(state) if expected[k].shape != state[k].shape)
+    if missing or unexpected or wrong:
+        parts = [f"{name}: {', '.join(keys[:5])}{' ...' if len(keys) > 5 else ''}"
+                 for name, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)) if keys]
+        raise ValueError(f"{source} does not fit this model ({'; '.join(parts)})")
+    module.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()})
+
+
+# -- CLIP weights from local files ------------------------------------------------------------------------
+@dataclass
+class ClipWeights:
+    """A CLIP state dict in open_clip key names, its family and the tower config inferred from shapes."""
+
+    state_dict: dict[str, torch.Tensor]
+    family: str  # 'openai' or 'open_clip'
+    config: dict[str, Any]
+
+
+def _is_torchscript(path: Path) -> bool:
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as z:
+        return any(n.endswith("constants.pkl") or "/code/" in n for n in z.namelist())
+
+
+def _read_tensors(path: Path) -> tuple[dict[str, Any], bool]:
+    """(state dict, came from a TorchScript archive)."""
+    try:
+        if path.suffix == ".safetensors":
+            return load_file(str(path)), False
+        if _is_torchscript(path):
+            return dict(torch.jit.load(str(path), map_location="cpu").state_dict()), True
+        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as e:  # torch/safetensors raise many types for a damaged file
+        raise ValueError(f"CLIP checkpoint {str(path)!r} could not be read: {e}. The file is truncated or not a "
+                         "PyTorch (.pt/.bin), TorchScript or safetensors file") from e
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]  # open_clip training checkpoints
+    if not isinstance(obj, dict):
+        raise ValueError(f"CLIP checkpoint {str(path)!r} holds a {type(obj).__name__}, not a state dict")
+    return obj, False
+
+
+def _count_blocks(state: dict[str, Any], prefix: str) -> int:
+    pattern = re.compile(re.escape(prefix) + r"(\d+)\.")
+    return len({m.group(1) for k in state if (m := pattern.match(k))})
+
+
+def infer_clip_config(state: dict[str, torch.Tensor], quick_gelu: bool) -> dict[str, Any]:
+    """open_clip tower config of a ViT CLIP state dict, read from tensor shapes alone."""
+    required = ("visual.conv1.weight", "visual.positional_embedding", "visual.proj", "token_embedding.weight",
+                "positional_embedding", "ln_final.weight", "text_projection")
+    missing = [k for k in required if k not in state]
+    if missing:
+        hint = " It looks like a CLIP4STR/PARSeq checkpoint: use `clip4str convert`." if any(
+            k.startswith(("clip_model.", "visual_decoder.", "decoder.", "encoder.")) for k in state) else ""
+        raise ValueError(f"not a ViT CLIP state dict: missing {', '.join(missing)}.{hint}")
+    conv = state["visual.conv1.weight"]
+    width, patch = conv.shape[0], tuple(conv.shape[2:])
+    grid = state["visual.positional_embedding"].shape[0] - 1
+    side = round(grid ** 0.5)
+    if side * side != grid or patch[0] != patch[1]:
+        raise ValueError(f"cannot infer the image size of a non-square ViT ({grid} patches of {patch})")
+    text_width = state["ln_final.weight"].shape[0]
+    return {
+        "embed_dim": int(state["text_projection"].shape[1]),
+        "quick_gelu": quick_gelu,
+        "vision_cfg": {
+            "image_size": side * patch[0], "patch_size": patch[0], "width": width,
+            "layers": _count_blocks(state, "visual.transformer.resblocks."),
+            # Head count is invisible in the shapes: 64-wide heads, except the 16 heads of ViT-H and larger.
+            "head_width": width // 16 if width >= 1280 else 64,
+            "mlp_ratio": state["visual.transformer.resblocks.0.mlp.c_fc.weight"].shape[0] / width,
+        },
+        "text_cfg": {
+            "context_length": int(state["positional_embedding"].shape[0]),
+            "vocab_size": int(state["token_embedding.weight"].shape[0]),
+            "width": text_width, "heads": max(1, text_width // 64),
+            "layers": _count_blocks(state, "transformer.resblocks."),
+            "mlp_ratio": state["transformer.resblocks.0.mlp.c_fc.weight"].shape[0] / text_width,
+        },
+    }
+
+
+def read_clip_checkpoint(path: str | Path, quick_gelu: bool | None = None) -> ClipWeights:
+    """Read a local CLIP file: OpenAI (TorchScript archive or state dict) or open_clip (.pt/.bin/.safetensors).
+
+    The activation follows the weights' family: QuickGELU for OpenAI weights (TorchScript archive, OpenAI's
+    metadata keys, or OpenAI's fp16 layout), GELU for open_clip ones unless an `open_clip_config.json` beside
+    the file says otherwise; `quick_gelu` overrides both.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"CLIP checkpoint {str(p)!r} does not exist")
+    raw, scripted = _read_tensors(p)
+    state = {k.removeprefix("module."): v for k, v in raw.items() if isinstance(v, torch.Tensor)}
+    fp16_layout = state.get("visual.conv1.weight", torch.empty(0)).dtype == torch.float16 and \
+        state.get("ln_final.weight", torch.empty(0)).dtype == torch.float32
+    openai = scripted or any(k in raw for k in OPENAI_MARKERS) or fp16_layout
+    for key in OPENAI_MARKERS:
+        state.pop(key, None)
+    sidecar = p.parent / "open_clip_config.json"
+    if quick_gelu is None:
+        quick_gelu = openai
+        if not openai and sidecar.is_file():
+            quick_gelu = bool(json.loads(sidecar.read_text()).get("model_cfg", {}).get("quick_gelu", False))
+    state = {k: v.float() for k, v in state.items()}
+    return ClipWeights(state, "openai" if openai else "open_clip", infer_clip_config(state, quick_gelu))

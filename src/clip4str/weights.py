@@ -172,7 +172,7 @@ def read_clip_checkpoint(path: str | Path, quick_gelu: bool | None = None) -> Cl
     fp16_layout = state.get("visual.conv1.weight", torch.empty(0)).dtype == torch.float16 and \
         state.get("ln_final.weight", torch.empty(0)).dtype == torch.float32
     openai = scripted or any(k in raw for k in OPENAI_MARKERS) or fp16_layout
-    for key in OPENAI_MARKERS:
+    for key in (*OPENAI_MARKERS, "attn_mask"):  # metadata and the causal-mask buffer, not weights
         state.pop(key, None)
     sidecar = p.parent / "open_clip_config.json"
     if quick_gelu is None:

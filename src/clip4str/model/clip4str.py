@@ -12,9 +12,20 @@ from torch import nn
 from clip4str.charset import CharsetAdapter, DecodedText, Tokenizer
 from clip4str.model.config import DECODE_MODES, ModelConfig
 from clip4str.model.decoder import Decoder
-from clip4str.model.permutations import causal_masks, cloze_query_mask, generate_permutations, permutation_masks
-from clip4str.model.towers import (build_clip, clip_bpe_tokenizer, encode_image_tokens, encode_text_tokens,
-                                   freeze_image_tower, freeze_text_tower)
+from clip4str.model.permutations import (
+    causal_masks,
+    cloze_query_mask,
+    generate_permutations,
+    permutation_masks,
+)
+from clip4str.model.towers import (
+    build_clip,
+    clip_bpe_tokenizer,
+    encode_image_tokens,
+    encode_text_tokens,
+    freeze_image_tower,
+    freeze_text_tower,
+)
 
 
 @dataclass
@@ -113,16 +124,24 @@ class CLIP4STR(nn.Module):
         tgt_in, tgt_out = tgt[:, :-1], tgt[:, 1:]
         padding = (tgt_in == pad) | (tgt_in == eos)
         image_kv = self.image_decoder.memory_kv(memory)
+        masks = [permutation_masks(perm) for perm in perms]
+        image_logits = [self.image_decoder(tgt_in, image_kv, c, padding, query_mask=q) for c, q in masks]
+        cross_logits = []
+        if self.cross_decoder is not None:
+            # One text-encoder call for the captions of every permutation: same result, far fewer small ops.
+            captions = [c for logits in image_logits for c in self.captions(logits)]
+            text = self.encode_text(captions, images.device).to(memory.dtype).split(len(tgt))
+            for (c, q), t in zip(masks, text, strict=True):
+                cross_mem = torch.cat([memory.detach(), t], dim=1)
+                cross_logits.append(self.cross_decoder(tgt_in, cross_mem, c, padding, query_mask=q))
         n = (tgt_out != pad).sum()
         image_sum = cross_sum = numel = 0
-        for i, perm in enumerate(perms):
-            content_mask, query_mask = permutation_masks(perm)
-            logits = self.image_decoder(tgt_in, image_kv, content_mask, padding, query_mask=query_mask)
-            image_sum = image_sum + n * F.cross_entropy(logits.flatten(0, 1), tgt_out.flatten(), ignore_index=pad)
-            if self.cross_decoder is not None:
-                cross_mem = self.cross_memory(memory, self.captions(logits))
-                cross = self.cross_decoder(tgt_in, cross_mem, content_mask, padding, query_mask=query_mask)
-                cross_sum = cross_sum + n * F.cross_entropy(cross.flatten(0, 1), tgt_out.flatten(), ignore_index=pad)
+        for i in range(len(masks)):
+            image_sum = image_sum + n * F.cross_entropy(image_logits[i].flatten(0, 1), tgt_out.flatten(),
+                                                        ignore_index=pad)
+            if cross_logits:
+                cross_sum = cross_sum + n * F.cross_entropy(cross_logits[i].flatten(0, 1), tgt_out.flatten(),
+                                                            ignore_index=pad)
             numel = numel + n
             if i == 1:  # only the first two permutations learn EOS
                 tgt_out = torch.where(tgt_out == eos, pad, tgt_out)

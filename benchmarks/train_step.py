@@ -1,0 +1,72 @@
+"""Time one training step (forward, permutation loss, backward, AdamW) of a preset on this machine.
+
+    python benchmarks/train_step.py --preset tiny --batch-size 64 --precision fp32 bf16
+    python benchmarks/train_step.py --preset tiny --set clip.vision_cfg.patch_size=[8,8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import string
+import time
+
+import torch
+
+from clip4str import create_model
+
+
+def parse_set(items: list[str]) -> dict:
+    """key.sub=JSON-value items -> nested override dict."""
+    out: dict = {}
+    for item in items:
+        key, _, value = item.partition("=")
+        node = out
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = json.loads(value)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="tiny")
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--precision", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--set", nargs="*", default=[], help="config overrides, key.sub=JSON")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    model = create_model(args.preset, **parse_set(args.set))
+    model.train()
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    h, w = model.config.image_size
+    rng = random.Random(0)
+    labels = ["".join(rng.choice(string.ascii_letters) for _ in range(rng.randint(3, 10)))
+              for _ in range(args.batch_size)]
+    images = torch.randn(args.batch_size, 3, h, w)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    print(f"preset={args.preset} overrides={args.set} params={total / 1e6:.2f}M trainable={trainable / 1e6:.2f}M "
+          f"input={h}x{w} tokens={model.encode_image(images[:1]).shape[1]} batch={args.batch_size} "
+          f"threads={args.threads}")
+    for precision in args.precision:
+        times = []
+        for step in range(args.steps + 1):
+            t0 = time.perf_counter()
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+                loss = model(images, labels).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            if step:  # the first step warms up allocators and kernels
+                times.append(time.perf_counter() - t0)
+        med = sorted(times)[len(times) // 2]
+        print(f"  {precision}: {med * 1000:.0f} ms/step, {args.batch_size / med:.1f} images/s")
+
+
+if __name__ == "__main__":
+    main()

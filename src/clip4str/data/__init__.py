@@ -1,0 +1,1 @@
+"""Data: preprocessing, datasets and synthetic text."""

@@ -1,0 +1,101 @@
+"""The one preprocessing function: any image input -> RGB -> model input size -> model mean/std."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+ImageInput = str | Path | bytes | Image.Image | np.ndarray
+
+
+class ImageDecodeError(ValueError):
+    """An input could not be turned into an image; the message names the input."""
+
+
+def _describe(item: object) -> str:
+    if isinstance(item, (str, Path)):
+        return repr(str(item))
+    if isinstance(item, bytes):
+        return f"<{len(item)} bytes>"
+    return f"<{type(item).__name__}>"
+
+
+def _array_to_pil(arr: np.ndarray) -> Image.Image:
+    if arr.ndim == 3 and arr.shape[2] == 1:
+        arr = arr[:, :, 0]
+    if arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[2] not in (3, 4)) or 0 in arr.shape:
+        raise ImageDecodeError(f"array of shape {arr.shape} is not an image; expected HxW, HxWx3 or HxWx4")
+    if arr.dtype != np.uint8:
+        if not np.issubdtype(arr.dtype, np.floating) and not np.issubdtype(arr.dtype, np.integer):
+            raise ImageDecodeError(f"array of dtype {arr.dtype} is not an image")
+        if np.issubdtype(arr.dtype, np.floating):
+            # Floats are taken as 0..1 (the usual convention), integers wider than 8 bits by their range.
+            arr = np.clip(np.nan_to_num(arr) * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        else:
+            top = 65535 if arr.max(initial=0) > 255 else 255
+            arr = np.clip(arr.astype(np.float64) * 255.0 / top + 0.5, 0, 255).astype(np.uint8)
+    return Image.fromarray(np.ascontiguousarray(arr))
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any PIL mode (L, LA, P, RGBA, I;16, I, F, CMYK, ...) -> RGB; transparency is laid on white."""
+    if image.mode == "P":
+        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+    if image.mode in ("RGBA", "LA", "PA"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        arr = np.asarray(image, dtype=np.float64)
+        top = 65535.0 if image.mode.startswith("I;16") or arr.max(initial=0) > 255 else 255.0
+        if image.mode == "F" and arr.max(initial=0) <= 1.0:
+            top = 1.0
+        image = Image.fromarray(np.clip(arr * 255.0 / top + 0.5, 0, 255).astype(np.uint8))
+    return image.convert("RGB") if image.mode != "RGB" else image
+
+
+def load_image(item: ImageInput) -> Image.Image:
+    """Decode a path, encoded bytes, PIL image or NumPy array into an RGB PIL image (EXIF rotation applied)."""
+    try:
+        if isinstance(item, np.ndarray):
+            return to_rgb(_array_to_pil(item))
+        if isinstance(item, Image.Image):
+            return to_rgb(item)
+        if isinstance(item, (str, Path)):
+            if not Path(item).is_file():
+                raise ImageDecodeError(f"image {str(item)!r} does not exist")
+            with Image.open(item) as img:
+                img.load()
+                return to_rgb(ImageOps.exif_transpose(img))
+        if isinstance(item, (bytes, bytearray)):
+            with Image.open(io.BytesIO(item)) as img:
+                img.load()
+                return to_rgb(ImageOps.exif_transpose(img))
+    except ImageDecodeError:
+        raise
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise ImageDecodeError(f"image {_describe(item)} could not be decoded ({e}); "
+                               "is it a complete PNG/JPEG/... file?") from e
+    raise ImageDecodeError(f"cannot read an image from {_describe(item)}; give a path, bytes, PIL image or array")
+
+
+def preprocess(images: ImageInput | Sequence[ImageInput], size: tuple[int, int], mean: Sequence[float],
+               std: Sequence[float]) -> torch.Tensor:
+    """Images -> float tensor (B, 3, H, W): RGB, bicubic resize to `size` (no aspect kept), (x - mean) / std."""
+    items = [images] if not isinstance(images, (list, tuple)) else list(images)
+    if not items:
+        raise ValueError("no images given")
+    h, w = size
+    batch = np.empty((len(items), h, w, 3), dtype=np.uint8)
+    for i, item in enumerate(items):
+        img = load_image(item)
+        batch[i] = np.asarray(img.resize((w, h), Image.Resampling.BICUBIC) if img.size != (w, h) else img)
+    x = torch.from_numpy(batch).permute(0, 3, 1, 2).float().div_(255.0)
+    m = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
+    s = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
+    return (x - m) / s

@@ -1,0 +1,105 @@
+import json
+import warnings
+
+import pytest
+import torch
+from open_clip.model import convert_weights_to_lp
+from safetensors.torch import save_file
+
+from clip4str import create_model
+from clip4str.model.towers import build_clip, encode_image_tokens, encode_text_tokens
+from clip4str.weights import read_clip_checkpoint
+
+
+def _clip(quick_gelu):
+    # 64-wide heads as in released CLIPs: the head count is not visible in the shapes of the weights.
+    cfg = {"embed_dim": 32, "quick_gelu": quick_gelu,
+           "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 128, "layers": 2, "head_width": 64},
+           "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 1, "layers": 2}}
+    model = build_clip(cfg).eval()
+    with torch.no_grad():  # non-trivial norms and biases so that a swapped or dropped one shows
+        for name, p in model.named_parameters():
+            if p.ndim == 1 and "ln" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
+def _outputs(clip):
+    torch.manual_seed(1)
+    images = torch.randn(2, 3, 32, 32)
+    ids = torch.randint(1, 49406, (2, 16))
+    with torch.no_grad():
+        return encode_image_tokens(clip.visual, images), encode_text_tokens(clip, ids)
+
+
+def _assert_reproduces(reference, path, **kw):
+    model = create_model("tiny", clip_checkpoint=path, **kw)
+    ref_img, ref_txt = _outputs(reference)
+    img, txt = _outputs(model.clip.eval())
+    assert img.shape == (2, 17, 32) and txt.shape == (2, 16, 32)
+    torch.testing.assert_close(img, ref_img, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(txt, ref_txt, atol=1e-5, rtol=1e-5)
+    return model
+
+
+def test_openai_torchscript_archive(tmp_path):
+    source = _clip(quick_gelu=True)
+    convert_weights_to_lp(source)  # OpenAI archives keep matrices in float16
+    path = tmp_path / "ViT-tiny.pt"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        traced = torch.jit.trace_module(source, {"encode_image": torch.randn(1, 3, 32, 32).half()},
+                                        check_trace=False)
+    torch.jit.save(traced, str(path))
+    weights = read_clip_checkpoint(path)
+    assert weights.family == "openai" and weights.config["quick_gelu"] is True
+    model = _assert_reproduces(source.float(), path)
+    assert model.config.image_size == (32, 32)
+
+
+def test_openai_state_dict_with_metadata_keys(tmp_path):
+    source = _clip(quick_gelu=True)
+    state = dict(source.state_dict())
+    state.update(input_resolution=torch.tensor(32), context_length=torch.tensor(77), vocab_size=torch.tensor(49408))
+    torch.save(state, tmp_path / "openai.pt")
+    assert read_clip_checkpoint(tmp_path / "openai.pt").family == "openai"
+    _assert_reproduces(source, tmp_path / "openai.pt")
+
+
+def test_open_clip_training_checkpoint_uses_gelu(tmp_path):
+    source = _clip(quick_gelu=False)
+    ckpt = {"epoch": 3, "name": "run", "state_dict": {f"module.{k}": v for k, v in source.state_dict().items()}}
+    torch.save(ckpt, tmp_path / "epoch_3.pt")
+    weights = read_clip_checkpoint(tmp_path / "epoch_3.pt")
+    assert weights.family == "open_clip" and weights.config["quick_gelu"] is False
+    _assert_reproduces(source, tmp_path / "epoch_3.pt")
+
+
+def test_open_clip_safetensors_with_config_beside_it(tmp_path):
+    source = _clip(quick_gelu=True)  # e.g. a DFN/MetaCLIP model: open_clip format, QuickGELU activation
+    save_file({k: v.contiguous() for k, v in source.state_dict().items()}, tmp_path / "open_clip_model.safetensors")
+    (tmp_path / "open_clip_config.json").write_text(json.dumps({"model_cfg": {"quick_gelu": True}}))
+    _assert_reproduces(source, tmp_path / "open_clip_model.safetensors")
+
+
+def test_wrong_activation_changes_the_outputs(tmp_path):
+    source = _clip(quick_gelu=True)
+    torch.save(source.state_dict(), tmp_path / "plain.pt")  # no family hints: read as open_clip GELU
+    with pytest.raises(AssertionError):
+        _assert_reproduces(source, tmp_path / "plain.pt")
+    _assert_reproduces(source, tmp_path / "plain.pt", quick_gelu=True)
+
+
+def test_bad_clip_files_give_clear_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        read_clip_checkpoint(tmp_path / "absent.pt")
+    source = _clip(quick_gelu=False)
+    torch.save(source.state_dict(), tmp_path / "full.pt")
+    data = (tmp_path / "full.pt").read_bytes()
+    (tmp_path / "cut.pt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="truncated"):
+        read_clip_checkpoint(tmp_path / "cut.pt")
+    torch.save({"clip_model.visual.proj": torch.zeros(2, 2), "visual_decoder.head.weight": torch.zeros(2, 2)},
+               tmp_path / "vl4str.pt")
+    with pytest.raises(ValueError, match="not a ViT CLIP state dict.*clip4str convert"):
+        read_clip_checkpoint(tmp_path / "vl4str.pt")

@@ -1,0 +1,147 @@
+import pytest
+import torch
+
+from clip4str import create_model, list_presets, load_model, save_checkpoint
+from clip4str.charset import CHARSETS
+
+
+def _count(model):
+    total = sum(p.numel() for p in model.parameters())
+    return total, sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def test_presets_are_listed():
+    assert {"tiny", "b16", "l14", "h14"} <= set(list_presets())
+
+
+def test_b16_parameter_counts_match_the_paper():
+    total, trainable = _count(create_model("b16"))
+    print(f"b16: {total / 1e6:.2f}M total, {trainable / 1e6:.2f}M trainable")
+    assert abs(total / 158e6 - 1) <= 0.02
+    assert abs(trainable / 114e6 - 1) <= 0.03
+
+
+def test_h14_has_16_vision_heads():
+    from clip4str.model.towers import build_clip
+    from clip4str.presets import load_preset
+    cfg = load_preset("h14")["clip"]
+    cfg["vision_cfg"]["layers"] = cfg["text_cfg"]["layers"] = 1  # heads do not depend on depth
+    clip = build_clip(cfg)
+    assert clip.visual.transformer.resblocks[0].attn.num_heads == 16
+    assert clip.transformer.resblocks[0].attn.num_heads == 16
+
+
+@pytest.fixture
+def small(tiny_overrides):
+    return create_model("tiny", text_freeze_layers=1, **tiny_overrides)
+
+
+def _batch(model, n=3):
+    h, w = model.config.image_size
+    return torch.randn(n, 3, h, w), ["Hello", "x7#Q", "ab"][:n]
+
+
+def test_training_forward_and_gradient_flow(small):
+    small.train()
+    images, labels = _batch(small)
+    out = small(images, labels)
+    assert out.loss.ndim == 0 and torch.isfinite(out.loss)
+    out.loss.backward()
+    grads = {n: p.grad for n, p in small.named_parameters()}
+    for name in ("image_decoder.head.weight", "cross_decoder.head.weight", "image_decoder.pos_queries",
+                 "clip.visual.conv1.weight", "clip.visual.transformer.resblocks.0.attn.in_proj_weight",
+                 "clip.transformer.resblocks.1.mlp.c_fc.weight", "clip.text_projection", "clip.ln_final.weight"):
+        assert grads[name] is not None and grads[name].abs().sum() > 0, name
+    for name in ("clip.token_embedding.weight", "clip.positional_embedding", "clip.logit_scale",
+                 "clip.transformer.resblocks.0.attn.in_proj_weight", "clip.transformer.resblocks.0.ln_1.weight"):
+        assert grads[name] is None, name
+        assert not dict(small.named_parameters())[name].requires_grad
+
+
+def test_cross_loss_never_reaches_the_image_encoder(small):
+    small.train()
+    images, labels = _batch(small)
+    small(images, labels).cross_loss.backward()
+    visual = [p.grad for n, p in small.named_parameters() if n.startswith(("clip.visual.", "image_decoder."))]
+    assert all(g is None for g in visual)
+    assert small.cross_decoder.head.weight.grad is not None
+    assert small.clip.transformer.resblocks[1].mlp.c_fc.weight.grad is not None
+
+
+def test_frozen_blocks_stay_in_eval_mode(small):
+    small.train()
+    assert not small.clip.transformer.resblocks[0].training
+    assert small.clip.transformer.resblocks[1].training and small.image_decoder.training
+
+
+def test_image_freezing_and_cross_branch_switch(tiny_overrides):
+    model = create_model("tiny", image_freeze_layers=1, cross_branch=False, **tiny_overrides)
+    assert model.cross_decoder is None
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    assert {"clip.visual.conv1.weight", "clip.visual.positional_embedding", "clip.visual.class_embedding",
+            "clip.visual.transformer.resblocks.0.attn.in_proj_weight"} <= frozen
+    assert "clip.visual.transformer.resblocks.1.attn.in_proj_weight" not in frozen
+    model.train()
+    images, labels = _batch(model)
+    out = model(images, labels)
+    assert out.cross_loss is None and torch.equal(out.loss, out.image_loss)
+
+
+@pytest.mark.parametrize("options", [{}, {"mode": "nar"}, {"refine_iters": 0}, {"refine_iters": 2},
+                                     {"mode": "nar", "refine_iters": 0}, {"max_length": 7, "early_exit": False}])
+def test_batch_decoding_equals_decoding_each_image_alone(small, options):
+    small.eval()
+    images, _ = _batch(small, 3)
+    with torch.inference_mode():
+        batch = small.decode(images, **options)
+        for i in range(3):
+            alone = small.decode(images[i:i + 1], **options)
+            n = int(alone.lengths[0])
+            assert int(batch.lengths[i]) == n
+            assert torch.allclose(batch.logits[i, :n], alone.logits[0, :n], atol=1e-5)
+        texts = [r.text for r in small.read(images, **options)]
+        assert texts == [small.read(images[i:i + 1], **options)[0].text for i in range(3)]
+
+
+def test_checkpoint_round_trip(small, tmp_path):
+    small.eval()
+    images, _ = _batch(small)
+    folder = save_checkpoint(small, tmp_path / "ckpt", provenance={"note": "test"})
+    loaded = load_model(folder)
+    assert loaded.provenance == {"note": "test"}
+    with torch.inference_mode():
+        assert torch.equal(small.decode(images).logits, loaded.decode(images).logits)
+
+
+def test_malformed_inputs_raise_clear_errors(small, tmp_path):
+    small.eval()
+    with pytest.raises(ValueError, match=r"shape \(B, 3, 32, 128\)"):
+        small.decode(torch.randn(1, 3, 64, 64))
+    with pytest.raises(ValueError, match="empty batch"):
+        small.decode(torch.randn(0, 3, 32, 128))
+    with pytest.raises(ValueError, match="repeats characters 'a'"):
+        create_model("tiny", charset="abca")
+    with pytest.raises(ValueError, match="unknown preset 'b17'"):
+        create_model("b17")
+    with pytest.raises(ValueError, match="unknown model config keys"):
+        create_model("tiny", nonsense=1)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_model(tmp_path / "missing")
+    with pytest.raises(ValueError, match="label is empty"):
+        small(torch.randn(1, 3, 32, 128), ["€€"])
+    with pytest.raises(ValueError, match="mode must be"):
+        small.decode(torch.randn(1, 3, 32, 128), mode="beam")
+
+
+def test_damaged_checkpoint_is_reported(small, tmp_path):
+    folder = save_checkpoint(small, tmp_path / "ckpt")
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(ValueError, match="truncated"):
+        load_model(folder)
+
+
+def test_charset_override_resizes_the_heads(tiny_overrides):
+    model = create_model("tiny", charset="36", **tiny_overrides)
+    assert model.config.charset == CHARSETS["36"]
+    assert model.image_decoder.head.out_features == 37

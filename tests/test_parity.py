@@ -1,0 +1,104 @@
+"""Our module against outputs of the authors' code on the same tiny random weights (../shared fixture)."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from clip4str.data.transforms import preprocess
+from clip4str.model import CLIP4STR, ModelConfig
+from clip4str.model.towers import clip_bpe_tokenizer, encode_text_tokens
+
+ATOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def fixture():
+    from conftest import PARITY
+    if not (PARITY / "weights.safetensors").is_file():
+        pytest.skip(f"parity fixture not found at {PARITY} (../shared beside the clone)")
+    cfg = json.loads((PARITY / "config.json").read_text())
+    clip = cfg["clip"]
+    config = ModelConfig(
+        clip={"embed_dim": clip["embed_dim"], "quick_gelu": True,
+              "vision_cfg": {"image_size": 224, "patch_size": clip["vision_patch_size"],
+                             "width": clip["vision_width"], "layers": clip["vision_layers"], "head_width": 64},
+              "text_cfg": {"context_length": clip["context_length"], "vocab_size": clip["vocab_size"],
+                           "width": clip["transformer_width"], "heads": clip["text_heads"],
+                           "layers": clip["transformer_layers"]}},
+        charset=cfg["charset_train"], text_freeze_layers=cfg["text_freeze_nlayer"],
+        image_mean=(0.5, 0.5, 0.5), image_std=(0.5, 0.5, 0.5))
+    model = CLIP4STR(config)
+    prefixes = {"clip_model.": "clip.", "visual_decoder.": "image_decoder.", "cross_decoder.": "cross_decoder."}
+    state = {}
+    for key, value in load_file(str(PARITY / "weights.safetensors")).items():
+        prefix = next(p for p in prefixes if key.startswith(p))
+        state[prefixes[prefix] + key[len(prefix):]] = value
+    model.load_state_dict(state, strict=True)
+    return (model.eval(), load_file(str(PARITY / "inputs.safetensors")), load_file(str(PARITY / "outputs.safetensors")),
+            json.loads((PARITY / "expected.json").read_text()), cfg)
+
+
+def test_preprocessing_matches(fixture):
+    model, inputs, _, expected, _ = fixture
+    from conftest import PARITY
+    paths = [PARITY / "images" / name for name in expected["images"]]
+    x = preprocess(paths, (224, 224), (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    torch.testing.assert_close(x, inputs["pixel_values"], atol=1e-6, rtol=0)
+
+
+def test_image_tokens_and_image_branch_ar(fixture):
+    model, inputs, out, expected, _ = fixture
+    with torch.inference_mode():
+        tokens = model.encode_image(inputs["pixel_values"])
+        torch.testing.assert_close(tokens, out["image_tokens"], atol=ATOL, rtol=0)
+        logits, _ = model._first_pass(model.image_decoder, tokens, 26, "ar", True, None)
+    assert logits.shape[1] == expected["ar_steps_taken"]
+    torch.testing.assert_close(logits, out["visual_ar_logits"], atol=ATOL, rtol=0)
+
+
+def test_clip_tokenizer_and_text_features(fixture):
+    model, _, out, expected, _ = fixture
+    tokenizer = clip_bpe_tokenizer(16)
+    for case in expected["clip_tokenize_cases"]:
+        assert tokenizer([case["text"]])[0].tolist() == case["ids"], case["text"]
+    assert model.captions(out["visual_ar_logits"]) == expected["cross_captions_ar"]
+    ids = tokenizer(expected["cross_captions_ar"])
+    assert torch.equal(ids, out["cross_text_ids_ar"].long())
+    with torch.inference_mode():
+        torch.testing.assert_close(encode_text_tokens(model.clip, ids), out["cross_text_features_ar"],
+                                   atol=ATOL, rtol=0)
+
+
+def test_final_logits_each_image_alone_and_batched(fixture):
+    model, inputs, out, expected, _ = fixture
+    x = inputs["pixel_values"]
+    with torch.inference_mode():
+        batch = model.decode(x)
+        for i in range(len(x)):
+            alone = model.decode(x[i:i + 1])
+            torch.testing.assert_close(alone.logits[0], out["final_logits_bs1"][i], atol=ATOL, rtol=0)
+        torch.testing.assert_close(batch.logits, out["final_logits_bs1"], atol=ATOL, rtol=0)
+        texts = [r.text for r in model.read(x)]
+    assert texts == expected["final_strings_bs1"]
+
+
+def test_fixed_length_validation_path(fixture):
+    model, inputs, out, expected, _ = fixture
+    with torch.inference_mode():
+        result = model.decode(inputs["pixel_values"], max_length=25, early_exit=False)
+        texts = [r.text for r in model.read(inputs["pixel_values"], max_length=25, early_exit=False)]
+    torch.testing.assert_close(result.logits, out["final_logits_max_length25"], atol=ATOL, rtol=0)
+    assert texts == expected["final_strings_max_length25"]
+
+
+def test_training_loss_for_recorded_and_seeded_permutations(fixture):
+    model, inputs, out, expected, _ = fixture
+    labels = expected["train"]["labels"]
+    with torch.no_grad():
+        loss = model(inputs["train_pixel_values"], labels, perms=out["train_perms"]).loss
+        torch.manual_seed(expected["train"]["torch_seed_before_training_step"])
+        seeded = model(inputs["train_pixel_values"], labels).loss
+    assert loss.item() == pytest.approx(expected["train"]["loss"], abs=1e-5)
+    assert seeded.item() == pytest.approx(expected["train"]["loss"], abs=1e-5)

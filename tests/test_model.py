@@ -145,3 +145,22 @@ def test_charset_override_resizes_the_heads(tiny_overrides):
     model = create_model("tiny", charset="36", **tiny_overrides)
     assert model.config.charset == CHARSETS["36"]
     assert model.image_decoder.head.out_features == 37
+
+
+def test_stacked_permutations_equal_one_pass_per_permutation(small):
+    small.eval()
+    images, labels = _batch(small)
+    from clip4str.model.permutations import generate_permutations, permutation_masks
+    tgt = small.tokenizer.encode(labels)
+    tgt_in = tgt[:, :-1]
+    padding = (tgt_in == small.tokenizer.pad_id) | (tgt_in == small.tokenizer.eos_id)
+    perms = generate_permutations(tgt.shape[1] - 2, 6, generator=torch.Generator().manual_seed(3))
+    content, query = (torch.stack(m) for m in zip(*(permutation_masks(p) for p in perms), strict=True))
+    with torch.no_grad():
+        memory = small.encode_image(images)
+        extra = torch.randn(len(images), len(perms), 16, memory.shape[-1])
+        stacked = small.cross_decoder.forward_permutations(tgt_in, memory, content, query, padding, extra)
+        for p in range(len(perms)):
+            one = small.cross_decoder(tgt_in, torch.cat([memory, extra[:, p]], 1), content[p], padding,
+                                      query_mask=query[p])
+            torch.testing.assert_close(stacked[:, p], one, atol=1e-5, rtol=1e-5)

@@ -123,31 +123,32 @@ class CLIP4STR(nn.Module):
         pad, eos = self.tokenizer.pad_id, self.tokenizer.eos_id
         tgt_in, tgt_out = tgt[:, :-1], tgt[:, 1:]
         padding = (tgt_in == pad) | (tgt_in == eos)
-        image_kv = self.image_decoder.memory_kv(memory)
         masks = [permutation_masks(perm) for perm in perms]
-        image_logits = [self.image_decoder(tgt_in, image_kv, c, padding, query_mask=q) for c, q in masks]
-        cross_logits = []
+        content_masks = torch.stack([c for c, _ in masks])
+        query_masks = torch.stack([q for _, q in masks])
+        image_logits = self.image_decoder.forward_permutations(tgt_in, memory, content_masks, query_masks, padding)
+        cross_logits = None
         if self.cross_decoder is not None:
-            # One text-encoder call for the captions of every permutation: same result, far fewer small ops.
-            captions = [c for logits in image_logits for c in self.captions(logits)]
-            text = self.encode_text(captions, images.device).to(memory.dtype).split(len(tgt))
-            for (c, q), t in zip(masks, text, strict=True):
-                cross_mem = torch.cat([memory.detach(), t], dim=1)
-                cross_logits.append(self.cross_decoder(tgt_in, cross_mem, c, padding, query_mask=q))
+            # One text-encoder call for the captions of every permutation (B * P captions).
+            captions = self.captions(image_logits.flatten(0, 1))
+            text = self.encode_text(captions, images.device).to(memory.dtype)
+            text = text.view(len(tgt), len(perms), *text.shape[1:])
+            cross_logits = self.cross_decoder.forward_permutations(tgt_in, memory.detach(), content_masks,
+                                                                   query_masks, padding, perm_memory=text)
         n = (tgt_out != pad).sum()
         image_sum = cross_sum = numel = 0
-        for i in range(len(masks)):
-            image_sum = image_sum + n * F.cross_entropy(image_logits[i].flatten(0, 1), tgt_out.flatten(),
+        for i in range(len(perms)):
+            image_sum = image_sum + n * F.cross_entropy(image_logits[:, i].flatten(0, 1), tgt_out.flatten(),
                                                         ignore_index=pad)
-            if cross_logits:
-                cross_sum = cross_sum + n * F.cross_entropy(cross_logits[i].flatten(0, 1), tgt_out.flatten(),
+            if cross_logits is not None:
+                cross_sum = cross_sum + n * F.cross_entropy(cross_logits[:, i].flatten(0, 1), tgt_out.flatten(),
                                                             ignore_index=pad)
             numel = numel + n
             if i == 1:  # only the first two permutations learn EOS
                 tgt_out = torch.where(tgt_out == eos, pad, tgt_out)
                 n = (tgt_out != pad).sum()
         image_loss = image_sum / numel
-        cross_loss = cross_sum / numel if self.cross_decoder is not None else None
+        cross_loss = cross_sum / numel if cross_logits is not None else None
         loss = image_loss if cross_loss is None else image_loss + self.config.cross_loss_weight * cross_loss
         return LossOutput(loss, image_loss, cross_loss)
 

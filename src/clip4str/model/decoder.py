@@ -63,16 +63,16 @@ class DecoderLayer(nn.Module):
         self.dropout = nn.Dropout(dropout)
 
     def _stream(self, x: torch.Tensor, x_norm: torch.Tensor, content: torch.Tensor, memory: torch.Tensor | KV,
-                mask: torch.Tensor | None) -> torch.Tensor:
+                mask: torch.Tensor | None, memory_mask: torch.Tensor | None = None) -> torch.Tensor:
         x = x + self.dropout(self.self_attn(x_norm, content, mask))
-        x = x + self.dropout(self.cross_attn(self.norm1(x), memory))
+        x = x + self.dropout(self.cross_attn(self.norm1(x), memory, memory_mask))
         return x + self.dropout(self.linear2(self.dropout(F.gelu(self.linear1(self.norm2(x))))))
 
     def forward(self, query: torch.Tensor, content: torch.Tensor, memory: torch.Tensor | KV,
                 query_mask: torch.Tensor | None, content_mask: torch.Tensor | None,
-                update_content: bool) -> tuple[torch.Tensor, torch.Tensor]:
+                update_content: bool, memory_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         content_norm = self.norm_c(content)
-        query = self._stream(query, self.norm_q(query), content_norm, memory, query_mask)
+        query = self._stream(query, self.norm_q(query), content_norm, memory, query_mask, memory_mask)
         if update_content:
             content = self._stream(content, content_norm, content_norm, memory, content_mask)
         return query, content
@@ -131,10 +131,12 @@ class Decoder(nn.Module):
 
     def forward(self, tgt_in: torch.Tensor, memory: torch.Tensor | list[KV], content_mask: torch.Tensor | None = None,
                 padding_mask: torch.Tensor | None = None, query_start: int = 0, query_len: int | None = None,
-                query_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits (B, Lq, C) for position queries [query_start, query_start + Lq) given context `tgt_in`.
+                query_mask: torch.Tensor | None = None, query_repeats: int = 1,
+                memory_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (B, R * Lq, C) for position queries [query_start, query_start + Lq), repeated R times.
 
-        Masks are boolean with True = hidden: content/query masks (L, L) / (Lq, L), padding (B, L).
+        Masks are boolean with True = hidden: content (L, L), query (R * Lq, L), padding (B, L),
+        memory (R * Lq, M).
         """
         b, length = tgt_in.shape
         query_len = length if query_len is None else query_len
@@ -142,10 +144,39 @@ class Decoder(nn.Module):
         content = torch.cat([self.text_embed(tgt_in[:, :1]),
                              self.pos_queries[:, : length - 1] + self.text_embed(tgt_in[:, 1:])], dim=1)
         content = self.dropout(content)
-        query = self.dropout(self.pos_queries[:, query_start: query_start + query_len].expand(b, -1, -1))
+        query = self.pos_queries[:, query_start: query_start + query_len].repeat(1, query_repeats, 1)
+        query = self.dropout(query.expand(b, -1, -1))
         q_mask = additive_mask(query_mask, padding_mask)
         c_mask = additive_mask(content_mask, padding_mask) if len(self.layers) > 1 else None
+        m_mask = additive_mask(memory_mask, None)
         mem = memory if isinstance(memory, list) else [memory] * len(self.layers)
         for i, layer in enumerate(self.layers):
-            query, content = layer(query, content, mem[i], q_mask, c_mask, update_content=i < len(self.layers) - 1)
+            query, content = layer(query, content, mem[i], q_mask, c_mask, i < len(self.layers) - 1, m_mask)
         return self.head(self.norm(query))
+
+    def forward_permutations(self, tgt_in: torch.Tensor, memory: torch.Tensor, content_masks: torch.Tensor,
+                             query_masks: torch.Tensor, padding_mask: torch.Tensor,
+                             perm_memory: torch.Tensor | None = None) -> torch.Tensor:
+        """Training logits (B, P, L, C) for P permutations' masks (P, L, L) in one pass.
+
+        `perm_memory` (B, P, M, D) adds memory tokens seen only by permutation p (the cross branch's text).
+        """
+        b, length = tgt_in.shape
+        perms = query_masks.shape[0]
+        if len(self.layers) > 1:  # the content stream differs per permutation: one pass each
+            return torch.stack([self.forward(
+                tgt_in, memory if perm_memory is None else torch.cat([memory, perm_memory[:, p]], dim=1),
+                content_masks[p], padding_mask, query_mask=query_masks[p]) for p in range(perms)], dim=1)
+        # With one layer the content stream is never updated, so all permutations' queries share one pass;
+        # the memory mask keeps each permutation's queries on its own extra tokens.
+        memory_mask = None
+        if perm_memory is not None:
+            extra = perm_memory.shape[2]
+            owner = torch.arange(perms, device=memory.device).repeat_interleave(extra)
+            row = torch.arange(perms, device=memory.device).repeat_interleave(length)
+            memory_mask = torch.cat([torch.zeros(perms * length, memory.shape[1], dtype=torch.bool,
+                                                 device=memory.device), row[:, None] != owner[None, :]], dim=1)
+            memory = torch.cat([memory, perm_memory.flatten(1, 2)], dim=1)
+        logits = self.forward(tgt_in, memory, None, padding_mask, query_len=length, query_repeats=perms,
+                              query_mask=query_masks.flatten(0, 1), memory_mask=memory_mask)
+        return logits.view(b, perms, length, -1)

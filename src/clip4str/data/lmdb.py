@@ -1,0 +1,201 @@
+"""LMDB datasets in the clovaai / PARSeq format (read lazily per worker) and a safe LMDB writer."""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import sys
+import warnings
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import lmdb
+from PIL import Image
+from torch.utils.data import ConcatDataset, Dataset
+
+from clip4str.charset import LabelNormalizer
+
+MAP_SIZE = 1 << 40  # address space only; the file grows with the data
+
+
+def _image_key(i: int) -> bytes:
+    return b"image-%09d" % i
+
+
+def _label_key(i: int) -> bytes:
+    return b"label-%09d" % i
+
+
+def find_lmdbs(root: str | Path) -> list[Path]:
+    """Every folder at or under `root` that holds a data.mdb, sorted."""
+    root = Path(root)
+    if not root.exists():
+        raise FileNotFoundError(f"LMDB path {str(root)!r} does not exist")
+    found = sorted({p.parent for p in root.rglob("data.mdb")} | ({root} if (root / "data.mdb").is_file() else set()))
+    if not found:
+        raise FileNotFoundError(f"no LMDB (folder with data.mdb) found under {str(root)!r}")
+    return found
+
+
+def open_lmdb(path: Path) -> lmdb.Environment:
+    """Open read-only without a lock file (shared, read-only data folders)."""
+    try:
+        return lmdb.open(str(path), readonly=True, lock=False, readahead=False, meminit=False, max_readers=64)
+    except lmdb.Error as e:
+        raise ValueError(f"LMDB {str(path)!r} cannot be opened ({e}); the data.mdb is damaged or truncated: "
+                         "rebuild it with `clip4str data lmdb`") from e
+
+
+class LmdbDataset(Dataset):
+    """One LMDB: labels normalised and filtered up front (reference order), images decoded on access.
+
+    Items are (image, label); an image that cannot be read yields None, with a warning naming its key, so
+    that the epoch goes on (`collate_skip_none` drops it from the batch).
+    """
+
+    def __init__(self, path: str | Path, normalizer: LabelNormalizer | None = None,
+                 transform: Callable[[Image.Image], Any] | None = None) -> None:
+        self.path = Path(path)
+        self.transform = transform
+        self._env: lmdb.Environment | None = None
+        self.raw_count = 0
+        self.keys: list[int] = []
+        self.labels: list[str] = []
+        env = open_lmdb(self.path)
+        try:
+            with env.begin() as txn:
+                raw = txn.get(b"num-samples")
+                if raw is None:
+                    raise ValueError(f"LMDB {str(self.path)!r} has no 'num-samples' key; not a clovaai-format LMDB")
+                self.raw_count = int(raw)
+                for i in range(1, self.raw_count + 1):
+                    label = txn.get(_label_key(i))
+                    if label is None:
+                        raise ValueError(f"LMDB {str(self.path)!r} lacks label-{i:09d} (of {self.raw_count}); "
+                                         "the database is truncated: rebuild it")
+                    text = label.decode("utf-8", errors="replace")
+                    if normalizer is not None:
+                        text = normalizer(text)
+                        if text is None:
+                            continue
+                    self.keys.append(i)
+                    self.labels.append(text)
+        except lmdb.Error as e:
+            raise ValueError(f"LMDB {str(self.path)!r} is damaged ({e}); rebuild it with `clip4str data lmdb`") from e
+        finally:
+            env.close()
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_env"] = None  # each worker opens its own handle
+        return state
+
+    def read_bytes(self, index: int) -> bytes | None:
+        """Encoded image bytes of sample `index`, or None (with a warning) if the entry cannot be read."""
+        if self._env is None:
+            self._env = open_lmdb(self.path)
+        key = _image_key(self.keys[index])
+        try:
+            with self._env.begin() as txn:
+                data = txn.get(key)
+        except lmdb.Error as e:
+            warnings.warn(f"{self.path}: {key.decode()} unreadable ({e}); skipped", stacklevel=2)
+            return None
+        if data is None:
+            warnings.warn(f"{self.path}: {key.decode()} missing; skipped", stacklevel=2)
+        return data
+
+    def __getitem__(self, index: int) -> tuple[Any, str] | None:
+        data = self.read_bytes(index)
+        if data is None:
+            return None
+        try:
+            with Image.open(io.BytesIO(data)) as img:
+                img.load()
+                image = img.convert("RGB")
+        except Exception as e:  # Pillow raises many types for damaged data
+            warnings.warn(f"{self.path}: {_image_key(self.keys[index]).decode()} is not a decodable image ({e}); "
+                          "skipped", stacklevel=2)
+            return None
+        return (self.transform(image) if self.transform else image), self.labels[index]
+
+
+def lmdb_dataset(root: str | Path, normalizer: LabelNormalizer | None = None,
+                 transform: Callable[[Image.Image], Any] | None = None, report: bool = True) -> ConcatDataset:
+    """All LMDBs under `root` as one dataset; prints once what the label filter dropped and why."""
+    parts = [LmdbDataset(p, normalizer, transform) for p in find_lmdbs(root)]
+    if report and normalizer is not None:
+        raw = sum(p.raw_count for p in parts)
+        print(f"{root}: {len(parts)} LMDB(s), {raw} samples; labels: {normalizer.stats.summary()}", file=sys.stderr)
+    return ConcatDataset(parts)
+
+
+@dataclass
+class WriteReport:
+    """What the writer stored and what it skipped, with reasons."""
+
+    written: int = 0
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+
+def write_lmdb(samples: Iterable[tuple[str | bytes, str, str]], out: str | Path, force: bool = False) -> WriteReport:
+    """Write (name, image path or bytes, label) samples to a new LMDB at `out`, validating every image.
+
+    Writes into a temporary folder beside `out` and renames it at the end, so a failure never leaves a
+    half-written database; an existing `out` is replaced only with `force`.
+    """
+    out = Path(out)
+    if out.exists() and not force:
+        raise FileExistsError(f"{str(out)!r} already exists; pass --force to replace it")
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    report = WriteReport()
+    env = lmdb.open(str(tmp), map_size=MAP_SIZE, subdir=True)
+    try:
+        txn = env.begin(write=True)
+        for name, source, label in samples:
+            reason = _invalid_reason(source, label)
+            if reason:
+                report.skipped.append((name, reason))
+                continue
+            data = source if isinstance(source, bytes) else Path(source).read_bytes()
+            report.written += 1
+            txn.put(_image_key(report.written), data)
+            txn.put(_label_key(report.written), label.encode("utf-8"))
+            if report.written % 1000 == 0:
+                txn.commit()
+                txn = env.begin(write=True)
+        txn.put(b"num-samples", str(report.written).encode())
+        txn.commit()
+    except BaseException:
+        env.close()
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    env.close()
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    return report
+
+
+def _invalid_reason(source: str | bytes, label: str) -> str | None:
+    if not label:
+        return "empty label"
+    if "\n" in label or "\r" in label:
+        return "label contains a newline"
+    try:
+        with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as img:
+            img.load()
+            if min(img.size) < 1:
+                return "empty image"
+    except FileNotFoundError:
+        return "file does not exist"
+    except Exception as e:  # Pillow raises many types for damaged data
+        return f"not a decodable image ({type(e).__name__}: {e})"
+    return None

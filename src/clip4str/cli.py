@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from clip4str.data.cli import add_data_commands
 from clip4str.data.transforms import ImageDecodeError, preprocess
 from clip4str.factory import create_model
 from clip4str.model import CLIP4STR
@@ -66,6 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     read.set_defaults(func=cmd_read)
     presets = sub.add_parser("presets", help="list model presets")
     presets.set_defaults(func=cmd_presets)
+    add_data_commands(sub)
     return parser
 
 
@@ -74,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (FileNotFoundError, ValueError) as e:
+    except (FileNotFoundError, FileExistsError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

@@ -1,0 +1,76 @@
+"""Training augmentation of the reference: RandAugment (3 ops, magnitude 5, no sharpness) + blur + Poisson noise."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+
+import numpy as np
+from PIL import Image, ImageEnhance, ImageFilter, ImageOps
+
+MAX_LEVEL = 10.0
+# Geometry limits of PARSeq's policy, tuned for wide word crops: strong horizontal shear, little vertical.
+ROTATE_DEG, SHEAR_X, SHEAR_Y, TRANSLATE_X, TRANSLATE_Y = 30.0, 0.9, 0.2, 0.10, 0.30
+
+
+def _signed(value: float, rng: random.Random) -> float:
+    return -value if rng.random() < 0.5 else value
+
+
+def _fill(img: Image.Image) -> tuple[int, ...]:
+    return (128,) * len(img.getbands())
+
+
+def _affine(img: Image.Image, matrix: tuple[float, ...]) -> Image.Image:
+    return img.transform(img.size, Image.Transform.AFFINE, matrix, Image.Resampling.BILINEAR, fillcolor=_fill(img))
+
+
+def _poisson(img: Image.Image, lam: float, rng: random.Random) -> Image.Image:
+    noise = np.random.default_rng(rng.getrandbits(64)).poisson(lam, (img.height, img.width, 1)) - lam
+    arr = np.asarray(img, dtype=np.float32) + noise
+    return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
+
+
+# name -> op(img, level in 0..1, rng); every level maps to the op's strength as in timm's "increasing" ops.
+OPS: dict[str, Callable[[Image.Image, float, random.Random], Image.Image]] = {
+    "AutoContrast": lambda img, m, r: ImageOps.autocontrast(img),
+    "Equalize": lambda img, m, r: ImageOps.equalize(img),
+    "Invert": lambda img, m, r: ImageOps.invert(img),
+    "Rotate": lambda img, m, r: img.rotate(_signed(m * ROTATE_DEG, r), Image.Resampling.BILINEAR,
+                                           fillcolor=_fill(img)),
+    "Posterize": lambda img, m, r: ImageOps.posterize(img, max(1, 8 - int(m * 4))),
+    "Solarize": lambda img, m, r: ImageOps.solarize(img, 256 - int(m * 256)),
+    "SolarizeAdd": lambda img, m, r: Image.eval(img, lambda v, a=int(m * 110): min(255, v + a) if v < 128 else v),
+    "Color": lambda img, m, r: ImageEnhance.Color(img).enhance(1.0 + _signed(m * 0.9, r)),
+    "Contrast": lambda img, m, r: ImageEnhance.Contrast(img).enhance(1.0 + _signed(m * 0.9, r)),
+    "Brightness": lambda img, m, r: ImageEnhance.Brightness(img).enhance(1.0 + _signed(m * 0.9, r)),
+    "ShearX": lambda img, m, r: _affine(img, (1, _signed(m * SHEAR_X, r), 0, 0, 1, 0)),
+    "ShearY": lambda img, m, r: _affine(img, (1, 0, 0, _signed(m * SHEAR_Y, r), 1, 0)),
+    "TranslateX": lambda img, m, r: _affine(img, (1, 0, _signed(m * TRANSLATE_X, r) * img.width, 0, 1, 0)),
+    "TranslateY": lambda img, m, r: _affine(img, (1, 0, 0, 0, 1, _signed(m * TRANSLATE_Y, r) * img.height)),
+    "GaussianBlur": lambda img, m, r: img.filter(ImageFilter.GaussianBlur(max(0.1, m * 2.0 * min(img.size) / 32))),
+    "PoissonNoise": lambda img, m, r: _poisson(img, max(1.0, m * 40.0), r),
+}
+
+
+class RandAugment:
+    """Pick `num_ops` ops per image, each applied with probability `prob` at a noisy magnitude."""
+
+    def __init__(self, num_ops: int = 3, magnitude: float = 5.0, magnitude_std: float = 0.5, prob: float = 0.5,
+                 ops: list[str] | None = None, seed: int | None = None) -> None:
+        self.ops = list(OPS) if ops is None else ops
+        unknown = set(self.ops) - set(OPS)
+        if unknown:
+            raise ValueError(f"unknown augmentation ops {sorted(unknown)}; known: {sorted(OPS)}")
+        self.num_ops, self.magnitude, self.magnitude_std, self.prob = num_ops, magnitude, magnitude_std, prob
+        self.rng = random.Random(seed)
+
+    def __call__(self, img: Image.Image, rng: random.Random | None = None) -> Image.Image:
+        """Augment an RGB image; `rng` (e.g. seeded per sample) makes the result reproducible."""
+        rng = self.rng if rng is None else rng
+        for name in rng.choices(self.ops, k=self.num_ops):
+            if rng.random() > self.prob:
+                continue
+            level = self.magnitude + rng.gauss(0, self.magnitude_std) if self.magnitude_std else self.magnitude
+            img = OPS[name](img, min(max(level, 0.0), MAX_LEVEL) / MAX_LEVEL, rng)
+        return img

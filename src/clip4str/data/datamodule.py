@@ -1,0 +1,208 @@
+"""Training data: weighted mixing of synthetic and real sources as a deterministic, resumable stream."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import ConcatDataset, DataLoader, Dataset, IterableDataset, Subset, get_worker_info
+
+from clip4str.charset import LabelNormalizer
+from clip4str.data.augment import RandAugment
+from clip4str.data.folder import FolderDataset
+from clip4str.data.lmdb import lmdb_dataset
+from clip4str.data.synth import WordRenderer
+from clip4str.data.transforms import preprocess
+
+
+@dataclass
+class Source:
+    """One training source: `synth`, or a path to LMDB root / labels.tsv folder; weight = share of samples.
+
+    `holdout` sets aside that fraction of a real source (a fixed, seeded choice) for validation.
+    """
+
+    path: str
+    weight: float = 1.0
+    holdout: float = 0.0
+
+    @property
+    def is_synth(self) -> bool:
+        """True for the on-the-fly synthetic generator."""
+        return self.path == "synth"
+
+
+def open_labelled(path: str | Path, normalizer: LabelNormalizer | None) -> Dataset:
+    """An LMDB root (any folder holding data.mdb files) or a folder with labels.tsv."""
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"data path {str(p)!r} does not exist")
+    if (p / "labels.tsv").is_file() or p.name == "labels.tsv":
+        return FolderDataset(p, normalizer)
+    return lmdb_dataset(p, normalizer)
+
+
+def dataset_labels(data: Dataset) -> list[str]:
+    """Labels of a folder/LMDB dataset (or a concatenation of them), without decoding any image."""
+    if isinstance(data, ConcatDataset):
+        return [label for part in data.datasets for label in dataset_labels(part)]
+    return list(data.labels)
+
+
+def holdout_split(n: int, fraction: float, seed: int = 0) -> tuple[list[int], list[int]]:
+    """(train, held-out) indices: a fixed random `fraction` of range(n) held out."""
+    if not fraction:
+        return list(range(n)), []
+    order = np.random.default_rng(seed).permutation(n)
+    cut = int(round(n * fraction))
+    return sorted(order[cut:].tolist()), sorted(order[:cut].tolist())
+
+
+def collate(batch: Sequence[tuple[torch.Tensor, str] | None]) -> tuple[torch.Tensor, list[str]]:
+    """Stack images, list labels; samples that failed to load (None) are dropped."""
+    kept = [b for b in batch if b is not None]
+    if not kept:
+        return torch.empty(0), []
+    return torch.stack([img for img, _ in kept]), [label for _, label in kept]
+
+
+class TrainStream(IterableDataset):
+    """Endless (image tensor, label) stream. Sample g depends only on (seed, g): which source, which item,
+    which augmentation. Worker w builds batches w, w + W, ... so batches arrive in order for any worker count,
+    and a resumed run continues at `start_batch` with exactly the samples an uninterrupted run would see.
+    """
+
+    def __init__(self, sources: list[tuple[Source, Any]], batch_size: int, image_size: tuple[int, int],
+                 mean: Sequence[float], std: Sequence[float], seed: int = 0, augment: bool = True,
+                 start_batch: int = 0) -> None:
+        self.sources = sources
+        weights = np.array([s.weight for s, _ in sources], dtype=np.float64)
+        if (weights <= 0).any() or not len(weights):
+            raise ValueError("every data source needs a positive weight")
+        self.cumulative = np.cumsum(weights / weights.sum())
+        self.batch_size, self.image_size, self.mean, self.std = batch_size, image_size, mean, std
+        self.seed, self.start_batch = seed, start_batch
+        self.augment = RandAugment() if augment else None
+
+    def sample(self, g: int) -> tuple[torch.Tensor, str] | None:
+        """Global sample number g of the stream."""
+        rng = np.random.default_rng([self.seed, g])
+        k = min(int(np.searchsorted(self.cumulative, rng.random(), side="right")), len(self.sources) - 1)
+        source, data = self.sources[k]
+        if source.is_synth:
+            image, label = data[int(rng.integers(2**62))]
+        else:
+            item = data[int(rng.integers(len(data)))]
+            if item is None:
+                return None
+            image, label = item
+        if self.augment is not None:
+            image = self.augment(image, random.Random(int(rng.integers(2**62))))
+        return self._tensor(image), label
+
+    def _tensor(self, image: Image.Image) -> torch.Tensor:
+        return preprocess(image, self.image_size, self.mean, self.std)[0]
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, str] | None]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        batch = self.start_batch + worker
+        while True:
+            for g in range(batch * self.batch_size, (batch + 1) * self.batch_size):
+                yield self.sample(g)
+            batch += workers
+
+
+class EvalSet(Dataset):
+    """A labelled dataset (or subset) turned into preprocessed tensors for validation."""
+
+    def __init__(self, data: Dataset, image_size: tuple[int, int], mean: Sequence[float], std: Sequence[float]):
+        self.data, self.image_size, self.mean, self.std = data, image_size, mean, std
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, str] | None:
+        item = self.data[index]
+        if item is None:
+            return None
+        return preprocess(item[0], self.image_size, self.mean, self.std)[0], item[1]
+
+
+class STRDataModule(L.LightningDataModule):
+    """Weighted training mix (synthetic stream + real LMDB/folders) and validation sets, with workers."""
+
+    def __init__(self, sources: list[Source], val_paths: list[str], charset: str, image_size: tuple[int, int],
+                 mean: Sequence[float], std: Sequence[float], batch_size: int = 64, num_workers: int = 0,
+                 max_label_length: int = 25, seed: int = 0, synth_fonts: list[str] | None = None,
+                 synth_backgrounds: list[str] | None = None, synth_val_size: int = 0, augment: bool = True) -> None:
+        super().__init__()
+        self.sources, self.val_paths = sources, val_paths
+        self.charset, self.image_size, self.mean, self.std = charset, tuple(image_size), mean, std
+        self.batch_size, self.num_workers, self.max_label_length, self.seed = batch_size, num_workers, \
+            max_label_length, seed
+        self.synth_fonts, self.synth_backgrounds, self.synth_val_size = synth_fonts, synth_backgrounds, synth_val_size
+        self.augment = augment
+        self.start_batch = 0
+        self._train: list[tuple[Source, Any]] | None = None
+        self._val: dict[str, Dataset] = {}
+
+    def setup(self, stage: str | None = None) -> None:
+        """Open every source (fails early, naming a missing or damaged path)."""
+        if self._train is not None:
+            return
+        self._train = []
+        for s in self.sources:
+            if s.is_synth:
+                renderer = WordRenderer(self.charset, self.synth_fonts, self.synth_backgrounds, seed=self.seed,
+                                        max_length=self.max_label_length)
+                self._train.append((s, renderer))
+                if self.synth_val_size:  # a disjoint seed: never the same images as the training stream
+                    val = WordRenderer(self.charset, self.synth_fonts, self.synth_backgrounds,
+                                       seed=self.seed + 10_000_019, max_length=self.max_label_length)
+                    self._val["synth"] = _Rendered(val, self.synth_val_size)
+                continue
+            data = open_labelled(s.path, LabelNormalizer(self.charset, self.max_label_length))
+            train_idx, held = holdout_split(len(data), s.holdout, self.seed)
+            self._train.append((s, Subset(data, train_idx) if held else data))
+            if held:
+                self._val[f"{Path(s.path).name}-holdout"] = Subset(data, held)
+        for path in self.val_paths:
+            self._val[Path(path).name] = open_labelled(path, LabelNormalizer(self.charset, self.max_label_length))
+
+    def train_dataloader(self) -> DataLoader:
+        """Batches of the training stream, starting at `start_batch` (set when resuming)."""
+        stream = TrainStream(self._train, self.batch_size, self.image_size, self.mean, self.std, self.seed,
+                             self.augment, self.start_batch)
+        return DataLoader(stream, batch_size=self.batch_size, num_workers=self.num_workers, collate_fn=collate,
+                          persistent_workers=False, prefetch_factor=4 if self.num_workers else None)
+
+    def val_dataloader(self) -> list[DataLoader]:
+        """One loader per validation set, in `val_names` order."""
+        return [DataLoader(EvalSet(d, self.image_size, self.mean, self.std), batch_size=self.batch_size,
+                           num_workers=self.num_workers, collate_fn=collate) for d in self._val.values()]
+
+    @property
+    def val_names(self) -> list[str]:
+        """Names of the validation sets."""
+        return list(self._val)
+
+
+class _Rendered(Dataset):
+    """The first n samples of a renderer as a fixed dataset."""
+
+    def __init__(self, renderer: WordRenderer, n: int) -> None:
+        self.renderer, self.n = renderer, n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, index: int) -> tuple[Image.Image, str]:
+        return self.renderer[index]

@@ -153,6 +153,7 @@ def write_lmdb(samples: Iterable[tuple[str | bytes, str, str]], out: str | Path,
     out = Path(out)
     if out.exists() and not force:
         raise FileExistsError(f"{str(out)!r} already exists; pass --force to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     report = WriteReport()

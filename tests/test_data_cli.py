@@ -1,0 +1,33 @@
+from conftest import render_word
+from PIL import Image
+
+from clip4str.cli import main
+from clip4str.data.lmdb import LmdbDataset
+
+
+def test_data_lmdb_inspect_and_synth(tmp_path, capsys):
+    root = tmp_path / "crops"
+    root.mkdir()
+    for i, word in enumerate(["alpha", "Beta"]):
+        render_word(word).save(root / f"{i}.png")
+    (root / "broken.png").write_bytes(b"nope")
+    (root / "labels.tsv").write_text("0.png\talpha\n1.png\tBeta\nbroken.png\tgamma\n", encoding="utf-8")
+    assert main(["data", "lmdb", str(root), str(tmp_path / "db")]) == 0
+    out = capsys.readouterr()
+    assert "wrote 2 samples" in out.out and "broken.png" in out.err
+    assert LmdbDataset(tmp_path / "db").labels == ["alpha", "Beta"]
+    assert main(["data", "lmdb", str(root), str(tmp_path / "db")]) == 2
+    assert "--force" in capsys.readouterr().err
+
+    assert main(["data", "synth", str(tmp_path / "syn"), "--count", "24", "--seed", "3"]) == 0
+    assert "wrote 24 synthetic words" in capsys.readouterr().out
+    assert main(["data", "inspect", str(tmp_path / "syn"), "--grid", str(tmp_path / "sheet.png")]) == 0
+    out = capsys.readouterr().out
+    assert "24 samples" in out and "label length histogram" in out and "24/24 labels keep every character" in out
+    sheet = Image.open(tmp_path / "sheet.png")
+    assert sheet.size[0] > 400 and sheet.size[1] > 200
+
+    assert main(["data", "inspect", str(root), "--charset", "36"]) == 0
+    assert "3/3 labels keep every character" in capsys.readouterr().out  # Beta folds to beta
+    assert main(["data", "inspect", str(tmp_path / "missing")]) == 2
+    assert "does not exist" in capsys.readouterr().err

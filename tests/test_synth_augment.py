@@ -1,0 +1,87 @@
+import io
+import random
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from clip4str.charset import CHARSETS
+from clip4str.data.augment import OPS, RandAugment
+from clip4str.data.datamodule import Source, TrainStream
+from clip4str.data.synth import WordRenderer, WordSampler
+
+
+def _bytes(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, "PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def renderer():
+    return WordRenderer(CHARSETS["94"], seed=123)
+
+
+def test_generator_is_deterministic_for_a_seed(renderer):
+    again = WordRenderer(CHARSETS["94"], seed=123)
+    other = WordRenderer(CHARSETS["94"], seed=124)
+    for i in (0, 7, 1000):
+        img, label = renderer[i]
+        img2, label2 = again[i]
+        assert label == label2 and _bytes(img) == _bytes(img2)
+    assert [renderer[i][1] for i in range(10)] != [other[i][1] for i in range(10)]
+
+
+@pytest.mark.parametrize("charset", [CHARSETS["36"], CHARSETS["94"], "ABC123-"])
+def test_labels_always_fit_the_charset(charset):
+    r = WordRenderer(charset, seed=5)
+    for i in range(150):
+        img, label = r[i]
+        assert label and set(label) <= set(charset), label
+        assert img.mode == "RGB" and min(img.size) >= 4
+
+
+def test_word_sampler_mixes_kinds():
+    s = WordSampler(CHARSETS["94"])
+    labels = [s(np.random.default_rng([0, i])) for i in range(400)]
+    assert any(t.isdigit() for t in labels) and any(t.islower() for t in labels)
+    assert any(t.isupper() for t in labels) and any(not t.isalnum() for t in labels)
+    assert all(0 < len(t) <= 25 for t in labels)
+
+
+def test_missing_font_folder_is_reported(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        WordRenderer(fonts=[tmp_path / "nope"])
+    with pytest.raises(FileNotFoundError, match="no usable font"):
+        WordRenderer(fonts=[tmp_path])
+
+
+def test_augmentation_is_seeded_and_keeps_size(renderer):
+    img, _ = renderer[3]
+    aug = RandAugment()
+    a, b = aug(img, random.Random(9)), aug(img, random.Random(9))
+    assert _bytes(a) == _bytes(b) and a.size == img.size
+    for name, op in OPS.items():
+        out = op(img, 0.5, random.Random(0))
+        assert out.size == img.size and out.mode == "RGB", name
+    assert "Sharpness" not in OPS and {"GaussianBlur", "PoissonNoise", "Rotate"} <= set(OPS)
+
+
+def test_training_stream_is_resumable_and_mixes_by_weight(renderer, tmp_path):
+    from test_data_lmdb_folder import _folder
+
+    root = _folder(tmp_path, ["real"] * 4)
+    from clip4str.data.datamodule import open_labelled
+    sources = [(Source("synth", 3.0), renderer), (Source(str(root), 1.0), open_labelled(root, None))]
+    stream = TrainStream(sources, batch_size=4, image_size=(32, 128), mean=(0.5,) * 3, std=(0.5,) * 3, seed=1)
+    it = iter(stream)
+    first = [next(it) for _ in range(16)]
+    resumed = TrainStream(sources, 4, (32, 128), (0.5,) * 3, (0.5,) * 3, seed=1, start_batch=2)
+    it2 = iter(resumed)
+    again = [next(it2) for _ in range(8)]
+    assert [label for _, label in first[8:16]] == [label for _, label in again]
+    assert torch.equal(first[8][0], again[0][0])
+    labels = [stream.sample(g)[1] for g in range(400)]
+    share = labels.count("real") / len(labels)
+    assert 0.15 < share < 0.35  # weight 1 of 4

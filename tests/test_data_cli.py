@@ -1,8 +1,8 @@
-from conftest import render_word
 from PIL import Image
 
 from clip4str.cli import main
 from clip4str.data.lmdb import LmdbDataset
+from conftest import render_word
 
 
 def test_data_lmdb_inspect_and_synth(tmp_path, capsys):

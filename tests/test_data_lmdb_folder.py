@@ -3,7 +3,6 @@ import warnings
 
 import lmdb
 import pytest
-from conftest import SHARED, render_word
 from PIL import Image
 from torch.utils.data import DataLoader
 
@@ -11,6 +10,7 @@ from clip4str.charset import CHARSETS, LabelNormalizer
 from clip4str.data.datamodule import collate
 from clip4str.data.folder import FolderDataset
 from clip4str.data.lmdb import LmdbDataset, lmdb_dataset, write_lmdb
+from conftest import SHARED, render_word
 
 
 def _png(text: str) -> bytes:

@@ -103,3 +103,37 @@ def test_bad_clip_files_give_clear_errors(tmp_path):
                tmp_path / "vl4str.pt")
     with pytest.raises(ValueError, match="not a ViT CLIP state dict.*clip4str convert"):
         read_clip_checkpoint(tmp_path / "vl4str.pt")
+
+
+@pytest.mark.parametrize("library", ["timm", "torchvision"])
+def test_imagenet_vit_initialises_the_image_tower(tmp_path, library):
+    from clip4str.factory import create_model_from_imagenet_vit
+    if library == "timm":
+        import timm
+        vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0).eval()
+        with torch.no_grad():  # a near-zero class token is a near-constant vector where LayerNorm eps dominates
+            vit.cls_token.normal_()
+    else:
+        import torchvision
+        vit = torchvision.models.VisionTransformer(224, 16, num_layers=2, num_heads=3, hidden_dim=192,
+                                                   mlp_dim=768).eval()
+        with torch.no_grad():
+            vit.class_token.normal_()
+    torch.save(vit.state_dict(), tmp_path / "vit.pth")
+    model = create_model_from_imagenet_vit("b16", tmp_path / "vit.pth").eval()
+    v = model.clip.visual
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        tokens = v.conv1(x).flatten(2).transpose(1, 2)
+        tokens = torch.cat([v.class_embedding.expand(2, 1, -1), tokens], 1) + v.positional_embedding
+        ours = v.ln_post(v.transformer(v.ln_pre(tokens)))
+        if library == "timm":
+            ref = vit.forward_features(x)
+        else:
+            ref = vit.encoder(torch.cat([vit.class_token.expand(2, -1, -1),
+                                         vit.conv_proj(x).flatten(2).transpose(1, 2)], 1))
+    # timm/torchvision LayerNorms use eps 1e-6, open_clip's 1e-5: the only difference.
+    torch.testing.assert_close(ours, ref, atol=2e-3, rtol=1e-3)
+    assert model.config.clip["vision_cfg"]["no_ln_pre"] is True
+    tiny = create_model_from_imagenet_vit("tiny", tmp_path / "vit.pth")
+    assert tiny.clip.visual.positional_embedding.shape[0] == 1 + 2 * 8  # 32x128 input, 16x16 patches

@@ -42,6 +42,16 @@ def cmd_read(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    """Train (or resume) an experiment and print where the result is."""
+    from clip4str.train.config import load_config
+    from clip4str.train.run import train
+
+    result = train(load_config(args.config, args.overrides), resume=args.resume)
+    print(f"result: {result}")
+    return 0
+
+
 def cmd_presets(args: argparse.Namespace) -> int:
     """List model presets with their parameter counts."""
     for name in list_presets():
@@ -68,6 +78,11 @@ def build_parser() -> argparse.ArgumentParser:
     presets = sub.add_parser("presets", help="list model presets")
     presets.set_defaults(func=cmd_presets)
     add_data_commands(sub)
+    train = sub.add_parser("train", help="train or fine-tune a model from a YAML experiment config")
+    train.add_argument("--config", type=Path, help="experiment YAML (see configs/)")
+    train.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. train.max_steps=100")
+    train.add_argument("--resume", action="store_true", help="continue from OUT_DIR/last.ckpt")
+    train.set_defaults(func=cmd_train)
     return parser
 
 

@@ -8,7 +8,7 @@ from typing import Any
 from clip4str.model import CLIP4STR, ModelConfig
 from clip4str.model.config import merge
 from clip4str.presets import load_preset
-from clip4str.weights import load_exact, read_clip_checkpoint
+from clip4str.weights import fit_positions, load_exact, read_clip_checkpoint, read_imagenet_vit
 
 
 def create_model(name: str, clip_checkpoint: str | Path | None = None, quick_gelu: bool | None = None,
@@ -27,4 +27,20 @@ def create_model(name: str, clip_checkpoint: str | Path | None = None, quick_gel
         state = dict(clip.state_dict)
         state.setdefault("logit_scale", model.clip.logit_scale.detach().clone())
         load_exact(model.clip, state, str(clip_checkpoint))
+    return model
+
+
+def create_model_from_imagenet_vit(name: str, vit_checkpoint: str | Path, **overrides: Any) -> CLIP4STR:
+    """Preset `name` whose image tower is an ImageNet ViT (timm/torchvision file) at the preset's input size."""
+    state, vision = read_imagenet_vit(vit_checkpoint)
+    data = merge(load_preset(name), overrides)
+    vision["image_size"] = data["clip"]["vision_cfg"]["image_size"]
+    data["clip"] = merge(data["clip"], {"quick_gelu": False})  # ImageNet ViTs use GELU
+    data["clip"]["vision_cfg"] = vision
+    model = CLIP4STR(ModelConfig.from_dict(data))
+    visual = model.clip.visual
+    state["positional_embedding"] = fit_positions(state["positional_embedding"], visual.grid_size)
+    for key in ("proj",):  # CLIP's projection to the shared width has no ImageNet counterpart: kept random
+        state[key] = visual.state_dict()[key]
+    load_exact(visual, state, str(vit_checkpoint))
     return model

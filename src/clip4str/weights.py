@@ -181,3 +181,67 @@ def read_clip_checkpoint(path: str | Path, quick_gelu: bool | None = None) -> Cl
             quick_gelu = bool(json.loads(sidecar.read_text()).get("model_cfg", {}).get("quick_gelu", False))
     state = {k: v.float() for k, v in state.items()}
     return ClipWeights(state, "openai" if openai else "open_clip", infer_clip_config(state, quick_gelu))
+
+
+# -- ImageNet ViT weights (timm or torchvision) for the image tower -------------------------------------------
+_TIMM_BLOCK = {"norm1": "ln_1", "attn.qkv": "attn.in_proj", "attn.proj": "attn.out_proj", "norm2": "ln_2",
+               "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj"}
+_TV_BLOCK = {"ln_1": "ln_1", "self_attention.in_proj": "attn.in_proj", "self_attention.out_proj": "attn.out_proj",
+             "ln_2": "ln_2", "mlp.0": "mlp.c_fc", "mlp.3": "mlp.c_proj", "mlp.linear_1": "mlp.c_fc",
+             "mlp.linear_2": "mlp.c_proj"}
+
+
+def _rename_block(key: str, table: dict[str, str]) -> str | None:
+    for src, dst in table.items():
+        for suffix in ("weight", "bias"):
+            if key == f"{src}.{suffix}" or (src.endswith("in_proj") and key == f"{src}_{suffix}"):
+                return f"{dst}_{suffix}" if dst.endswith("in_proj") else f"{dst}.{suffix}"
+    return None
+
+
+def read_imagenet_vit(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """A timm or torchvision ImageNet ViT state dict -> (open_clip visual-tower keys, vision_cfg from shapes).
+
+    The patch-embedding bias (CLIP's stem has none) is folded into the patch positions' embeddings, which
+    computes the same thing. ImageNet ViTs have no pre-norm, so the tower is built with `no_ln_pre`.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"ImageNet ViT checkpoint {str(p)!r} does not exist")
+    raw, _ = _read_tensors(p)
+    raw = raw.get("model", raw) if isinstance(raw.get("model"), dict) else raw
+    if "patch_embed.proj.weight" in raw:  # timm
+        stem, cls, pos, norm = "patch_embed.proj", raw["cls_token"], raw["pos_embed"], "norm"
+        block_re, table = re.compile(r"blocks\.(\d+)\.(.+)"), _TIMM_BLOCK
+    elif "conv_proj.weight" in raw:  # torchvision
+        stem, cls, pos, norm = "conv_proj", raw["class_token"], raw["encoder.pos_embedding"], "encoder.ln"
+        block_re, table = re.compile(r"encoder\.layers\.encoder_layer_(\d+)\.(.+)"), _TV_BLOCK
+    else:
+        raise ValueError(f"{p} is not a timm or torchvision ViT state dict (no patch_embed.proj / conv_proj)")
+    conv = raw[f"{stem}.weight"].float()
+    pos = pos.float().reshape(-1, conv.shape[0]).clone()
+    if f"{stem}.bias" in raw:
+        pos[1:] += raw[f"{stem}.bias"].float()
+    state = {"conv1.weight": conv, "class_embedding": cls.float().reshape(-1), "positional_embedding": pos,
+             "ln_post.weight": raw[f"{norm}.weight"].float(), "ln_post.bias": raw[f"{norm}.bias"].float()}
+    layers = set()
+    for key, value in raw.items():
+        m = block_re.fullmatch(key)
+        if m and (name := _rename_block(m.group(2), table)):
+            state[f"transformer.resblocks.{m.group(1)}.{name}"] = value.float()
+            layers.add(int(m.group(1)))
+    width = conv.shape[0]
+    cfg = {"width": width, "layers": len(layers), "patch_size": list(conv.shape[2:]), "head_width": 64,
+           "mlp_ratio": state["transformer.resblocks.0.mlp.c_fc.weight"].shape[0] / width, "no_ln_pre": True}
+    return state, cfg
+
+
+def fit_positions(pos: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """Resize a (1 + H*W, D) positional embedding of a square grid to `grid` (bicubic), class token kept."""
+    n = pos.shape[0] - 1
+    side = round(n ** 0.5)
+    if (side, side) == tuple(grid):
+        return pos
+    patches = pos[1:].reshape(1, side, side, -1).permute(0, 3, 1, 2)
+    patches = torch.nn.functional.interpolate(patches, size=grid, mode="bicubic", align_corners=False)
+    return torch.cat([pos[:1], patches.permute(0, 2, 3, 1).reshape(grid[0] * grid[1], -1)])

@@ -81,14 +81,14 @@ class TrainStream(IterableDataset):
 
     def __init__(self, sources: list[tuple[Source, Any]], batch_size: int, image_size: tuple[int, int],
                  mean: Sequence[float], std: Sequence[float], seed: int = 0, augment: bool = True,
-                 start_batch: int = 0) -> None:
+                 start_batch: int = 0, rank: int = 0, world: int = 1) -> None:
         self.sources = sources
         weights = np.array([s.weight for s, _ in sources], dtype=np.float64)
         if (weights <= 0).any() or not len(weights):
             raise ValueError("every data source needs a positive weight")
         self.cumulative = np.cumsum(weights / weights.sum())
         self.batch_size, self.image_size, self.mean, self.std = batch_size, image_size, mean, std
-        self.seed, self.start_batch = seed, start_batch
+        self.seed, self.start_batch, self.rank, self.world = seed, start_batch, rank, world
         self.augment = RandAugment() if augment else None
 
     def sample(self, g: int) -> tuple[torch.Tensor, str] | None:
@@ -113,11 +113,12 @@ class TrainStream(IterableDataset):
     def __iter__(self) -> Iterator[tuple[torch.Tensor, str] | None]:
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        batch = self.start_batch + worker
+        local = self.start_batch + worker  # this rank's batch number
         while True:
+            batch = local * self.world + self.rank  # ranks take interleaved batches of one global stream
             for g in range(batch * self.batch_size, (batch + 1) * self.batch_size):
                 yield self.sample(g)
-            batch += workers
+            local += workers
 
 
 class EvalSet(Dataset):
@@ -150,7 +151,7 @@ class STRDataModule(L.LightningDataModule):
             max_label_length, seed
         self.synth_fonts, self.synth_backgrounds, self.synth_val_size = synth_fonts, synth_backgrounds, synth_val_size
         self.augment = augment
-        self.start_batch = 0
+        self.start_batch, self.rank, self.world = 0, 0, 1
         self._train: list[tuple[Source, Any]] | None = None
         self._val: dict[str, Dataset] = {}
 
@@ -180,7 +181,7 @@ class STRDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         """Batches of the training stream, starting at `start_batch` (set when resuming)."""
         stream = TrainStream(self._train, self.batch_size, self.image_size, self.mean, self.std, self.seed,
-                             self.augment, self.start_batch)
+                             self.augment, self.start_batch, self.rank, self.world)
         return DataLoader(stream, batch_size=self.batch_size, num_workers=self.num_workers, collate_fn=collate,
                           persistent_workers=False, prefetch_factor=4 if self.num_workers else None)
 

@@ -12,6 +12,7 @@ from torch import nn
 from clip4str.charset import CharsetAdapter, DecodedText, Tokenizer
 from clip4str.model.config import DECODE_MODES, ModelConfig
 from clip4str.model.decoder import Decoder
+from clip4str.model.peft import build_peft
 from clip4str.model.permutations import (
     causal_masks,
     cloze_query_mask,
@@ -66,8 +67,14 @@ class CLIP4STR(nn.Module):
 
         self.image_decoder = decoder()
         self.cross_decoder = decoder() if config.cross_branch else None
-        self._frozen = freeze_text_tower(self.clip, config.text_freeze_layers) + \
-            freeze_image_tower(self.clip.visual, config.image_freeze_layers)
+        self.image_peft, self.text_peft = build_peft(config.peft, self.clip, config.adapter_ratio,
+                                                     config.lst_reduction)
+        if config.peft != "none":  # parameter-efficient tuning: the whole CLIP is frozen
+            self.clip.requires_grad_(False)
+            self._frozen = [self.clip]
+        else:
+            self._frozen = freeze_text_tower(self.clip, config.text_freeze_layers) + \
+                freeze_image_tower(self.clip.visual, config.image_freeze_layers)
 
     def train(self, mode: bool = True) -> CLIP4STR:
         """Set train/eval mode; frozen tower parts always stay in eval mode."""
@@ -86,12 +93,15 @@ class CLIP4STR(nn.Module):
                              "prepare images with clip4str.data.transforms.preprocess")
         if images.shape[0] == 0:
             raise ValueError("empty batch: give at least one image")
+        if self.image_peft is not None:
+            return self.image_peft(self.clip.visual, images)
         return encode_image_tokens(self.clip.visual, images)
 
     def encode_text(self, captions: Sequence[str], device: torch.device) -> torch.Tensor:
         """Captions -> CLIP text features of every token (B, context, D)."""
         ids = clip_bpe_tokenizer(self.config.text_context_length)(list(captions)).to(device)
-        return encode_text_tokens(self.clip, ids)
+        features = encode_text_tokens(self.clip, ids)
+        return self.text_peft(features) if self.text_peft is not None else features
 
     def captions(self, logits: torch.Tensor, lengths: torch.Tensor | None = None) -> list[str]:
         """Greedy strings of image-branch logits, cut at EOS and mapped to the caption charset."""

@@ -34,6 +34,9 @@ class ModelConfig:
     perm_mirrored: bool = True
     text_freeze_layers: int = 6
     image_freeze_layers: int = -1
+    peft: str = "none"
+    adapter_ratio: float = 0.2
+    lst_reduction: int = 8
     image_mean: tuple[float, float, float] = OPENAI_MEAN
     image_std: tuple[float, float, float] = OPENAI_STD
     decode_mode: str = "ar"

@@ -1,0 +1,64 @@
+"""Checkpoints every N minutes/steps and on SIGTERM/SIGINT, written atomically to `last.ckpt`."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import lightning as L
+
+
+class ResumableCheckpoint(L.Callback):
+    """Saves `last.ckpt` every `minutes` (and/or `steps`), at the end, and when SIGTERM/SIGINT arrives.
+
+    The file is written beside its final name and renamed, so a kill during the write never corrupts the
+    previous checkpoint; a run killed any other way (SIGKILL) loses at most one interval.
+    """
+
+    def __init__(self, out_dir: str | Path, minutes: float | None = 10.0, steps: int | None = None) -> None:
+        self.path = Path(out_dir) / "last.ckpt"
+        self.minutes, self.steps = minutes, steps
+        self._last_save = time.monotonic()
+        self._signal: int | None = None
+        self._previous: dict[int, object] = {}
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._last_save = time.monotonic()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._previous[sig] = signal.signal(sig, self._on_signal)
+            except ValueError:  # not the main thread (e.g. some launchers): rely on periodic saves
+                pass
+
+    def _on_signal(self, signum: int, frame: object) -> None:
+        self._signal = signum
+
+    def save(self, trainer: L.Trainer) -> None:
+        """Write last.ckpt atomically (rank 0 writes; every rank takes part as Lightning requires)."""
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        trainer.save_checkpoint(tmp)
+        if trainer.is_global_zero:
+            os.replace(tmp, self.path)
+        self._last_save = time.monotonic()
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: object, batch: object,
+                           batch_idx: int) -> None:
+        step = trainer.global_step
+        due = (self.steps and step % self.steps == 0) or \
+            (self.minutes is not None and time.monotonic() - self._last_save >= 60 * self.minutes)
+        if self._signal is not None:
+            self.save(trainer)
+            print(f"\nsignal {self._signal}: checkpoint saved at step {step} to {self.path}; resume with --resume",
+                  file=sys.stderr)
+            trainer.should_stop = True
+        elif due:
+            self.save(trainer)
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._signal is None:
+            self.save(trainer)
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)

@@ -1,0 +1,132 @@
+"""Training experiment configs: YAML files plus `section.key=value` overrides; every key is checked."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from clip4str.model.config import ModelConfig
+
+
+@dataclass
+class ModelSection:
+    """Which model to build: preset, initialisation, and any `ModelConfig` key (freezing, peft, ...)."""
+
+    preset: str = "tiny"
+    init: str = "random"  # random | clip:<file> | imagenet:<file>
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class DataSection:
+    """Training sources with mixing weights, validation sets, batching and synthetic-data options."""
+
+    train: list[dict[str, Any]] = field(default_factory=lambda: [{"path": "synth", "weight": 1.0}])
+    val: list[str] = field(default_factory=list)
+    synth_val_size: int = 0
+    batch_size: int = 64
+    num_workers: int = 1
+    augment: bool = True
+    fonts: list[str] | None = None
+    backgrounds: list[str] | None = None
+
+
+@dataclass
+class TrainSection:
+    """Optimisation, precision, devices, validation and checkpoint cadence, output folder."""
+
+    max_steps: int = 1000
+    base_lr: float = 8.4e-5
+    decoder_lr_scale: float = 19.0
+    weight_decay: float = 0.2
+    warmup_pct: float = 0.075
+    grad_clip: float = 20.0
+    swa_lr: float | None = None
+    precision: str = "bf16-mixed"
+    accelerator: str = "auto"
+    devices: int | str = 1
+    num_nodes: int = 1
+    strategy: str = "auto"
+    accumulate_grad_batches: int = 1
+    seed: int = 0
+    val_every_steps: int = 500
+    checkpoint_every_minutes: float = 10.0
+    checkpoint_every_steps: int | None = None
+    log_every_steps: int = 10
+    threads: int | None = None
+    out_dir: str = "runs/experiment"
+
+
+@dataclass
+class TrainConfig:
+    """A whole experiment."""
+
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    train: TrainSection = field(default_factory=TrainSection)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict (for YAML and checkpoint provenance)."""
+        return dataclasses.asdict(self)
+
+
+SECTIONS = {"model": ModelSection, "data": DataSection, "train": TrainSection}
+MODEL_KEYS = {f.name for f in dataclasses.fields(ModelConfig)}
+
+
+def _check_keys(section: str, values: dict[str, Any]) -> None:
+    cls = SECTIONS[section]
+    names = {f.name for f in dataclasses.fields(cls)} - {"overrides"}
+    allowed = names | (MODEL_KEYS if section == "model" else set())
+    unknown = sorted(set(values) - allowed)
+    if unknown:
+        raise ValueError(f"unknown config key(s) {', '.join(f'{section}.{k}' for k in unknown)}; "
+                         f"valid keys in '{section}': {', '.join(sorted(allowed))}")
+
+
+def build_config(doc: dict[str, Any]) -> TrainConfig:
+    """Validate a nested dict and build the config; model keys outside the section's own go to overrides."""
+    unknown = sorted(set(doc) - set(SECTIONS))
+    if unknown:
+        raise ValueError(f"unknown config section(s) {unknown}; sections are {sorted(SECTIONS)}")
+    sections = {}
+    for name, cls in SECTIONS.items():
+        values = dict(doc.get(name) or {})
+        _check_keys(name, values)
+        if name == "model":
+            own = {f.name for f in dataclasses.fields(cls)}
+            values = {**{k: v for k, v in values.items() if k in own},
+                      "overrides": {k: v for k, v in values.items() if k not in own}}
+        sections[name] = cls(**values)
+    return TrainConfig(**sections)
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """`section.key=value` -> (path, YAML-parsed value)."""
+    key, sep, raw = item.partition("=")
+    if not sep or "." not in key:
+        raise ValueError(f"override {item!r} must look like section.key=value (e.g. train.max_steps=100)")
+    return key.split("."), yaml.safe_load(raw)
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConfig:
+    """Read a YAML experiment and apply `section.key=value` overrides."""
+    doc: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise FileNotFoundError(f"config file {str(p)!r} does not exist")
+        doc = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        if not isinstance(doc, dict):
+            raise ValueError(f"{p} must hold a mapping with sections {sorted(SECTIONS)}")
+    for item in overrides:
+        keys, value = parse_override(item)
+        node = doc
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+        node[keys[-1]] = value
+    return build_config(doc)

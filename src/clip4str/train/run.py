@@ -1,0 +1,158 @@
+"""`clip4str train`: build model, data and Lightning trainer from a config; resume; export; plot."""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+import yaml
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+from clip4str.data.datamodule import Source, STRDataModule
+from clip4str.factory import create_model, create_model_from_imagenet_vit
+from clip4str.model import CLIP4STR
+from clip4str.train.callbacks import ResumableCheckpoint
+from clip4str.train.config import TrainConfig
+from clip4str.train.system import STRSystem
+from clip4str.weights import save_checkpoint
+
+
+def build_model(cfg: TrainConfig) -> CLIP4STR:
+    """The model of the config with its initialisation (random, a CLIP file or an ImageNet ViT file)."""
+    m = cfg.model
+    kind, _, path = m.init.partition(":")
+    if kind not in ("random", "clip", "imagenet") or (kind != "random" and not path):
+        raise ValueError(f"model.init must be random, clip:<file> or imagenet:<file>, got {m.init!r}")
+    if kind == "imagenet":
+        return create_model_from_imagenet_vit(m.preset, path, **m.overrides)
+    return create_model(m.preset, clip_checkpoint=path if kind == "clip" else None, **m.overrides)
+
+
+def parameter_report(model: CLIP4STR) -> str:
+    """'trainable / total' parameter counts."""
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return f"parameters: {trainable / 1e6:.2f}M trainable / {total / 1e6:.2f}M total"
+
+
+class _ResumeAwareData(STRDataModule):
+    """Starts the training stream where the restored step left off (any number of ranks and workers)."""
+
+    def train_dataloader(self):  # noqa: D102
+        trainer = self.trainer
+        self.start_batch = trainer.global_step * trainer.accumulate_grad_batches
+        self.rank, self.world = trainer.global_rank, trainer.world_size
+        return super().train_dataloader()
+
+
+def check_paths(cfg: TrainConfig) -> None:
+    """Fail before any work if a data path, font folder or init file is missing."""
+    for item in cfg.data.train:
+        unknown = set(item) - {"path", "weight", "holdout"}
+        if unknown or "path" not in item:
+            raise ValueError(f"data.train entries take path, weight, holdout; got {item}")
+    paths = [i["path"] for i in cfg.data.train if i["path"] != "synth"] + list(cfg.data.val)
+    paths += list(cfg.data.fonts or []) + list(cfg.data.backgrounds or [])
+    if ":" in cfg.model.init:
+        paths.append(cfg.model.init.partition(":")[2])
+    for p in paths:
+        if not Path(p).exists():
+            raise FileNotFoundError(f"{p!r} (named in the config) does not exist")
+
+
+def train(cfg: TrainConfig, resume: bool = False) -> Path:
+    """Run (or resume) an experiment; returns the exported model folder."""
+    check_paths(cfg)
+    t, d = cfg.train, cfg.data
+    out = Path(t.out_dir)
+    last = out / "last.ckpt"
+    if resume and not last.is_file():
+        raise FileNotFoundError(f"--resume: no checkpoint at {last}; start without --resume")
+    if not resume and last.is_file():
+        raise FileExistsError(f"{out} already holds a run (last.ckpt); pass --resume to continue it or choose "
+                              "another train.out_dir")
+    if t.threads:
+        torch.set_num_threads(t.threads)
+    L.seed_everything(t.seed, workers=True, verbose=False)
+    model = build_model(cfg)
+    print(parameter_report(model), file=sys.stderr)
+    mc = model.config
+    dm = _ResumeAwareData([Source(**s) for s in d.train], d.val, mc.charset, mc.image_size, mc.image_mean,
+                          mc.image_std, d.batch_size, d.num_workers, mc.max_label_length, t.seed, d.fonts,
+                          d.backgrounds, d.synth_val_size, d.augment)
+    dm.setup()
+    world = (t.devices if isinstance(t.devices, int) else 1) * t.num_nodes
+    effective = d.batch_size * world * t.accumulate_grad_batches
+    system = STRSystem(model, t, effective, dm.val_names)
+    out.mkdir(parents=True, exist_ok=True)
+    run_id = len(list(out.glob("logs/run-*")))
+    (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    callbacks: list[L.Callback] = [ResumableCheckpoint(out, t.checkpoint_every_minutes, t.checkpoint_every_steps)]
+    if t.swa_lr is not None:
+        callbacks.append(L.pytorch.callbacks.StochasticWeightAveraging(swa_lrs=t.swa_lr))
+    trainer = L.Trainer(
+        max_steps=t.max_steps, precision=t.precision, accelerator=t.accelerator, devices=t.devices,
+        num_nodes=t.num_nodes, strategy=t.strategy, gradient_clip_val=t.grad_clip,
+        accumulate_grad_batches=t.accumulate_grad_batches, val_check_interval=t.val_every_steps,
+        check_val_every_n_epoch=None, num_sanity_val_steps=0, log_every_n_steps=t.log_every_steps,
+        enable_checkpointing=False, callbacks=callbacks, default_root_dir=str(out),
+        logger=[CSVLogger(out / "logs", name="", version=f"run-{run_id}"),
+                TensorBoardLogger(out / "logs", name="", version=f"run-{run_id}")],
+        limit_val_batches=1.0 if dm.val_names else 0)
+    start = time.time()
+    trainer.fit(system, datamodule=dm, ckpt_path=str(last) if resume else None)
+    if trainer.global_step < t.max_steps:  # stopped by a signal: the checkpoint is the result
+        return last
+    provenance = {"steps": trainer.global_step, "images_seen": trainer.global_step * effective,
+                  "wall_seconds_last_run": round(time.time() - start), "config": cfg.to_dict()}
+    final = save_checkpoint(model, out / "final", provenance)
+    plot_history(out)
+    return final
+
+
+def read_history(out: Path) -> list[dict[str, float]]:
+    """Every logged row of every run of an experiment, by step (later runs win)."""
+    rows: dict[tuple[int, str], dict[str, float]] = {}
+    for metrics in sorted((out / "logs").glob("run-*/metrics.csv"), key=lambda p: int(p.parent.name[4:])):
+        with metrics.open() as f:
+            for row in csv.DictReader(f):
+                values = {k: float(v) for k, v in row.items() if v not in ("", None)}
+                if "step" in values:
+                    kind = "val" if any(k.startswith("val") for k in values) else "train"
+                    rows[(int(values["step"]), kind)] = values
+    return [rows[k] for k in sorted(rows)]
+
+
+def plot_history(out: Path) -> Path:
+    """PNG of training loss and validation accuracy against steps."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    history = read_history(out)
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    train = [r for r in history if "loss" in r]
+    ax.plot([r["step"] for r in train], [r["loss"] for r in train], lw=0.8, label="training loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    val = [r for r in history if "val_accuracy" in r]
+    if val:
+        ax2 = ax.twinx()
+        ax2.plot([r["step"] for r in val], [r["val_accuracy"] for r in val], "o-", color="C1",
+                 label="validation accuracy (%)")
+        ax2.set_ylabel("validation word accuracy (%)")
+        ax2.legend(loc="center right")
+    ax.legend(loc="upper right")
+    ax.set_title(out.name)
+    fig.tight_layout()
+    path = out / "training.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    (out / "history.json").write_text(json.dumps(history))
+    return path

@@ -1,0 +1,94 @@
+"""The LightningModule: permutation loss, AdamW groups of the reference, OneCycle schedule, validation."""
+
+from __future__ import annotations
+
+import time
+
+import lightning as L
+import torch
+
+from clip4str.charset import CHARSETS
+from clip4str.metrics import Scores
+from clip4str.model import CLIP4STR
+from clip4str.model.peft import PEFT_PREFIXES
+from clip4str.train.config import TrainSection
+
+# New modules (decoders, PEFT) learn at decoder_lr_scale x the pre-trained towers' rate.
+FAST_PREFIXES = ("image_decoder.", "cross_decoder.", *PEFT_PREFIXES)
+NO_DECAY_NAMES = ("pos_queries", "text_embed", "positional_embedding", "class_embedding")
+
+
+def parameter_groups(model: CLIP4STR, lr: float, decoder_lr_scale: float, weight_decay: float) -> list[dict]:
+    """AdamW groups: decoders and PEFT modules at `decoder_lr_scale` x lr; no decay on biases, norms,
+    1-D parameters, position queries and embeddings."""
+    groups: dict[tuple[bool, bool], list[torch.nn.Parameter]] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        fast = name.startswith(FAST_PREFIXES)
+        decay = p.ndim > 1 and not any(n in name for n in NO_DECAY_NAMES)
+        groups.setdefault((fast, decay), []).append(p)
+    return [{"params": params, "lr": lr * (decoder_lr_scale if fast else 1.0),
+             "weight_decay": weight_decay if decay else 0.0} for (fast, decay), params in sorted(groups.items())]
+
+
+class STRSystem(L.LightningModule):
+    """Trains a CLIP4STR module; validation reports accuracy, 1-NED and confidence per validation set."""
+
+    def __init__(self, model: CLIP4STR, cfg: TrainSection, effective_batch: int, val_names: list[str]) -> None:
+        super().__init__()
+        self.model, self.cfg = model, cfg
+        self.lr = cfg.base_lr * effective_batch / 512  # the authors' scaling rule
+        self.val_names = val_names
+        self._scores: list[Scores] = []
+        self._last_step_time: float | None = None
+
+    def on_train_batch_start(self, batch: object, batch_idx: int) -> None:
+        # Every random draw of a step (permutations, dropout) depends on (seed, step): a resumed run repeats
+        # exactly what an uninterrupted one does, without saving generator states.
+        torch.manual_seed(self.cfg.seed * 1_000_003 + self.global_step)
+
+    def training_step(self, batch: tuple[torch.Tensor, list[str]], batch_idx: int) -> torch.Tensor | None:
+        images, labels = batch
+        if not labels:  # every sample of the batch failed to load
+            return None
+        out = self.model(images, labels)
+        now = time.perf_counter()
+        if self._last_step_time is not None:
+            self.log("img_s", len(labels) / (now - self._last_step_time), prog_bar=True)
+        self._last_step_time = now
+        self.log("loss", out.loss, prog_bar=True)
+        self.log("image_loss", out.image_loss)
+        if out.cross_loss is not None:
+            self.log("cross_loss", out.cross_loss)
+        self.log("lr", self.optimizers().param_groups[0]["lr"], prog_bar=True)
+        return out.loss
+
+    def configure_optimizers(self) -> dict:
+        groups = parameter_groups(self.model, self.lr, self.cfg.decoder_lr_scale, self.cfg.weight_decay)
+        opt = torch.optim.AdamW(groups, betas=(0.9, 0.98), eps=1e-6)
+        sched = torch.optim.lr_scheduler.OneCycleLR(
+            opt, max_lr=[g["lr"] for g in groups], total_steps=self.cfg.max_steps, pct_start=self.cfg.warmup_pct,
+            anneal_strategy="cos", cycle_momentum=False)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def on_validation_epoch_start(self) -> None:
+        self._scores = [Scores(CHARSETS["36"]) for _ in self.val_names]
+
+    def validation_step(self, batch: tuple[torch.Tensor, list[str]], batch_idx: int, dataloader_idx: int = 0) -> None:
+        images, labels = batch
+        if not labels:
+            return
+        out = self.model.decode(images)
+        results = self.model.tokenizer.decode(out.logits.float().softmax(-1), out.lengths.tolist())
+        self._scores[dataloader_idx].update([r.text for r in results], labels, [r.confidence for r in results])
+
+    def on_validation_epoch_end(self) -> None:
+        combined = Scores(CHARSETS["36"])
+        for name, scores in zip(self.val_names, self._scores, strict=True):
+            self.log(f"val/{name}/accuracy", scores.accuracy, add_dataloader_idx=False)
+            self.log(f"val/{name}/1-ned", scores.one_minus_ned, add_dataloader_idx=False)
+            self.log(f"val/{name}/confidence", scores.confidence, add_dataloader_idx=False)
+            combined.merge(scores)
+        if self.val_names:
+            self.log("val_accuracy", combined.accuracy, prog_bar=True, add_dataloader_idx=False)

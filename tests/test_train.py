@@ -1,0 +1,140 @@
+"""Training: loss falls, kill -9 + resume repeats the uninterrupted run, options leave the right parameters
+trainable, bad configs fail before any work."""
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from clip4str.train.config import load_config
+from clip4str.train.run import build_model, train
+from conftest import render_word
+
+WORDS = ["hello", "World", "42", "cafe", "STOP", "x7Q", "Park", "ok"]
+SMALL = {"clip": {"embed_dim": 32, "vision_cfg": {"width": 64, "layers": 2, "head_width": 32},
+                  "text_cfg": {"width": 32, "heads": 2, "layers": 2}}, "decoder_heads": 4}
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    root = tmp_path_factory.mktemp("words")
+    for i, w in enumerate(WORDS):
+        render_word(w).save(root / f"{i}.png")
+    (root / "labels.tsv").write_text("".join(f"{i}.png\t{w}\n" for i, w in enumerate(WORDS)))
+    return root
+
+
+def _config(tmp_path, folder, out="run", **train):
+    doc = {"model": {"preset": "tiny", **SMALL},
+           "data": {"train": [{"path": str(folder)}], "batch_size": 8, "num_workers": 0, "augment": False},
+           "train": {"max_steps": 40, "base_lr": 0.1, "decoder_lr_scale": 1.0, "val_every_steps": 1000,
+                     "accelerator": "cpu", "precision": "32-true", "log_every_steps": 1,
+                     "checkpoint_every_minutes": None, "out_dir": str(tmp_path / out), **train}}
+    path = tmp_path / f"{out}.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+def _losses(out: Path) -> dict[int, float]:
+    losses = {}
+    for metrics in sorted(out.glob("logs/run-*/metrics.csv")):
+        with metrics.open() as f:
+            for row in csv.DictReader(f):
+                if row.get("loss"):
+                    losses[int(row["step"])] = float(row["loss"])
+    return losses
+
+
+@pytest.mark.slow
+def test_tiny_config_trains_and_loss_falls(tmp_path, folder):
+    result = train(load_config(_config(tmp_path, folder)))
+    losses = list(_losses(tmp_path / "run").values())
+    assert len(losses) == 40
+    assert sum(losses[-5:]) / 5 < 0.8 * sum(losses[:5]) / 5, losses
+    assert (result / "model.safetensors").is_file() and (tmp_path / "run" / "training.png").is_file()
+
+
+@pytest.mark.slow
+def test_sigkill_after_a_checkpoint_then_resume_repeats_the_same_run(tmp_path, folder):
+    full = _config(tmp_path, folder, "full", max_steps=24, checkpoint_every_steps=8)
+    train(load_config(full))
+    cut = _config(tmp_path, folder, "cut", max_steps=24, checkpoint_every_steps=8)
+    cmd = [sys.executable, "-m", "clip4str.cli", "train", "--config", str(cut)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpt = tmp_path / "cut" / "last.ckpt"
+    deadline = time.time() + 300
+    while not ckpt.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    assert ckpt.exists(), "no checkpoint was written"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    import torch
+    saved_step = torch.load(ckpt, weights_only=False)["global_step"]
+    assert 8 <= saved_step < 24, "the kill came too late to test a resume"
+    assert subprocess.run(cmd + ["--resume"], capture_output=True).returncode == 0
+    with (tmp_path / "cut" / "logs" / "run-1" / "metrics.csv").open() as f:
+        first_resumed = min(int(r["step"]) for r in csv.DictReader(f) if r.get("loss"))
+    assert first_resumed == saved_step  # it continued from the checkpoint, not from the start
+    expected, resumed = _losses(tmp_path / "full"), _losses(tmp_path / "cut")
+    assert sorted(resumed) == sorted(expected) == list(range(24))
+    for step in expected:
+        assert resumed[step] == pytest.approx(expected[step], rel=1e-5, abs=1e-6), step
+
+
+def _trainable(overrides):
+    cfg = load_config(None, [f"model.{k}={v}" for k, v in overrides.items()])
+    cfg.model.overrides.update(SMALL)
+    model = build_model(cfg)
+    return model, {n for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_adapter_trains_only_adapters_and_decoders():
+    model, names = _trainable({"peft": "adapter"})
+    assert names and all(n.startswith(("image_peft.", "text_peft.", "image_decoder.", "cross_decoder.")) for n in names)
+    assert "image_peft.adapter.mlp.0.weight" in names and "text_peft.mlp.2.weight" in names
+
+
+def test_lst_without_cross_branch_trains_only_the_side_network_and_decoder():
+    model, names = _trainable({"peft": "lst", "cross_branch": "false"})
+    assert all(n.startswith(("image_peft.", "image_decoder.")) for n in names)
+    assert {"image_peft.gates", "image_peft.up.weight", "image_peft.downs.0.weight"} <= names
+
+
+def test_freezing_options_leave_the_expected_parameters_trainable():
+    _, names = _trainable({"text_freeze_layers": 1, "image_freeze_layers": 1})
+    assert "clip.transformer.resblocks.0.attn.in_proj_weight" not in names
+    assert "clip.transformer.resblocks.1.attn.in_proj_weight" in names
+    assert "clip.visual.transformer.resblocks.0.mlp.c_fc.weight" not in names
+    assert "clip.visual.transformer.resblocks.1.mlp.c_fc.weight" in names
+    assert "clip.token_embedding.weight" not in names and "clip.visual.conv1.weight" not in names
+    _, names = _trainable({"text_freeze_layers": 0})  # token embeddings only
+    assert "clip.token_embedding.weight" not in names and "clip.transformer.resblocks.0.ln_1.weight" in names
+    _, names = _trainable({"cross_branch": "false", "text_freeze_layers": -1})
+    assert not any(n.startswith("cross_decoder.") for n in names)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("option", ["model.peft=adapter", "model.peft=lst", "model.cross_branch=false",
+                                    "model.text_freeze_layers=1"])
+def test_each_option_trains_a_few_steps(tmp_path, folder, option):
+    cfg = load_config(_config(tmp_path, folder, max_steps=3), [option])
+    assert (train(cfg) / "config.json").is_file()
+
+
+def test_bad_configs_fail_before_training(tmp_path, folder):
+    with pytest.raises(ValueError, match="train.max_stepz"):
+        load_config(_config(tmp_path, folder), ["train.max_stepz=3"])
+    with pytest.raises(ValueError, match="model.nonsense"):
+        load_config(None, ["model.nonsense=1"])
+    cfg = load_config(_config(tmp_path, folder), [f"data.train=[{{path: {tmp_path / 'missing'}}}]"])
+    with pytest.raises(FileNotFoundError, match="missing"):
+        train(cfg)
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(FileNotFoundError, match="--resume"):
+        train(load_config(_config(tmp_path, folder)), resume=True)

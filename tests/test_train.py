@@ -138,3 +138,10 @@ def test_bad_configs_fail_before_training(tmp_path, folder):
     assert not (tmp_path / "run").exists()
     with pytest.raises(FileNotFoundError, match="--resume"):
         train(load_config(_config(tmp_path, folder)), resume=True)
+
+
+def test_every_shipped_config_is_valid():
+    configs = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
+    assert configs
+    for path in configs:
+        load_config(path)

@@ -3,43 +3,94 @@
 from __future__ import annotations
 
 import argparse
+import glob
+import json
 import sys
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
+from clip4str.charset import CHARSETS
 from clip4str.data.cli import add_data_commands
-from clip4str.data.transforms import ImageDecodeError, preprocess
+from clip4str.evaluate import collect_benchmarks, format_table, run_benchmarks
 from clip4str.factory import create_model
-from clip4str.model import CLIP4STR
+from clip4str.inference import Recognizer, default_model_path
 from clip4str.presets import list_presets
-from clip4str.weights import load_model
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 
 
-def _model(args: argparse.Namespace) -> CLIP4STR:
-    if args.model:
-        return load_model(args.model)
-    print(f"warning: no --model given and no built-in model exists yet: reading with a RANDOMLY INITIALISED, "
-          f"UNTRAINED '{args.preset}' model (seed {args.seed}); its text is meaningless", file=sys.stderr)
-    torch.manual_seed(args.seed)
-    return create_model(args.preset).eval()
+def expand_inputs(specs: list[str]) -> list[str]:
+    """Files, folders (their images, sorted), globs, and '-' (paths read from stdin), in order."""
+    out: list[str] = []
+    for spec in specs:
+        if spec == "-":
+            out.extend(line.strip() for line in sys.stdin if line.strip())
+        elif Path(spec).is_dir():
+            out.extend(str(p) for p in sorted(Path(spec).rglob("*")) if p.suffix.lower() in IMAGE_SUFFIXES)
+        elif any(c in spec for c in "*?["):
+            matches = sorted(glob.glob(spec, recursive=True))
+            if not matches:
+                raise FileNotFoundError(f"no file matches {spec!r}")
+            out.extend(matches)
+        else:
+            out.append(spec)  # a missing file becomes an error entry of its own
+    return out
+
+
+def recognizer(args: argparse.Namespace) -> Recognizer:
+    """The model named by --model, else the built-in one (else, until it exists, an untrained tiny model)."""
+    if args.model or default_model_path().joinpath("config.json").is_file():
+        return Recognizer.from_pretrained(args.model, device=args.device, precision=args.precision)
+    print("warning: no --model given and no built-in model exists yet: reading with a RANDOMLY INITIALISED, "
+          "UNTRAINED 'tiny' model (seed 0); its text is meaningless", file=sys.stderr)
+    torch.manual_seed(0)
+    return Recognizer(create_model("tiny"), device=args.device, precision=args.precision)
 
 
 def cmd_read(args: argparse.Namespace) -> int:
-    """Print path<TAB>text<TAB>confidence for each image; failures go to stderr and set exit status 1."""
-    model = _model(args)
-    cfg = model.config
-    failed = 0
-    for path in args.images:
-        try:
-            x = preprocess(path, cfg.image_size, cfg.image_mean, cfg.image_std)
-        except ImageDecodeError as e:
-            print(f"error: {e}", file=sys.stderr)
-            failed += 1
-            continue
-        result = model.read(x, mode=args.mode, refine_iters=args.refine_iters)[0]
-        print(f"{path}\t{result.text}\t{result.confidence:.4f}")
-    return 1 if failed else 0
+    """One line per image (text, tsv or json lines); failures listed on stderr and exit status 1."""
+    paths = expand_inputs(args.images)
+    if not paths:
+        raise FileNotFoundError("no images to read")
+    rec = recognizer(args)
+    bar = tqdm(total=len(paths), unit="img", file=sys.stderr, disable=len(paths) < 50 or args.quiet)
+    failures = []
+    results = rec.iter_read(paths, args.batch_size, mode=args.mode, refine_iters=args.refine_iters)
+    for path, r in zip(paths, results, strict=True):
+        bar.update(1)
+        if r.error:
+            failures.append(f"{path}: {r.error}")
+        if args.format == "json":
+            print(json.dumps({"path": path, "text": r.text, "confidence": round(r.confidence, 6),
+                              "char_probs": [round(p, 6) for p in r.char_probs], "error": r.error},
+                             ensure_ascii=False))
+        elif args.format == "tsv":
+            print(f"{path}\t{r.text}\t{r.confidence:.4f}")
+        else:
+            print(r.text if not r.error else "")
+    bar.close()
+    if failures:
+        print(f"{len(failures)} of {len(paths)} images failed:", file=sys.stderr)
+        for f in failures:
+            print(f"  {f}", file=sys.stderr)
+    return 1 if failures else 0
+
+
+def cmd_test(args: argparse.Namespace) -> int:
+    """Score a model on benchmark datasets and print the table."""
+    charset = CHARSETS[args.charset]
+    benches = collect_benchmarks(args.data, charset, args.by_folder)
+    rec = recognizer(args)
+    total = sum(len(b.data) for b in benches)
+    with tqdm(total=total, unit="img", file=sys.stderr, disable=args.quiet) as bar:
+        rows, ms = run_benchmarks(rec, benches, charset, args.batch_size, args.csv, bar.update)
+    print(format_table(rows, charset, args.format))
+    if args.format == "md":
+        print(f"\n{ms:.1f} ms/image (batch {args.batch_size}, {rec.device.type}, {rec.precision}, "
+              f"{torch.get_num_threads()} threads)")
+    return 0
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -63,18 +114,33 @@ def cmd_presets(args: argparse.Namespace) -> int:
     return 0
 
 
+def _model_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", type=Path, help="checkpoint folder (default: the built-in model)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps")
+    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every sub-command."""
     parser = argparse.ArgumentParser(prog="clip4str", description="CLIP4STR scene text recognition")
     sub = parser.add_subparsers(dest="command", required=True)
     read = sub.add_parser("read", help="read the text in cropped word images")
-    read.add_argument("images", nargs="+", type=Path, help="image files")
-    read.add_argument("--model", type=Path, help="checkpoint folder (config.json + model.safetensors)")
-    read.add_argument("--preset", default="tiny", choices=list_presets(), help="preset of the untrained fallback")
-    read.add_argument("--seed", type=int, default=0, help="seed of the untrained fallback")
+    read.add_argument("images", nargs="+", help="image files, folders, globs, or - for paths on stdin")
+    _model_options(read)
+    read.add_argument("--format", choices=["text", "tsv", "json"], default="tsv")
     read.add_argument("--mode", choices=["ar", "nar"], default=None, help="decoding mode (default: model's)")
     read.add_argument("--refine-iters", type=int, default=None, help="refinement passes (default: model's)")
     read.set_defaults(func=cmd_read)
+    test = sub.add_parser("test", help="score a model on LMDB roots or labels.tsv folders")
+    test.add_argument("data", nargs="+", help="LMDB roots or folders with labels.tsv")
+    _model_options(test)
+    test.add_argument("--charset", choices=["36", "62", "94"], default="36", help="evaluation charset")
+    test.add_argument("--format", choices=["md", "json"], default="md")
+    test.add_argument("--by-folder", action="store_true", help="report each sub-folder of a labels.tsv folder")
+    test.add_argument("--csv", type=Path, help="write per-sample predictions here")
+    test.set_defaults(func=cmd_test)
     presets = sub.add_parser("presets", help="list model presets")
     presets.set_defaults(func=cmd_presets)
     add_data_commands(sub)

@@ -1,0 +1,104 @@
+"""Benchmark runner: datasets -> predictions -> the reference metrics table (one path for every model)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from torch.utils.data import Dataset, Subset
+
+from clip4str.charset import LabelNormalizer
+from clip4str.data.folder import FolderDataset
+from clip4str.data.lmdb import LmdbDataset, find_lmdbs
+from clip4str.metrics import Scores
+
+
+@dataclass
+class Benchmark:
+    """A named dataset to score."""
+
+    name: str
+    data: Dataset
+
+
+def collect_benchmarks(paths: list[str | Path], charset: str, by_folder: bool = False,
+                       max_length: int = 25) -> list[Benchmark]:
+    """LMDB roots (each LMDB reported on its own) and labels.tsv folders (sub-folders with `by_folder`).
+
+    Labels follow the reference test protocol: normalised for the test charset, longer than `max_length`
+    or empty after filtering means not scored.
+    """
+    out: list[Benchmark] = []
+    for path in paths:
+        p = Path(path)
+        if not p.exists():
+            raise FileNotFoundError(f"dataset {str(p)!r} does not exist")
+        if (p / "labels.tsv").is_file():
+            ds = FolderDataset(p, LabelNormalizer(charset, max_length), report=False)
+            if not by_folder:
+                out.append(Benchmark(p.name, ds))
+                continue
+            groups: dict[str, list[int]] = {}
+            for i in range(len(ds)):
+                groups.setdefault(ds.group(i), []).append(i)
+            out.extend(Benchmark(Path(g).name, Subset(ds, idx)) for g, idx in sorted(groups.items()))
+        else:
+            for db in find_lmdbs(p):
+                name = str(db.relative_to(p)) if db != p else p.name
+                out.append(Benchmark(name, LmdbDataset(db, LabelNormalizer(charset, max_length))))
+    return out
+
+
+def run_benchmarks(recognizer, benchmarks: list[Benchmark], charset: str, batch_size: int = 32,
+                   csv_path: str | Path | None = None, progress=None) -> tuple[list[tuple[str, Scores]], float]:
+    """Score every benchmark; returns rows and milliseconds per image. Unreadable images count as wrong."""
+    rows, seconds, images = [], 0.0, 0
+    writer, handle = None, None
+    if csv_path:
+        handle = open(csv_path, "w", newline="", encoding="utf-8")  # noqa: SIM115 - closed below
+        writer = csv.writer(handle)
+        writer.writerow(["dataset", "index", "label", "prediction", "confidence", "correct", "error"])
+    try:
+        for bench in benchmarks:
+            scores = Scores(charset)
+            for start in range(0, len(bench.data), batch_size):
+                items = [bench.data[i] for i in range(start, min(start + batch_size, len(bench.data)))]
+                labels = [it[1] if it is not None else "" for it in items]
+                t0 = time.perf_counter()
+                results = recognizer.read([it[0] if it is not None else b"" for it in items], batch_size=batch_size)
+                seconds += time.perf_counter() - t0
+                images += len(items)
+                hits = scores.update([r.text for r in results], labels, [r.confidence for r in results])
+                if writer:
+                    for k, (r, label, hit) in enumerate(zip(results, labels, hits, strict=True)):
+                        writer.writerow([bench.name, start + k, label, r.text, f"{r.confidence:.6f}", int(hit),
+                                         r.error or ""])
+                if progress:
+                    progress(len(items))
+            rows.append((bench.name, scores))
+    finally:
+        if handle:
+            handle.close()
+    return rows, 1000.0 * seconds / max(images, 1)
+
+
+def format_table(rows: list[tuple[str, Scores]], charset: str, fmt: str = "md") -> str:
+    """Dataset | # samples | Accuracy | 1 - NED | Confidence | Label length, with a sample-weighted Combined row."""
+    combined = Scores(charset)
+    for _, s in rows:
+        combined.merge(s)
+    table = [*rows, ("Combined", combined)]
+    if fmt == "json":
+        return json.dumps([{"dataset": n, "samples": s.n, "accuracy": round(s.accuracy, 2),
+                            "one_minus_ned": round(s.one_minus_ned, 2), "confidence": round(s.confidence, 2),
+                            "label_length": round(s.label_length, 2)} for n, s in table], indent=2)
+    lines = ["| Dataset | # samples | Accuracy | 1 - NED | Confidence | Label length |",
+             "|:--|--:|--:|--:|--:|--:|"]
+    for name, s in table:
+        bold = "**" if name == "Combined" else ""
+        lines.append(f"| {bold}{name}{bold} | {s.n} | {s.accuracy:.2f} | {s.one_minus_ned:.2f} | "
+                     f"{s.confidence:.2f} | {s.label_length:.2f} |")
+    return "\n".join(lines)

@@ -42,3 +42,45 @@ def tiny_overrides() -> dict:
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
+
+
+OVERFIT_WORDS = ["hello", "World", "42", "STREET", "cafe", "x7Q", "Parking", "ok"]
+READ_MODES = {
+    "ar": {"mode": "ar", "refine_iters": 0},
+    "ar+refine": {"mode": "ar", "refine_iters": 1},
+    "nar": {"mode": "nar", "refine_iters": 0},
+    "nar+refine2": {"mode": "nar", "refine_iters": 2},
+}
+
+
+@pytest.fixture(scope="session")
+def overfit_checkpoint(tmp_path_factory):
+    """The tiny preset trained until every decoding mode reads 8 rendered words; saved as a checkpoint.
+
+    Returns (checkpoint folder, rendered images, losses).
+    """
+    from clip4str import create_model, save_checkpoint
+    from clip4str.data.transforms import preprocess
+
+    torch.manual_seed(0)
+    model = create_model("tiny")
+    cfg = model.config
+    rendered = [render_word(w) for w in OVERFIT_WORDS]
+    images = preprocess(rendered, cfg.image_size, cfg.image_mean, cfg.image_std)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-4)
+    generator = torch.Generator().manual_seed(0)
+    losses = []
+    for step in range(400):
+        model.train()
+        loss = model(images, OVERFIT_WORDS, generator=generator).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+        if step % 25 == 24:
+            model.eval()
+            if all([r.text for r in model.read(images, **o)] == OVERFIT_WORDS for o in READ_MODES.values()):
+                break
+    model.eval()
+    folder = save_checkpoint(model, tmp_path_factory.mktemp("overfit") / "ckpt", provenance={"test": "overfit"})
+    return folder, rendered, losses

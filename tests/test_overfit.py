@@ -2,52 +2,27 @@
 
 import pytest
 import torch
+from conftest import OVERFIT_WORDS, READ_MODES
 
-from clip4str import create_model
+from clip4str import load_model
 from clip4str.data.transforms import preprocess
-from conftest import render_word
-
-WORDS = ["hello", "World", "42", "STREET", "cafe", "x7Q", "Parking", "ok"]
-MODES = {
-    "ar": {"mode": "ar", "refine_iters": 0},
-    "ar+refine": {"mode": "ar", "refine_iters": 1},
-    "nar": {"mode": "nar", "refine_iters": 0},
-    "nar+refine2": {"mode": "nar", "refine_iters": 2},
-}
 
 
 @pytest.fixture(scope="module")
-def overfit():
-    torch.manual_seed(0)
-    model = create_model("tiny")
+def overfit(overfit_checkpoint):
+    folder, rendered, losses = overfit_checkpoint
+    model = load_model(folder)
     cfg = model.config
-    images = preprocess([render_word(w) for w in WORDS], cfg.image_size, cfg.image_mean, cfg.image_std)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-4)
-    generator = torch.Generator().manual_seed(0)
-    losses = []
-    for step in range(400):
-        model.train()
-        loss = model(images, WORDS, generator=generator).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-        if step % 25 == 24:
-            model.eval()
-            if all(model.read(images, **opts) and [r.text for r in model.read(images, **opts)] == WORDS
-                   for opts in MODES.values()):
-                break
-    model.eval()
-    return model, images, losses
+    return model, preprocess(rendered, cfg.image_size, cfg.image_mean, cfg.image_std), losses
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", READ_MODES)
 def test_every_decoding_mode_reads_the_overfit_batch(overfit, mode):
     model, images, losses = overfit
     print(f"steps={len(losses)} first loss={losses[0]:.3f} last loss={losses[-1]:.4f}")
     assert losses[-1] < losses[0] / 10
-    assert [r.text for r in model.read(images, **MODES[mode])] == WORDS
+    assert [r.text for r in model.read(images, **READ_MODES[mode])] == OVERFIT_WORDS
 
 
 @pytest.mark.slow
@@ -56,6 +31,6 @@ def test_image_branch_and_batching_agree_on_the_overfit_batch(overfit):
     with torch.inference_mode():
         out = model.decode(images)
         image_texts = [r.text for r in model.tokenizer.decode(out.image_logits.softmax(-1), out.image_lengths)]
-        alone = [model.read(images[i:i + 1])[0].text for i in range(len(WORDS))]
-    assert image_texts == WORDS
-    assert alone == WORDS
+        alone = [model.read(images[i:i + 1])[0].text for i in range(len(OVERFIT_WORDS))]
+    assert image_texts == OVERFIT_WORDS
+    assert alone == OVERFIT_WORDS

@@ -1,0 +1,98 @@
+"""`Recognizer`, `clip4str read` and `clip4str test` on a tiny model trained in the test."""
+
+import io
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from conftest import OVERFIT_WORDS
+
+from clip4str.cli import main
+from clip4str.data.lmdb import write_lmdb
+from clip4str.inference import Recognizer, overlap_length, split_long
+from clip4str.metrics import edit_distance
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def images(overfit_checkpoint, tmp_path_factory):
+    folder, rendered, _ = overfit_checkpoint
+    root = tmp_path_factory.mktemp("images")
+    paths = []
+    for word, img in zip(OVERFIT_WORDS, rendered, strict=True):
+        paths.append(root / f"{word}.png")
+        img.save(paths[-1])
+    return folder, root, paths, rendered
+
+
+def test_recognizer_reads_any_mix_and_reports_bad_images(images):
+    ckpt, root, paths, rendered = images
+    rec = Recognizer.from_pretrained(ckpt)
+    mixed = [paths[0], str(paths[1]), paths[2].read_bytes(), rendered[3], np.asarray(rendered[4]), b"junk"]
+    results = rec.read(mixed, batch_size=4)
+    assert [r.text for r in results[:5]] == OVERFIT_WORDS[:5]
+    assert results[5].error and "could not be decoded" in results[5].error and results[5].text == ""
+    r = results[0]
+    assert len(r.char_probs) == len("hello") + 1 and 0 < r.confidence <= 1
+    assert r.confidence == pytest.approx(float(np.prod(r.char_probs)))
+
+
+def test_long_crops_are_split_and_merged():
+    from PIL import Image
+    wide = Image.new("RGB", (800, 40))
+    windows = split_long(wide, 8.0)
+    assert len(windows) > 2 and all(w.size == (320, 40) for w in windows)
+    assert split_long(Image.new("RGB", (300, 40)), 8.0)[0].size == (300, 40)
+    assert overlap_length("helloworl", "worldwide") == 4
+    assert overlap_length("abc", "xyz") == 0
+
+
+def test_read_command_files_dir_stdin_and_a_corrupt_file(images, capsys, monkeypatch):
+    ckpt, root, paths, _ = images
+    (root / "broken.png").write_bytes(b"\x89PNG broken")
+    code = main(["read", str(paths[0]), str(paths[1]), "--model", str(ckpt)])
+    assert code == 0
+    out = capsys.readouterr().out.splitlines()
+    assert [line.split("\t")[:2] for line in out] == [[str(paths[0]), "hello"], [str(paths[1]), "World"]]
+    code = main(["read", str(root), "--model", str(ckpt), "--format", "json"])
+    captured = capsys.readouterr()
+    assert code == 1 and "broken.png" in captured.err and "1 of 9 images failed" in captured.err
+    rows = [json.loads(line) for line in captured.out.splitlines()]
+    by_name = {r["path"].rsplit("/", 1)[-1]: r for r in rows}
+    assert by_name["cafe.png"]["text"] == "cafe" and by_name["broken.png"]["error"]
+    monkeypatch.setattr(sys, "stdin", io.StringIO(f"{paths[2]}\n{paths[3]}\n"))
+    assert main(["read", "-", "--model", str(ckpt), "--format", "text"]) == 0
+    assert capsys.readouterr().out.split() == ["42", "STREET"]
+
+
+def test_test_command_accuracy_matches_hand_computed_values(images, tmp_path, capsys):
+    ckpt, root, paths, _ = images
+    # Two labels right, one wrong by one letter, one wrong entirely; the 36-class protocol folds case.
+    labels = ["HELLO", "world", "hellp", "zzzz"]
+    lines = [f"{paths[i].name}\t{labels[i]}" for i in range(2)] + [f"{paths[0].name}\t{labels[2]}",
+                                                                  f"{paths[4].name}\t{labels[3]}"]
+    (root / "labels.tsv").write_text("\n".join(lines) + "\n")
+    write_lmdb([(str(p), str(p), w) for p, w in zip(paths[:4], ["hello", "World", "43", "STREET"], strict=True)],
+               tmp_path / "lmdb" / "bench")
+    code = main(["test", str(root), str(tmp_path / "lmdb"), "--model", str(ckpt), "--format", "json",
+                 "--csv", str(tmp_path / "pred.csv"), "--quiet"])
+    assert code == 0
+    rows = {r["dataset"]: r for r in json.loads(capsys.readouterr().out)}
+    folder = rows[root.name]
+    assert folder["samples"] == 4 and folder["accuracy"] == 50.0
+    ned = (0 + 0 + edit_distance("hello", "hellp") / 5 + edit_distance("cafe", "zzzz") / 4) / 4
+    assert folder["one_minus_ned"] == pytest.approx(round(100 * (1 - ned), 2))
+    assert folder["label_length"] == pytest.approx((5 + 5 + 5 + 4) / 4)
+    assert rows["bench"]["accuracy"] == 75.0  # 43 vs 42 is the only miss
+    assert rows["Combined"]["samples"] == 8 and rows["Combined"]["accuracy"] == 62.5
+    assert (tmp_path / "pred.csv").read_text().count("\n") == 9
+
+
+def test_console_script_runs(images):
+    ckpt, _, paths, _ = images
+    out = subprocess.run([sys.executable, "-m", "clip4str.cli", "read", str(paths[5]), "--model", str(ckpt)],
+                         capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.split("\t")[1] == "x7Q"

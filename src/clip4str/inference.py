@@ -88,8 +88,14 @@ class Recognizer:
         dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
         return torch.autocast(self.device.type, dtype=dtype)
 
+    def preprocess(self, images: Sequence[ImageInput]) -> torch.Tensor:
+        """Images -> the model's input tensor (the one preprocessing function)."""
+        cfg = self.model.config
+        return preprocess(list(images), cfg.image_size, cfg.image_mean, cfg.image_std)
+
     @torch.inference_mode()
-    def _read_tensors(self, x: torch.Tensor, **options: object) -> list[ReadResult]:
+    def decode_tensors(self, x: torch.Tensor, **options: object) -> list[ReadResult]:
+        """Preprocessed images -> results (decoding options as `CLIP4STR.decode`)."""
         with self._autocast():
             out = self.model.decode(x.to(self.device), **options)
         decoded = self.model.tokenizer.decode(out.logits.float().softmax(-1), out.lengths.tolist())
@@ -105,7 +111,6 @@ class Recognizer:
                   ) -> Iterator[ReadResult]:
         """Like `read`, yielding results in order as batches finish (for progress bars and long lists)."""
         options = {k: v for k, v in options.items() if v is not None}
-        cfg = self.model.config
         for start in range(0, len(items), batch_size):
             chunk = items[start:start + batch_size]
             pieces: list[Image.Image] = []
@@ -120,8 +125,7 @@ class Recognizer:
                 pieces.extend(windows)
             results: list[ReadResult] = []
             for s in range(0, len(pieces), batch_size):
-                x = preprocess(pieces[s:s + batch_size], cfg.image_size, cfg.image_mean, cfg.image_std)
-                results.extend(self._read_tensors(x, **options))
+                results.extend(self.decode_tensors(self.preprocess(pieces[s:s + batch_size]), **options))
             for owner in owners:
                 if isinstance(owner, ReadResult):
                     yield owner

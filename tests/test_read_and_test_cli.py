@@ -96,3 +96,22 @@ def test_console_script_runs(images):
     out = subprocess.run([sys.executable, "-m", "clip4str.cli", "read", str(paths[5]), "--model", str(ckpt)],
                          capture_output=True, text=True)
     assert out.returncode == 0 and out.stdout.split("\t")[1] == "x7Q"
+
+
+def test_attention_strip_has_one_panel_per_character(images, tmp_path, capsys):
+    from PIL import Image
+
+    from clip4str.visualize import PANEL_HEIGHT, character_attention
+    ckpt, _, paths, _ = images
+    out = tmp_path / "att.png"
+    assert main(["attention", str(paths[6]), "--out", str(out), "--model", str(ckpt)]) == 0
+    printed = capsys.readouterr().out
+    assert "Parking" in printed and "(7 panels per decoder)" in printed
+    sheet = Image.open(out)
+    rec = Recognizer.from_pretrained(ckpt)
+    text, maps = character_attention(rec, paths[6])
+    assert text == "Parking" and set(maps) == {"image decoder", "cross decoder"}
+    assert all(m.shape == (7, *rec.model.clip.visual.grid_size) for m in maps.values())
+    assert all(np.isclose(m.reshape(7, -1).max(-1), 1).all() for m in maps.values())
+    panel_w = round(Image.open(paths[6]).width * PANEL_HEIGHT / Image.open(paths[6]).height)
+    assert sheet.width == 120 + 7 * (panel_w + 4) and sheet.height == 2 * (PANEL_HEIGHT + 24) + 4

@@ -119,6 +119,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_attention(args: argparse.Namespace) -> int:
+    """Save the per-character attention strip of an image."""
+    from clip4str.visualize import attention_strip
+
+    text, panels = attention_strip(recognizer(args), args.image, args.out)
+    print(f"{args.image}\t{text}\t{args.out} ({panels} panels per decoder)")
+    return 0
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     """Train (or resume) an experiment and print where the result is."""
     from clip4str.train.config import load_config
@@ -177,6 +186,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--repeats", type=int, default=20)
     bench.add_argument("--threads", type=int, default=torch.get_num_threads())
     bench.set_defaults(func=cmd_bench)
+    att = sub.add_parser("attention", help="draw where the decoders look for each character (PNG)")
+    att.add_argument("image", type=Path)
+    att.add_argument("--out", type=Path, required=True, help="PNG to write")
+    _model_options(att)
+    att.set_defaults(func=cmd_attention)
     presets = sub.add_parser("presets", help="list model presets")
     presets.set_defaults(func=cmd_presets)
     add_data_commands(sub)

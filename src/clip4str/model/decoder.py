@@ -22,6 +22,8 @@ class Attention(nn.Module):
         if dim % heads:
             raise ValueError(f"width {dim} is not divisible by {heads} heads")
         self.heads, self.dropout = heads, dropout
+        self.weights: torch.Tensor | None = None  # head-averaged attention of the last call, when recording
+        self.record = False
         self.in_proj_weight = nn.Parameter(torch.empty(3 * dim, dim))
         self.in_proj_bias = nn.Parameter(torch.zeros(3 * dim))
         self.out_proj = nn.Linear(dim, dim)
@@ -44,8 +46,14 @@ class Attention(nn.Module):
         k, v = self.project_kv(kv) if isinstance(kv, torch.Tensor) else kv
         if mask is not None:
             mask = mask.to(q.dtype)
-        p = self.dropout if self.training else 0.0
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
+        if self.record:  # explicit softmax only when the weights are wanted (attention maps)
+            scores = q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5
+            weights = (scores + mask if mask is not None else scores).softmax(-1)
+            self.weights = weights.mean(1).detach()
+            out = weights @ v
+        else:
+            p = self.dropout if self.training else 0.0
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
         return self.out_proj(out.transpose(1, 2).flatten(2))
 
 

@@ -2,10 +2,10 @@
 
 import pytest
 import torch
-from conftest import OVERFIT_WORDS, READ_MODES
 
 from clip4str import load_model
 from clip4str.data.transforms import preprocess
+from conftest import OVERFIT_WORDS, READ_MODES
 
 
 @pytest.fixture(scope="module")

@@ -7,12 +7,12 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import OVERFIT_WORDS
 
 from clip4str.cli import main
 from clip4str.data.lmdb import write_lmdb
 from clip4str.inference import Recognizer, overlap_length, split_long
 from clip4str.metrics import edit_distance
+from conftest import OVERFIT_WORDS
 
 pytestmark = pytest.mark.slow
 

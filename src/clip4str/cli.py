@@ -16,6 +16,7 @@ from clip4str.data.cli import add_data_commands
 from clip4str.evaluate import collect_benchmarks, format_table, run_benchmarks
 from clip4str.factory import create_model
 from clip4str.inference import Recognizer, default_model_path
+from clip4str.model.config import OPENAI_MEAN, OPENAI_STD
 from clip4str.presets import list_presets
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
@@ -128,6 +129,25 @@ def cmd_attention(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_zeroshot(args: argparse.Namespace) -> int:
+    """Print each candidate's probability (CLIP image-text similarity, softmax), best first."""
+    from clip4str.model.towers import build_clip
+    from clip4str.weights import load_exact, read_clip_checkpoint
+    from clip4str.zeroshot import rank_words
+
+    if args.clip:
+        weights = read_clip_checkpoint(args.clip)
+        clip = build_clip(weights.config)
+        load_exact(clip, {"logit_scale": clip.logit_scale.detach(), **weights.state_dict}, str(args.clip))
+        mean, std = OPENAI_MEAN, OPENAI_STD
+    else:
+        model = recognizer(args).model
+        clip, mean, std = model.clip, model.config.image_mean, model.config.image_std
+    for word, p in rank_words(clip, args.image, args.candidates, args.template, mean, std):
+        print(f"{word}\t{p:.4f}")
+    return 0
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     """Train (or resume) an experiment and print where the result is."""
     from clip4str.train.config import load_config
@@ -191,6 +211,13 @@ def build_parser() -> argparse.ArgumentParser:
     att.add_argument("--out", type=Path, required=True, help="PNG to write")
     _model_options(att)
     att.set_defaults(func=cmd_attention)
+    zs = sub.add_parser("zeroshot", help="rank candidate words for an image by CLIP similarity")
+    zs.add_argument("image", type=Path)
+    zs.add_argument("--candidates", nargs="+", required=True)
+    zs.add_argument("--clip", type=Path, help="a local CLIP file (OpenAI or open_clip); default: --model's towers")
+    zs.add_argument("--template", default='a photo of the word "{}".')
+    _model_options(zs)
+    zs.set_defaults(func=cmd_zeroshot)
     presets = sub.add_parser("presets", help="list model presets")
     presets.set_defaults(func=cmd_presets)
     add_data_commands(sub)

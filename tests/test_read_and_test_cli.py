@@ -10,8 +10,9 @@ import pytest
 
 from clip4str.cli import main
 from clip4str.data.lmdb import write_lmdb
-from clip4str.inference import Recognizer, overlap_length, split_long
+from clip4str.inference import Recognizer
 from clip4str.metrics import edit_distance
+from clip4str.reading import overlap_length, split_long
 from conftest import OVERFIT_WORDS
 
 pytestmark = pytest.mark.slow

@@ -8,11 +8,9 @@ import sys
 import time
 from dataclasses import dataclass
 
-import torch
 from PIL import Image, ImageDraw, ImageFont
-from torch.utils.flop_counter import FlopCounterMode
 
-from clip4str.inference import Recognizer
+from clip4str.reading import BaseRecognizer
 
 WORD = "hello"
 
@@ -30,42 +28,56 @@ def word_image(text: str = WORD) -> Image.Image:
 class BenchResult:
     """Numbers of one configuration."""
 
-    params_m: float
-    gflops: float
+    params_m: float | None
+    gflops: float | None
     latency_ms: float
     throughput: float
     peak_mb: float
     text: str
 
 
-def _peak_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
+def _peak_mb(rec: BaseRecognizer) -> float:
+    if getattr(rec.device, "type", None) == "cuda":
+        import torch
+
+        return torch.cuda.max_memory_allocated(rec.device) / 2**20
     scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss is bytes on macOS, KiB elsewhere
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**20
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+def _sync(rec: BaseRecognizer) -> None:
+    if getattr(rec.device, "type", None) == "cuda":
+        import torch
+
+        torch.cuda.synchronize(rec.device)
 
 
-def run_bench(rec: Recognizer, batch_size: int = 64, repeats: int = 20, fixed_length: int | None = None
+def _torch_counts(rec: BaseRecognizer, x: object, options: dict) -> tuple[float | None, float | None]:
+    """(parameters in millions, GFLOPs per image) of a PyTorch model; (None, None) for other backends."""
+    if not hasattr(rec, "model"):
+        return None, None
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter, torch.inference_mode():  # counted once, in fp32
+        rec.model.decode(x.to(rec.device), **options)
+    return sum(p.numel() for p in rec.model.parameters()) / 1e6, counter.get_total_flops() / 1e9
+
+
+def run_bench(rec: BaseRecognizer, batch_size: int = 64, repeats: int = 20, fixed_length: int | None = None
               ) -> BenchResult:
     """Measure `rec` on the rendered word; `fixed_length` decodes that many characters (untrained models)."""
     options = {"max_length": fixed_length, "early_exit": False} if fixed_length else {}
     img = word_image()
     x1 = rec.preprocess([img])
-    with FlopCounterMode(display=False) as counter, torch.inference_mode():  # counted once, in fp32
-        rec.model.decode(x1.to(rec.device), **options)
-    gflops = counter.get_total_flops() / 1e9
+    params, gflops = _torch_counts(rec, x1, options)
     for _ in range(3):
         text = rec.decode_tensors(x1, **options)[0].text
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
         rec.decode_tensors(rec.preprocess([img]), **options)
-        _sync(rec.device)
+        _sync(rec)
         times.append(time.perf_counter() - t0)
     xb = rec.preprocess([img] * batch_size)
     rec.decode_tensors(xb, **options)
@@ -73,8 +85,7 @@ def run_bench(rec: Recognizer, batch_size: int = 64, repeats: int = 20, fixed_le
     for _ in range(max(3, repeats // 5)):
         t0 = time.perf_counter()
         rec.decode_tensors(rec.preprocess([img] * batch_size), **options)
-        _sync(rec.device)
+        _sync(rec)
         batch_times.append(time.perf_counter() - t0)
-    params = sum(p.numel() for p in rec.model.parameters()) / 1e6
     return BenchResult(params, gflops, 1000 * statistics.median(times), batch_size / statistics.median(batch_times),
-                       _peak_mb(rec.device), text)
+                       _peak_mb(rec), text)

@@ -8,8 +8,12 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-import torch
+import numpy as np
+
+if TYPE_CHECKING:
+    import torch
 
 DIGITS_LOWER = string.digits + string.ascii_lowercase
 CHARSETS: dict[str, str] = {
@@ -151,6 +155,8 @@ class Tokenizer:
 
     def encode(self, labels: Sequence[str], device: torch.device | str | None = None) -> torch.Tensor:
         """Batch of labels -> LongTensor (B, max_len + 2): [B] ids [E] then [P] padding."""
+        import torch
+
         if isinstance(labels, str):
             raise TypeError("encode() takes a list of labels, not a single string")
         rows = [[self.bos_id, *self.encode_ids(t), self.eos_id] for t in labels]
@@ -169,21 +175,22 @@ class Tokenizer:
             chars.append(self.itos[i])
         return "".join(chars)
 
-    def decode(self, probs: torch.Tensor, lengths: Sequence[int] | None = None) -> list[DecodedText]:
-        """(B, L, C) probabilities -> greedy text cut at the first EOS, with per-character probabilities.
+    def decode(self, probs: Any, lengths: Sequence[int] | None = None) -> list[DecodedText]:
+        """(B, L, C) probabilities (torch or NumPy) -> greedy text cut at the first EOS, per-character probs.
 
         `lengths` limits how many positions of each row are valid (rows decoded for fewer steps).
         """
+        probs = np.asarray(probs.float().cpu() if hasattr(probs, "float") and not isinstance(probs, np.ndarray)
+                           else probs, dtype=np.float64)
         if probs.ndim != 3:
-            raise ValueError(f"decode() expects probabilities of shape (B, L, C), got {tuple(probs.shape)}")
-        top_p, top_i = probs.float().max(-1)
+            raise ValueError(f"decode() expects probabilities of shape (B, L, C), got {probs.shape}")
+        top_p, top_i = probs.max(-1), probs.argmax(-1)
         out = []
-        for row, (p, ids) in enumerate(zip(top_p.tolist(), top_i.tolist(), strict=True)):
-            n = len(ids) if lengths is None else int(lengths[row])
-            p, ids = p[:n], ids[:n]
+        for row in range(len(probs)):
+            n = probs.shape[1] if lengths is None else int(lengths[row])
+            p, ids = top_p[row, :n].tolist(), top_i[row, :n].tolist()
             end = ids.index(self.eos_id) if self.eos_id in ids else len(ids)
             text = "".join(self.itos[i] for i in ids[:end])
             char_probs = p[: end + 1]  # EOS probability belongs to the confidence
-            conf = float(torch.tensor(char_probs, dtype=torch.float64).prod()) if char_probs else 0.0
-            out.append(DecodedText(text, conf, char_probs))
+            out.append(DecodedText(text, float(np.prod(char_probs)) if char_probs else 0.0, char_probs))
         return out

@@ -8,16 +8,15 @@ import json
 import sys
 from pathlib import Path
 
-import torch
 from tqdm import tqdm
 
+from clip4str import commands
 from clip4str.charset import CHARSETS
 from clip4str.data.cli import add_data_commands
 from clip4str.evaluate import collect_benchmarks, format_table, run_benchmarks
-from clip4str.factory import create_model
-from clip4str.inference import Recognizer, default_model_path
-from clip4str.model.config import OPENAI_MEAN, OPENAI_STD
-from clip4str.presets import list_presets
+from clip4str.reading import BaseRecognizer
+
+# PyTorch is imported only by the commands that need it: `--backend onnx` runs without it.
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 
@@ -40,8 +39,19 @@ def expand_inputs(specs: list[str]) -> list[str]:
     return out
 
 
-def recognizer(args: argparse.Namespace) -> Recognizer:
+def recognizer(args: argparse.Namespace) -> BaseRecognizer:
     """The model named by --model, else the built-in one (else, until it exists, an untrained tiny model)."""
+    if getattr(args, "backend", "torch") == "onnx":
+        from clip4str.onnx_backend import OnnxRecognizer
+
+        if not args.model:
+            raise FileNotFoundError("--backend onnx needs --model EXPORTED_FOLDER (made by clip4str export onnx)")
+        return OnnxRecognizer(args.model)
+    import torch
+
+    from clip4str.factory import create_model
+    from clip4str.inference import Recognizer, default_model_path
+
     if args.model or default_model_path().joinpath("config.json").is_file():
         return Recognizer.from_pretrained(args.model, device=args.device, precision=args.precision)
     print("warning: no --model given and no built-in model exists yet: reading with a RANDOMLY INITIALISED, "
@@ -89,83 +99,8 @@ def cmd_test(args: argparse.Namespace) -> int:
         rows, ms = run_benchmarks(rec, benches, charset, args.batch_size, args.csv, bar.update)
     print(format_table(rows, charset, args.format))
     if args.format == "md":
-        print(f"\n{ms:.1f} ms/image (batch {args.batch_size}, {rec.device.type}, {rec.precision}, "
-              f"{torch.get_num_threads()} threads)")
-    return 0
-
-
-def cmd_bench(args: argparse.Namespace) -> int:
-    """Parameters, GFLOPs, batch-1 latency, batched throughput and peak memory, per precision."""
-    from clip4str.bench import WORD, run_bench
-
-    torch.set_num_threads(args.threads)
-    if args.preset:
-        torch.manual_seed(0)
-        model = create_model(args.preset)
-        fixed = len(WORD)  # random weights never emit EOS: decode exactly a 5-letter word's steps
-    else:
-        model, fixed = None, None
-    print(f"| model | precision | params | GFLOPs/image | batch-1 latency (ms) | batch-{args.batch_size} images/s "
-          "| peak memory (MB) |\n|:--|:--|--:|--:|--:|--:|--:|")
-    for precision in args.precisions:
-        rec = Recognizer(model, args.device, precision) if model is not None else \
-            Recognizer.from_pretrained(args.model, device=args.device, precision=precision)
-        r = run_bench(rec, args.batch_size, args.repeats, fixed)
-        name = args.preset or str(args.model or "built-in")
-        print(f"| {name} | {precision} | {r.params_m:.1f}M | {r.gflops:.2f} | {r.latency_ms:.1f} | "
-              f"{r.throughput:.1f} | {r.peak_mb:.0f} |", flush=True)
-    print(f"\n{args.device}, {torch.get_num_threads()} threads; batch-1 latency: median of {args.repeats} reads of "
-          f"a rendered '{WORD}' including preprocessing" + ("; untrained preset decodes exactly 5 characters + EOS"
-                                                             if args.preset else ""))
-    return 0
-
-
-def cmd_attention(args: argparse.Namespace) -> int:
-    """Save the per-character attention strip of an image."""
-    from clip4str.visualize import attention_strip
-
-    text, panels = attention_strip(recognizer(args), args.image, args.out)
-    print(f"{args.image}\t{text}\t{args.out} ({panels} panels per decoder)")
-    return 0
-
-
-def cmd_zeroshot(args: argparse.Namespace) -> int:
-    """Print each candidate's probability (CLIP image-text similarity, softmax), best first."""
-    from clip4str.model.towers import build_clip
-    from clip4str.weights import load_exact, read_clip_checkpoint
-    from clip4str.zeroshot import rank_words
-
-    if args.clip:
-        weights = read_clip_checkpoint(args.clip)
-        clip = build_clip(weights.config)
-        load_exact(clip, {"logit_scale": clip.logit_scale.detach(), **weights.state_dict}, str(args.clip))
-        mean, std = OPENAI_MEAN, OPENAI_STD
-    else:
-        model = recognizer(args).model
-        clip, mean, std = model.clip, model.config.image_mean, model.config.image_std
-    for word, p in rank_words(clip, args.image, args.candidates, args.template, mean, std):
-        print(f"{word}\t{p:.4f}")
-    return 0
-
-
-def cmd_train(args: argparse.Namespace) -> int:
-    """Train (or resume) an experiment and print where the result is."""
-    from clip4str.train.config import load_config
-    from clip4str.train.run import train
-
-    result = train(load_config(args.config, args.overrides), resume=args.resume)
-    print(f"result: {result}")
-    return 0
-
-
-def cmd_presets(args: argparse.Namespace) -> int:
-    """List model presets with their parameter counts."""
-    for name in list_presets():
-        model = create_model(name)
-        total = sum(p.numel() for p in model.parameters())
-        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        h, w = model.config.image_size
-        print(f"{name}\t{h}x{w}\t{total / 1e6:.1f}M params\t{trainable / 1e6:.1f}M trainable")
+        print(f"\n{ms:.1f} ms/image (batch {args.batch_size}, {args.backend} backend, {args.device}, "
+              f"{rec.precision})")
     return 0
 
 
@@ -175,6 +110,8 @@ def _model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--backend", choices=["torch", "onnx"], default="torch",
+                   help="onnx: --model is a folder from `clip4str export onnx`; runs without PyTorch")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -198,34 +135,41 @@ def build_parser() -> argparse.ArgumentParser:
     test.set_defaults(func=cmd_test)
     bench = sub.add_parser("bench", help="parameters, GFLOPs, latency, throughput and memory of a model")
     bench.add_argument("--model", type=Path, help="checkpoint folder (default: the built-in model)")
-    bench.add_argument("--preset", choices=list_presets(), help="benchmark an untrained preset instead")
+    bench.add_argument("--preset", help="benchmark an untrained preset (tiny, b16, l14, h14) instead")
     bench.add_argument("--device", default="cpu")
     bench.add_argument("--precision", dest="precisions", nargs="+", choices=["fp32", "bf16", "fp16"],
                        default=["fp32", "bf16"])
     bench.add_argument("--batch-size", type=int, default=64)
     bench.add_argument("--repeats", type=int, default=20)
-    bench.add_argument("--threads", type=int, default=torch.get_num_threads())
-    bench.set_defaults(func=cmd_bench)
+    bench.add_argument("--threads", type=int, default=None, help="CPU threads (default: all)")
+    bench.add_argument("--backend", choices=["torch", "onnx"], default="torch",
+                       help="onnx: --model is a folder from `clip4str export onnx`")
+    bench.set_defaults(func=commands.cmd_bench)
+    export = sub.add_parser("export", help="export a model").add_subparsers(dest="export_format", required=True)
+    onnx = export.add_parser("onnx", help="ONNX graphs + config for ONNX Runtime (no PyTorch needed to run)")
+    onnx.add_argument("--model", type=Path, help="checkpoint folder (default: the built-in model)")
+    onnx.add_argument("--out", type=Path, required=True)
+    onnx.set_defaults(func=commands.cmd_export_onnx, backend="torch", device="cpu", precision="fp32")
     att = sub.add_parser("attention", help="draw where the decoders look for each character (PNG)")
     att.add_argument("image", type=Path)
     att.add_argument("--out", type=Path, required=True, help="PNG to write")
     _model_options(att)
-    att.set_defaults(func=cmd_attention)
+    att.set_defaults(func=commands.cmd_attention)
     zs = sub.add_parser("zeroshot", help="rank candidate words for an image by CLIP similarity")
     zs.add_argument("image", type=Path)
     zs.add_argument("--candidates", nargs="+", required=True)
     zs.add_argument("--clip", type=Path, help="a local CLIP file (OpenAI or open_clip); default: --model's towers")
     zs.add_argument("--template", default='a photo of the word "{}".')
     _model_options(zs)
-    zs.set_defaults(func=cmd_zeroshot)
+    zs.set_defaults(func=commands.cmd_zeroshot)
     presets = sub.add_parser("presets", help="list model presets")
-    presets.set_defaults(func=cmd_presets)
+    presets.set_defaults(func=commands.cmd_presets)
     add_data_commands(sub)
     train = sub.add_parser("train", help="train or fine-tune a model from a YAML experiment config")
     train.add_argument("--config", type=Path, help="experiment YAML (see configs/)")
     train.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. train.max_steps=100")
     train.add_argument("--resume", action="store_true", help="continue from OUT_DIR/last.ckpt")
-    train.set_defaults(func=cmd_train)
+    train.set_defaults(func=commands.cmd_train)
     return parser
 
 

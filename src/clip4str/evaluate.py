@@ -8,9 +8,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from torch.utils.data import Dataset, Subset
-
 from clip4str.charset import LabelNormalizer
+from clip4str.data.compat import Dataset, Subset
 from clip4str.data.folder import FolderDataset
 from clip4str.data.lmdb import LmdbDataset, find_lmdbs
 from clip4str.metrics import Scores

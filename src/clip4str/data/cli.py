@@ -12,10 +12,9 @@ from pathlib import Path
 from PIL import Image, ImageDraw, ImageFont
 
 from clip4str.charset import CHARSETS, CharsetAdapter, resolve_charset
-from clip4str.data.datamodule import dataset_labels, open_labelled
 from clip4str.data.folder import LABELS_NAME, read_label_file
 from clip4str.data.lmdb import write_lmdb
-from clip4str.data.synth import WordRenderer
+from clip4str.data.sources import dataset_labels, open_labelled
 
 
 def _labelled_source(src: Path) -> Iterator[tuple[str, str, str]]:
@@ -38,6 +37,8 @@ def cmd_lmdb(args: argparse.Namespace) -> int:
 def cmd_synth(args: argparse.Namespace) -> int:
     """Render N synthetic words into an LMDB (PNG-encoded)."""
     import io
+
+    from clip4str.data.synth import WordRenderer
 
     renderer = WordRenderer(resolve_charset(args.charset), args.fonts, args.backgrounds, seed=args.seed)
     start = time.perf_counter()

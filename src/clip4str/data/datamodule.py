@@ -12,12 +12,11 @@ import lightning as L
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import ConcatDataset, DataLoader, Dataset, IterableDataset, Subset, get_worker_info
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset, get_worker_info
 
 from clip4str.charset import LabelNormalizer
 from clip4str.data.augment import RandAugment
-from clip4str.data.folder import FolderDataset
-from clip4str.data.lmdb import lmdb_dataset
+from clip4str.data.sources import dataset_labels, open_labelled  # noqa: F401 - re-exported
 from clip4str.data.synth import WordRenderer
 from clip4str.data.transforms import preprocess
 
@@ -37,23 +36,6 @@ class Source:
     def is_synth(self) -> bool:
         """True for the on-the-fly synthetic generator."""
         return self.path == "synth"
-
-
-def open_labelled(path: str | Path, normalizer: LabelNormalizer | None) -> Dataset:
-    """An LMDB root (any folder holding data.mdb files) or a folder with labels.tsv."""
-    p = Path(path)
-    if not p.exists():
-        raise FileNotFoundError(f"data path {str(p)!r} does not exist")
-    if (p / "labels.tsv").is_file() or p.name == "labels.tsv":
-        return FolderDataset(p, normalizer)
-    return lmdb_dataset(p, normalizer)
-
-
-def dataset_labels(data: Dataset) -> list[str]:
-    """Labels of a folder/LMDB dataset (or a concatenation of them), without decoding any image."""
-    if isinstance(data, ConcatDataset):
-        return [label for part in data.datasets for label in dataset_labels(part)]
-    return list(data.labels)
 
 
 def holdout_split(n: int, fraction: float, seed: int = 0) -> tuple[list[int], list[int]]:

@@ -9,9 +9,9 @@ from pathlib import Path
 from typing import Any
 
 from PIL import Image
-from torch.utils.data import Dataset
 
 from clip4str.charset import LabelNormalizer
+from clip4str.data.compat import Dataset
 from clip4str.data.transforms import ImageDecodeError, load_image
 
 LABELS_NAME = "labels.tsv"

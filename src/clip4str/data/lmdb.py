@@ -14,9 +14,9 @@ from typing import Any
 
 import lmdb
 from PIL import Image
-from torch.utils.data import ConcatDataset, Dataset
 
 from clip4str.charset import LabelNormalizer
+from clip4str.data.compat import ConcatDataset, Dataset
 
 MAP_SIZE = 1 << 40  # address space only; the file grows with the data
 

@@ -7,7 +7,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 ImageInput = str | Path | bytes | Image.Image | np.ndarray
@@ -84,9 +83,9 @@ def load_image(item: ImageInput) -> Image.Image:
     raise ImageDecodeError(f"cannot read an image from {_describe(item)}; give a path, bytes, PIL image or array")
 
 
-def preprocess(images: ImageInput | Sequence[ImageInput], size: tuple[int, int], mean: Sequence[float],
-               std: Sequence[float]) -> torch.Tensor:
-    """Images -> float tensor (B, 3, H, W): RGB, bicubic resize to `size` (no aspect kept), (x - mean) / std."""
+def preprocess_array(images: ImageInput | Sequence[ImageInput], size: tuple[int, int], mean: Sequence[float],
+                     std: Sequence[float]) -> np.ndarray:
+    """Images -> float32 array (B, 3, H, W): RGB, bicubic resize to `size` (no aspect kept), (x - mean) / std."""
     items = [images] if not isinstance(images, (list, tuple)) else list(images)
     if not items:
         raise ValueError("no images given")
@@ -95,7 +94,15 @@ def preprocess(images: ImageInput | Sequence[ImageInput], size: tuple[int, int],
     for i, item in enumerate(items):
         img = load_image(item)
         batch[i] = np.asarray(img.resize((w, h), Image.Resampling.BICUBIC) if img.size != (w, h) else img)
-    x = torch.from_numpy(batch).permute(0, 3, 1, 2).float().div_(255.0)
-    m = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
-    s = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
-    return (x - m) / s
+    x = batch.transpose(0, 3, 1, 2).astype(np.float32) / np.float32(255.0)
+    m = np.asarray(mean, dtype=np.float32).reshape(1, 3, 1, 1)
+    s = np.asarray(std, dtype=np.float32).reshape(1, 3, 1, 1)
+    return np.ascontiguousarray((x - m) / s, dtype=np.float32)
+
+
+def preprocess(images: ImageInput | Sequence[ImageInput], size: tuple[int, int], mean: Sequence[float],
+               std: Sequence[float]):  # -> torch.Tensor (torch imported only here)
+    """`preprocess_array` as a float tensor (B, 3, H, W): the one preprocessing function of every path."""
+    import torch
+
+    return torch.from_numpy(preprocess_array(images, size, mean, std))

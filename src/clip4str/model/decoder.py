@@ -146,13 +146,19 @@ class Decoder(nn.Module):
         Masks are boolean with True = hidden: content (L, L), query (R * Lq, L), padding (B, L),
         memory (R * Lq, M).
         """
+        query_len = tgt_in.shape[1] if query_len is None else query_len
+        query = self.pos_queries[:, query_start: query_start + query_len].repeat(1, query_repeats, 1)
+        return self.run(tgt_in, memory, query, content_mask, padding_mask, query_mask, memory_mask)
+
+    def run(self, tgt_in: torch.Tensor, memory: torch.Tensor | list[KV], query: torch.Tensor,
+            content_mask: torch.Tensor | None = None, padding_mask: torch.Tensor | None = None,
+            query_mask: torch.Tensor | None = None, memory_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits for explicit position queries (1 or B, Lq, D); masks as in `forward`."""
         b, length = tgt_in.shape
-        query_len = length if query_len is None else query_len
         # BOS is the null context: only the characters after it get a position.
         content = torch.cat([self.text_embed(tgt_in[:, :1]),
                              self.pos_queries[:, : length - 1] + self.text_embed(tgt_in[:, 1:])], dim=1)
         content = self.dropout(content)
-        query = self.pos_queries[:, query_start: query_start + query_len].repeat(1, query_repeats, 1)
         query = self.dropout(query.expand(b, -1, -1))
         q_mask = additive_mask(query_mask, padding_mask)
         c_mask = additive_mask(content_mask, padding_mask) if len(self.layers) > 1 else None

@@ -1,0 +1,127 @@
+"""The `clip4str` sub-commands that need PyTorch: bench, attention, zeroshot, export, train, presets."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def _recognizer(args: argparse.Namespace):  # noqa: ANN202
+    from clip4str.cli import recognizer
+
+    return recognizer(args)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    """Parameters, GFLOPs, batch-1 latency, batched throughput and peak memory, per precision."""
+    from clip4str.bench import WORD, run_bench
+
+    if args.backend == "onnx":
+        model, fixed = None, None
+    else:
+        import torch
+
+        from clip4str.factory import create_model
+        from clip4str.inference import Recognizer
+
+        if args.threads:
+            torch.set_num_threads(args.threads)
+    if args.backend == "torch" and args.preset:
+        torch.manual_seed(0)
+        model = create_model(args.preset)
+        fixed = len(WORD)  # random weights never emit EOS: decode exactly a 5-letter word's steps
+    else:
+        model, fixed = None, None
+    print(f"| model | precision | params | GFLOPs/image | batch-1 latency (ms) | batch-{args.batch_size} images/s "
+          "| peak memory (MB) |\n|:--|:--|--:|--:|--:|--:|--:|")
+    for precision in args.precisions if args.backend == "torch" else ["fp32"]:
+        if args.backend == "onnx":
+            rec = _recognizer(args)
+        elif model is not None:
+            rec = Recognizer(model, args.device, precision)
+        else:
+            rec = Recognizer.from_pretrained(args.model, device=args.device, precision=precision)
+        r = run_bench(rec, args.batch_size, args.repeats, fixed)
+        name = args.preset or str(args.model or "built-in")
+        params = f"{r.params_m:.1f}M" if r.params_m is not None else "-"
+        gflops = f"{r.gflops:.2f}" if r.gflops is not None else "-"
+        print(f"| {name} | {args.backend} {rec.precision} | {params} | {gflops} | {r.latency_ms:.1f} | "
+              f"{r.throughput:.1f} | {r.peak_mb:.0f} |", flush=True)
+    print(f"\n{args.device if args.backend == 'torch' else 'onnxruntime CPU'}; batch-1 latency: median of "
+          f"{args.repeats} reads of "
+          f"a rendered '{WORD}' including preprocessing" + ("; untrained preset decodes exactly 5 characters + EOS"
+                                                             if args.preset else ""))
+    return 0
+
+
+def cmd_attention(args: argparse.Namespace) -> int:
+    """Save the per-character attention strip of an image."""
+    from clip4str.visualize import attention_strip
+
+    text, panels = attention_strip(_recognizer(args), args.image, args.out)
+    print(f"{args.image}\t{text}\t{args.out} ({panels} panels per decoder)")
+    return 0
+
+
+def cmd_zeroshot(args: argparse.Namespace) -> int:
+    """Print each candidate's probability (CLIP image-text similarity, softmax), best first."""
+    from clip4str.model.config import OPENAI_MEAN, OPENAI_STD
+    from clip4str.model.towers import build_clip
+    from clip4str.weights import load_exact, read_clip_checkpoint
+    from clip4str.zeroshot import rank_words
+
+    if args.clip:
+        weights = read_clip_checkpoint(args.clip)
+        clip = build_clip(weights.config)
+        load_exact(clip, {"logit_scale": clip.logit_scale.detach(), **weights.state_dict}, str(args.clip))
+        mean, std = OPENAI_MEAN, OPENAI_STD
+    else:
+        model = _recognizer(args).model
+        clip, mean, std = model.clip, model.config.image_mean, model.config.image_std
+    for word, p in rank_words(clip, args.image, args.candidates, args.template, mean, std):
+        print(f"{word}\t{p:.4f}")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    """Train (or resume) an experiment and print where the result is."""
+    from clip4str.train.config import load_config
+    from clip4str.train.run import train
+
+    result = train(load_config(args.config, args.overrides), resume=args.resume)
+    print(f"result: {result}")
+    return 0
+
+
+def cmd_export_onnx(args: argparse.Namespace) -> int:
+    """Export the model as ONNX graphs and check them against PyTorch on a rendered word."""
+    import numpy as np
+
+    from clip4str.bench import word_image
+    from clip4str.export import export_onnx
+    from clip4str.onnx_backend import OnnxRecognizer
+
+    rec = _recognizer(args)
+    out = export_onnx(rec.model, args.out)
+    x = rec.preprocess([word_image()])
+    ours = OnnxRecognizer(out)
+    logits, _ = ours.decode(x.numpy())
+    ref = rec.model.decode(x)
+    n = min(logits.shape[1], ref.logits.shape[1])
+    diff = float(np.abs(logits[:, :n] - ref.logits[:, :n].detach().numpy()).max())
+    same = ours.decode_tensors(x.numpy())[0].text == rec.decode_tensors(x)[0].text
+    print(f"exported to {out}; check on a rendered word: same text {same}, max logit difference {diff:.2e}")
+    return 0 if same and diff < 1e-3 else 1
+
+
+def cmd_presets(args: argparse.Namespace) -> int:
+    """List model presets with their parameter counts."""
+    from clip4str.factory import create_model
+    from clip4str.presets import list_presets
+
+    for name in list_presets():
+        model = create_model(name)
+        total = sum(p.numel() for p in model.parameters())
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        h, w = model.config.image_size
+        print(f"{name}\t{h}x{w}\t{total / 1e6:.1f}M params\t{trainable / 1e6:.1f}M trainable")
+    return 0

@@ -1,0 +1,154 @@
+"""ONNX Runtime backend: the exported graphs driven by a NumPy decoding loop. Needs no PyTorch.
+
+Runs outside the graphs: image decoding and preprocessing (Pillow + NumPy), the greedy loop with its
+per-row early exit, refinement context building, caption extraction and CLIP BPE tokenization between the
+branches, and softmax/greedy decoding of the logits. The decoding mirrors `CLIP4STR.decode`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from clip4str.bpe import VOCAB_NAME, BPETokenizer
+from clip4str.charset import CharsetAdapter, Tokenizer
+from clip4str.data.transforms import ImageInput, preprocess_array
+from clip4str.reading import BaseRecognizer, ReadResult
+
+
+def _softmax(x: np.ndarray) -> np.ndarray:
+    e = np.exp(x - x.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+
+def _causal(n: int) -> np.ndarray:
+    return np.triu(np.ones((n, n), dtype=bool), 1)
+
+
+class OnnxRecognizer(BaseRecognizer):
+    """Reads text with an exported folder (`clip4str export onnx`) on ONNX Runtime."""
+
+    def __init__(self, folder: str | Path, providers: list[str] | None = None, threads: int | None = None) -> None:
+        import onnxruntime as ort
+
+        folder = Path(folder)
+        if not (folder / "config.json").is_file() or not (folder / "image_encoder.onnx").is_file():
+            raise FileNotFoundError(f"{str(folder)!r} is not an exported model (config.json + *.onnx); "
+                                    "make one with `clip4str export onnx`")
+        doc = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+        self.cfg = doc["model"]
+        self.tokenizer = Tokenizer(self.cfg["charset"])
+        opts = ort.SessionOptions()
+        if threads:
+            opts.intra_op_num_threads = threads
+        providers = providers or ["CPUExecutionProvider"]
+
+        def session(name: str):  # noqa: ANN202
+            return ort.InferenceSession(str(folder / name), opts, providers=providers)
+
+        self.image_encoder, self.image_decoder = session("image_encoder.onnx"), session("image_decoder.onnx")
+        self.cross = self.cfg["cross_branch"]
+        if self.cross:
+            self.text_encoder, self.cross_decoder = session("text_encoder.onnx"), session("cross_decoder.onnx")
+            self.bpe = BPETokenizer(folder / VOCAB_NAME)
+        self.caption_adapter = CharsetAdapter(self.cfg["caption_charset"])
+        self.image_size = tuple(self.cfg["clip"]["vision_cfg"]["image_size"]) \
+            if isinstance(self.cfg["clip"]["vision_cfg"]["image_size"], list) else \
+            (self.cfg["clip"]["vision_cfg"]["image_size"],) * 2
+        self.window_aspect = self._default_window()
+        self.device, self.precision = "onnxruntime", "fp32"
+
+    def preprocess(self, images: Sequence[ImageInput]) -> np.ndarray:
+        """Images -> the model's input array (the one preprocessing function, NumPy flavour)."""
+        return preprocess_array(list(images), self.image_size, self.cfg["image_mean"], self.cfg["image_std"])
+
+    # -- the graphs ---------------------------------------------------------------------------------------
+    def _step(self, decoder, tgt: np.ndarray, memory: np.ndarray, query_pos: np.ndarray, query_mask: np.ndarray,
+              padding: np.ndarray | None = None) -> np.ndarray:
+        padding = np.zeros(tgt.shape, dtype=bool) if padding is None else padding
+        feed = {"tgt_in": tgt, "memory": memory, "query_pos": query_pos.astype(np.int64), "query_mask": query_mask,
+                "content_mask": _causal(tgt.shape[1]), "padding_mask": padding}
+        # The exporter drops inputs a graph never reads (the content mask of a one-layer decoder).
+        return decoder.run(None, {i.name: feed[i.name] for i in decoder.get_inputs()})[0]
+
+    def _captions(self, logits: np.ndarray, lengths: np.ndarray | None = None) -> list[str]:
+        ids = logits.argmax(-1)
+        rows = [row[:n] for row, n in zip(ids.tolist(), lengths.tolist(), strict=True)] if lengths is not None \
+            else ids.tolist()
+        return [self.caption_adapter(self.tokenizer.ids_to_text(r)) for r in rows]
+
+    def _cross_memory(self, tokens: np.ndarray, captions: list[str]) -> np.ndarray:
+        ids = self.bpe(captions, self.cfg["text_context_length"])
+        text = self.text_encoder.run(None, {"token_ids": ids})[0]
+        return np.concatenate([tokens, text], axis=1)
+
+    # -- decoding (mirrors CLIP4STR.decode) ------------------------------------------------------------------
+    def _first_pass(self, decoder, memory: np.ndarray, steps: int, mode: str, early_exit: bool,
+                    budget: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+        b, tok = memory.shape[0], self.tokenizer
+        if mode == "nar":
+            bos = np.full((b, 1), tok.bos_id, dtype=np.int64)
+            logits = self._step(decoder, bos, memory, np.arange(steps), np.zeros((steps, 1), dtype=bool))
+            return logits, np.full(b, steps)
+        stops_at_eos = budget is None
+        budget = np.full(b, steps) if budget is None else budget
+        tgt = np.full((b, steps), tok.pad_id, dtype=np.int64)
+        tgt[:, 0] = tok.bos_id
+        mask = _causal(steps)
+        logits = []
+        for i in range(int(budget.max())):
+            j = i + 1
+            out = self._step(decoder, tgt[:, :j], memory, np.array([i]), mask[i:j, :j])
+            logits.append(out)
+            if j < steps:
+                tgt[:, j] = out[:, 0].argmax(-1)
+                if early_exit and ((tgt == tok.eos_id).any(-1) | (budget <= j)).all():
+                    break
+        logits = np.concatenate(logits, axis=1)
+        lengths = np.minimum(budget, logits.shape[1])
+        if early_exit and stops_at_eos:
+            is_eos = logits.argmax(-1) == tok.eos_id
+            first = np.where(is_eos.any(-1), is_eos.argmax(-1) + 1, logits.shape[1])
+            lengths = np.minimum(lengths, first)
+        return logits, lengths
+
+    def _refine(self, decoder, memory: np.ndarray, logits: np.ndarray, lengths: np.ndarray, steps: int
+                ) -> tuple[np.ndarray, np.ndarray]:
+        tok = self.tokenizer
+        b, length = logits.shape[:2]
+        ctx = np.concatenate([np.full((b, 1), tok.bos_id, dtype=np.int64), logits[:, :-1].argmax(-1)], axis=1)
+        padding = (np.cumsum(ctx == tok.eos_id, -1) > 0) | (np.arange(length)[None] >= lengths[:, None])
+        query_mask = np.zeros((steps, length), dtype=bool)
+        idx = np.arange(min(steps, length - 1))
+        query_mask[idx, idx + 1] = True
+        return self._step(decoder, ctx, memory, np.arange(steps), query_mask, padding), np.full(b, steps)
+
+    def decode(self, x: np.ndarray, mode: str | None = None, refine_iters: int | None = None,
+               max_length: int | None = None, early_exit: bool = True) -> tuple[np.ndarray, np.ndarray]:
+        """Final logits and valid lengths for preprocessed images."""
+        mode = mode or self.cfg["decode_mode"]
+        refine_iters = self.cfg["refine_iters"] if refine_iters is None else refine_iters
+        limit = self.cfg["max_label_length"] if max_length is None else min(max_length, self.cfg["max_label_length"])
+        steps = limit + 1
+        tokens = self.image_encoder.run(None, {"images": x.astype(np.float32)})[0]
+        img, img_len = self._first_pass(self.image_decoder, tokens, steps, mode, early_exit, None)
+        cross = cross_len = None
+        if self.cross:
+            mem = self._cross_memory(tokens, self._captions(img, img_len))
+            cross, cross_len = self._first_pass(self.cross_decoder, mem, steps, mode, early_exit, img_len)
+        for _ in range(refine_iters):
+            img, img_len_new = self._refine(self.image_decoder, tokens, img, img_len, steps)
+            if self.cross:
+                mem = self._cross_memory(tokens, self._captions(img))
+                cross, cross_len = self._refine(self.cross_decoder, mem, cross, cross_len, steps)
+            img_len = img_len_new
+        return (cross, cross_len) if self.cross else (img, img_len)
+
+    def decode_tensors(self, x: np.ndarray, **options: object) -> list[ReadResult]:
+        """Preprocessed images -> results."""
+        logits, lengths = self.decode(x, **options)
+        decoded = self.tokenizer.decode(_softmax(logits.astype(np.float64)), lengths.tolist())
+        return [ReadResult(d.text, d.confidence, d.char_probs) for d in decoded]

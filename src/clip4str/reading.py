@@ -1,0 +1,105 @@
+"""Backend-independent reading: results, long-crop windows and their merge, batching (no PyTorch here)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+from PIL import Image
+
+from clip4str.data.transforms import ImageDecodeError, ImageInput, load_image
+
+
+@dataclass
+class ReadResult:
+    """One image's reading; `error` is set (and text empty) when the image could not be read."""
+
+    text: str
+    confidence: float
+    char_probs: list[float] = field(default_factory=list)
+    error: str | None = None
+
+
+def overlap_length(left: str, right: str) -> int:
+    """Length of the longest suffix of `left` that starts `right` (the text two windows share)."""
+    for k in range(min(len(left), len(right)), 0, -1):
+        if left.endswith(right[:k]):
+            return k
+    return 0
+
+
+def split_long(image: Image.Image, window_aspect: float, overlap: float = 0.25) -> list[Image.Image]:
+    """Overlapping crops of width `window_aspect` x height covering a wide image (one crop if it fits)."""
+    w, h = image.size
+    win = max(1, int(round(window_aspect * h)))
+    if w <= win * 1.5:
+        return [image]
+    step = max(1, int(win * (1 - overlap)))
+    starts = list(range(0, w - win, step)) + [w - win]
+    return [image.crop((x, 0, x + win, h)) for x in starts]
+
+
+def merge_windows(parts: list[ReadResult]) -> ReadResult:
+    """One reading from the readings of overlapping windows, left to right."""
+    text, probs = parts[0].text, parts[0].char_probs[:-1]  # the EOS probability comes last
+    for p in parts[1:]:
+        k = overlap_length(text, p.text)
+        text, probs = text + p.text[k:], probs + p.char_probs[k:-1]
+    probs.append(parts[-1].char_probs[-1] if parts[-1].char_probs else 0.0)
+    return ReadResult(text, float(np.prod(probs)), probs)
+
+
+class BaseRecognizer:
+    """Reading logic shared by the PyTorch and ONNX Runtime backends.
+
+    Subclasses provide `image_size` (H, W), `preprocess(images)` and `decode_tensors(x, **options)`.
+    """
+
+    image_size: tuple[int, int]
+    window_aspect: float
+
+    def preprocess(self, images: Sequence[ImageInput]):  # noqa: ANN201 - backend's array type
+        raise NotImplementedError
+
+    def decode_tensors(self, x, **options: object) -> list[ReadResult]:  # noqa: ANN001
+        raise NotImplementedError
+
+    def _default_window(self) -> float:
+        h, w = self.image_size
+        # Crops up to 1.5x the model's own aspect (at least 6:1) are read whole; wider ones in windows.
+        return max(w / h, 4.0) * 1.5
+
+    def read(self, images: ImageInput | Sequence[ImageInput], batch_size: int = 32, **options: object
+             ) -> list[ReadResult]:
+        """Read one image or a list (paths, bytes, PIL images, arrays; any mix); one result per image.
+
+        Options are the decoding options: mode ('ar'|'nar'), refine_iters, max_length, early_exit.
+        """
+        items = list(images) if isinstance(images, (list, tuple)) else [images]
+        return list(self.iter_read(items, batch_size, **options))
+
+    def iter_read(self, items: Sequence[ImageInput], batch_size: int = 32, **options: object
+                  ) -> Iterator[ReadResult]:
+        """Like `read`, yielding results in order as batches finish (for progress bars and long lists)."""
+        options = {k: v for k, v in options.items() if v is not None}
+        for start in range(0, len(items), batch_size):
+            pieces: list[Image.Image] = []
+            owners: list[tuple[int, int] | ReadResult] = []
+            for item in items[start:start + batch_size]:
+                try:
+                    windows = split_long(load_image(item), self.window_aspect)
+                except ImageDecodeError as e:
+                    owners.append(ReadResult("", 0.0, [], str(e)))
+                    continue
+                owners.append((len(pieces), len(windows)))
+                pieces.extend(windows)
+            results: list[ReadResult] = []
+            for s in range(0, len(pieces), batch_size):
+                results.extend(self.decode_tensors(self.preprocess(pieces[s:s + batch_size]), **options))
+            for owner in owners:
+                if isinstance(owner, ReadResult):
+                    yield owner
+                else:
+                    first, n = owner
+                    yield results[first] if n == 1 else merge_windows(results[first:first + n])

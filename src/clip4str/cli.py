@@ -144,6 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--threads", type=int, default=None, help="CPU threads (default: all)")
     bench.add_argument("--backend", choices=["torch", "onnx"], default="torch",
                        help="onnx: --model is a folder from `clip4str export onnx`")
+    bench.add_argument("--fixed-length", type=int, help="decode exactly N characters (default: 5 with --preset; "
+                       "use it for untrained or exported-untrained models, which never emit EOS)")
     bench.set_defaults(func=commands.cmd_bench)
     export = sub.add_parser("export", help="export a model").add_subparsers(dest="export_format", required=True)
     onnx = export.add_parser("onnx", help="ONNX graphs + config for ONNX Runtime (no PyTorch needed to run)")

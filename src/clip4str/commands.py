@@ -15,9 +15,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     """Parameters, GFLOPs, batch-1 latency, batched throughput and peak memory, per precision."""
     from clip4str.bench import WORD, run_bench
 
-    if args.backend == "onnx":
-        model, fixed = None, None
-    else:
+    model = None
+    if args.backend == "torch":
         import torch
 
         from clip4str.factory import create_model
@@ -25,12 +24,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
         if args.threads:
             torch.set_num_threads(args.threads)
-    if args.backend == "torch" and args.preset:
-        torch.manual_seed(0)
-        model = create_model(args.preset)
-        fixed = len(WORD)  # random weights never emit EOS: decode exactly a 5-letter word's steps
-    else:
-        model, fixed = None, None
+        if args.preset:
+            torch.manual_seed(0)
+            model = create_model(args.preset)
+    # Random weights never emit EOS: decode exactly a 5-letter word's steps.
+    fixed = args.fixed_length or (len(WORD) if args.preset else None)
     print(f"| model | precision | params | GFLOPs/image | batch-1 latency (ms) | batch-{args.batch_size} images/s "
           "| peak memory (MB) |\n|:--|:--|--:|--:|--:|--:|--:|")
     for precision in args.precisions if args.backend == "torch" else ["fp32"]:
@@ -48,8 +46,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
               f"{r.throughput:.1f} | {r.peak_mb:.0f} |", flush=True)
     print(f"\n{args.device if args.backend == 'torch' else 'onnxruntime CPU'}; batch-1 latency: median of "
           f"{args.repeats} reads of "
-          f"a rendered '{WORD}' including preprocessing" + ("; untrained preset decodes exactly 5 characters + EOS"
-                                                             if args.preset else ""))
+          f"a rendered '{WORD}' including preprocessing" + (f"; decoding exactly {fixed} characters + EOS"
+                                                              if fixed else ""))
     return 0
 
 

@@ -7,12 +7,14 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import random
 import string
 import time
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from clip4str import create_model
 
@@ -38,8 +40,14 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--set", nargs="*", default=[], help="config overrides, key.sub=JSON")
+    ap.add_argument("--attention", choices=["math", "default"], default="math",
+                    help="SDPA kernel: math (what clip4str train uses on CPU) or PyTorch's default choice")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+
+    def kernel():  # noqa: ANN202
+        return sdpa_kernel([SDPBackend.MATH]) if args.attention == "math" else contextlib.nullcontext()
+
     model = create_model(args.preset, **parse_set(args.set))
     model.train()
     total = sum(p.numel() for p in model.parameters())
@@ -57,7 +65,7 @@ def main() -> None:
         times = []
         for step in range(args.steps + 1):
             t0 = time.perf_counter()
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"), kernel():
                 loss = model(images, labels).loss
             loss.backward()
             opt.step()

@@ -145,3 +145,26 @@ def test_every_shipped_config_is_valid():
     assert configs
     for path in configs:
         load_config(path)
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_process_group_saves_a_checkpoint_and_resume_finishes(tmp_path, folder):
+    cfg = _config(tmp_path, folder, "term", max_steps=400)
+    doc = yaml.safe_load(cfg.read_text())
+    doc["data"]["num_workers"] = 1  # a worker process shares the group and gets the signal too
+    cfg.write_text(yaml.safe_dump(doc))
+    cmd = [sys.executable, "-m", "clip4str.cli", "train", "--config", str(cfg)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    metrics = tmp_path / "term" / "logs" / "run-0" / "metrics.csv"
+    deadline = time.time() + 300
+    while not metrics.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    time.sleep(2)
+    os.killpg(proc.pid, signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err.decode()[-2000:]
+    assert b"checkpoint saved" in err
+    import torch
+    step = torch.load(tmp_path / "term" / "last.ckpt", weights_only=False)["global_step"]
+    assert 0 < step < 400
+    assert not (tmp_path / "term" / "final").exists()

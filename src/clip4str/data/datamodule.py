@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import signal
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +46,16 @@ def holdout_split(n: int, fraction: float, seed: int = 0) -> tuple[list[int], li
     order = np.random.default_rng(seed).permutation(n)
     cut = int(round(n * fraction))
     return sorted(order[cut:].tolist()), sorted(order[:cut].tolist())
+
+
+def ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader workers leave SIGTERM/SIGINT to the main process, which checkpoints and stops them.
+
+    A signal sent to the whole process group (Ctrl-C, `timeout`, a scheduler) would otherwise kill the
+    workers first and crash the run before it can save.
+    """
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def collate(batch: Sequence[tuple[torch.Tensor, str] | None]) -> tuple[torch.Tensor, list[str]]:
@@ -165,12 +176,14 @@ class STRDataModule(L.LightningDataModule):
         stream = TrainStream(self._train, self.batch_size, self.image_size, self.mean, self.std, self.seed,
                              self.augment, self.start_batch, self.rank, self.world)
         return DataLoader(stream, batch_size=self.batch_size, num_workers=self.num_workers, collate_fn=collate,
-                          persistent_workers=False, prefetch_factor=4 if self.num_workers else None)
+                          persistent_workers=False, prefetch_factor=4 if self.num_workers else None,
+                          worker_init_fn=ignore_stop_signals)
 
     def val_dataloader(self) -> list[DataLoader]:
         """One loader per validation set, in `val_names` order."""
         return [DataLoader(EvalSet(d, self.image_size, self.mean, self.std), batch_size=self.batch_size,
-                           num_workers=self.num_workers, collate_fn=collate) for d in self._val.values()]
+                           num_workers=self.num_workers, collate_fn=collate, worker_init_fn=ignore_stop_signals)
+                for d in self._val.values()]
 
     @property
     def val_names(self) -> list[str]:

@@ -164,3 +164,14 @@ def test_stacked_permutations_equal_one_pass_per_permutation(small):
             one = small.cross_decoder(tgt_in, torch.cat([memory, extra[:, p]], 1), content[p], padding,
                                       query_mask=query[p])
             torch.testing.assert_close(stacked[:, p], one, atol=1e-5, rtol=1e-5)
+
+
+def test_half_precision_checkpoint_loads_as_float32(small, tmp_path):
+    small.eval()
+    folder = save_checkpoint(small, tmp_path / "half", dtype=torch.float16)
+    loaded = load_model(folder)
+    assert all(p.dtype == torch.float32 for p in loaded.parameters())
+    images, _ = _batch(small)
+    with torch.inference_mode():
+        diff = (small.decode(images).logits - loaded.decode(images).logits).abs().max()
+    assert diff < 1e-2

@@ -23,11 +23,16 @@ OPENAI_MARKERS = ("input_resolution", "context_length", "vocab_size")
 
 
 # -- our checkpoint format ------------------------------------------------------------------------------
-def save_checkpoint(model: CLIP4STR, path: str | Path, provenance: dict[str, Any] | None = None) -> Path:
-    """Write `model` as a folder holding config.json and model.safetensors; returns the folder."""
+def save_checkpoint(model: CLIP4STR, path: str | Path, provenance: dict[str, Any] | None = None,
+                    dtype: torch.dtype | None = None) -> Path:
+    """Write `model` as a folder holding config.json and model.safetensors; returns the folder.
+
+    `dtype` (e.g. torch.float16) stores floating-point weights smaller; loading casts them back to float32.
+    """
     folder = Path(path)
     folder.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    tensors = {k: v.detach().cpu().to(dtype if dtype is not None and v.is_floating_point() else v.dtype)
+               .contiguous() for k, v in model.state_dict().items()}
     save_file(tensors, str(folder / WEIGHTS_NAME), metadata={"format": FORMAT})
     doc = {"format": FORMAT, "model": model.config.to_dict(), "provenance": provenance or {}}
     (folder / CONFIG_NAME).write_text(json.dumps(doc, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")

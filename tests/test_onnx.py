@@ -50,10 +50,10 @@ def test_parity_fixture_through_onnx(exported, parity_dir, tmp_path):
 
     from safetensors.torch import load_file
 
-    from test_parity import fixture as parity_fixture  # noqa: F401 - reuse its model builder
-
-    model = parity_fixture.__wrapped__()[0]
+    from clip4str.convert import load_authors_checkpoint
     from clip4str.export import export_onnx
+
+    model, _ = load_authors_checkpoint(parity_dir / "weights.safetensors")
     export_onnx(model, tmp_path / "fixture")
     rec = OnnxRecognizer(tmp_path / "fixture")
     x = load_file(str(parity_dir / "inputs.safetensors"))["pixel_values"].numpy()

@@ -6,8 +6,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from clip4str.convert import load_authors_checkpoint
 from clip4str.data.transforms import preprocess
-from clip4str.model import CLIP4STR, ModelConfig
 from clip4str.model.towers import clip_bpe_tokenizer, encode_text_tokens
 
 ATOL = 1e-5
@@ -15,29 +15,24 @@ ATOL = 1e-5
 
 @pytest.fixture(scope="module")
 def fixture():
+    """The fixture's weights through our converter (architecture inferred from shapes alone)."""
     from conftest import PARITY
     if not (PARITY / "weights.safetensors").is_file():
         pytest.skip(f"parity fixture not found at {PARITY} (../shared beside the clone)")
-    cfg = json.loads((PARITY / "config.json").read_text())
-    clip = cfg["clip"]
-    config = ModelConfig(
-        clip={"embed_dim": clip["embed_dim"], "quick_gelu": True,
-              "vision_cfg": {"image_size": 224, "patch_size": clip["vision_patch_size"],
-                             "width": clip["vision_width"], "layers": clip["vision_layers"], "head_width": 64},
-              "text_cfg": {"context_length": clip["context_length"], "vocab_size": clip["vocab_size"],
-                           "width": clip["transformer_width"], "heads": clip["text_heads"],
-                           "layers": clip["transformer_layers"]}},
-        charset=cfg["charset_train"], text_freeze_layers=cfg["text_freeze_nlayer"],
-        image_mean=(0.5, 0.5, 0.5), image_std=(0.5, 0.5, 0.5))
-    model = CLIP4STR(config)
-    prefixes = {"clip_model.": "clip.", "visual_decoder.": "image_decoder.", "cross_decoder.": "cross_decoder."}
-    state = {}
-    for key, value in load_file(str(PARITY / "weights.safetensors")).items():
-        prefix = next(p for p in prefixes if key.startswith(p))
-        state[prefixes[prefix] + key[len(prefix):]] = value
-    model.load_state_dict(state, strict=True)
-    return (model.eval(), load_file(str(PARITY / "inputs.safetensors")), load_file(str(PARITY / "outputs.safetensors")),
-            json.loads((PARITY / "expected.json").read_text()), cfg)
+    model, report = load_authors_checkpoint(PARITY / "weights.safetensors")
+    return (model, load_file(str(PARITY / "inputs.safetensors")), load_file(str(PARITY / "outputs.safetensors")),
+            json.loads((PARITY / "expected.json").read_text()), report)
+
+
+def test_converter_maps_every_key_and_infers_the_architecture(fixture):
+    model, _, _, _, report = fixture
+    assert report["unused"] == []
+    cfg = model.config
+    assert cfg.clip["vision_cfg"]["width"] == 192 and cfg.clip["vision_cfg"]["layers"] == 2
+    assert model.clip.visual.transformer.resblocks[0].attn.num_heads == 3 and cfg.clip["quick_gelu"] is True
+    assert cfg.embed_dim == 64 and cfg.max_label_length == 25 and len(cfg.charset) == 94 and cfg.cross_branch
+    # Converted models read with the normalisation they were trained with (not the 0.5/0.5 test-time bug).
+    assert cfg.image_mean == (0.48145466, 0.4578275, 0.40821073)
 
 
 def test_preprocessing_matches(fixture):

@@ -14,6 +14,7 @@ from clip4str.reading import BaseRecognizer, ReadResult
 from clip4str.weights import load_model
 
 PRECISIONS = ("fp32", "bf16", "fp16")
+AUTHORS_SUFFIXES = {".ckpt", ".pt", ".pth", ".bin"}
 
 
 def default_model_path() -> Path:
@@ -38,7 +39,12 @@ class Recognizer(BaseRecognizer):
     @classmethod
     def from_pretrained(cls, path: str | Path | None = None, device: str = "cpu", precision: str = "fp32",
                         **kwargs: object) -> Recognizer:
-        """Load a checkpoint folder (config.json + model.safetensors); no path = the built-in model."""
+        """Load a checkpoint folder (config.json + model.safetensors), or an authors' .ckpt/.pt file (converted
+        in memory); no path = the built-in model."""
+        if path is not None and Path(path).is_file() and Path(path).suffix in AUTHORS_SUFFIXES:
+            from clip4str.convert import load_authors_checkpoint
+
+            return cls(load_authors_checkpoint(path)[0], device, precision, **kwargs)
         if path is None:
             path = default_model_path()
             if not (path / "config.json").is_file():

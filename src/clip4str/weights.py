@@ -103,7 +103,7 @@ def _is_torchscript(path: Path) -> bool:
         return any(n.endswith("constants.pkl") or "/code/" in n for n in z.namelist())
 
 
-def _read_tensors(path: Path) -> tuple[dict[str, Any], bool]:
+def read_tensors(path: Path) -> tuple[dict[str, Any], bool]:
     """(state dict, came from a TorchScript archive)."""
     try:
         if path.suffix == ".safetensors":
@@ -121,7 +121,7 @@ def _read_tensors(path: Path) -> tuple[dict[str, Any], bool]:
     return obj, False
 
 
-def _count_blocks(state: dict[str, Any], prefix: str) -> int:
+def count_blocks(state: dict[str, Any], prefix: str) -> int:
     pattern = re.compile(re.escape(prefix) + r"(\d+)\.")
     return len({m.group(1) for k in state if (m := pattern.match(k))})
 
@@ -147,7 +147,7 @@ def infer_clip_config(state: dict[str, torch.Tensor], quick_gelu: bool) -> dict[
         "quick_gelu": quick_gelu,
         "vision_cfg": {
             "image_size": side * patch[0], "patch_size": patch[0], "width": width,
-            "layers": _count_blocks(state, "visual.transformer.resblocks."),
+            "layers": count_blocks(state, "visual.transformer.resblocks."),
             # Head count is invisible in the shapes: 64-wide heads, except the 16 heads of ViT-H and larger.
             "head_width": width // 16 if width >= 1280 else 64,
             "mlp_ratio": state["visual.transformer.resblocks.0.mlp.c_fc.weight"].shape[0] / width,
@@ -156,7 +156,7 @@ def infer_clip_config(state: dict[str, torch.Tensor], quick_gelu: bool) -> dict[
             "context_length": int(state["positional_embedding"].shape[0]),
             "vocab_size": int(state["token_embedding.weight"].shape[0]),
             "width": text_width, "heads": max(1, text_width // 64),
-            "layers": _count_blocks(state, "transformer.resblocks."),
+            "layers": count_blocks(state, "transformer.resblocks."),
             "mlp_ratio": state["transformer.resblocks.0.mlp.c_fc.weight"].shape[0] / text_width,
         },
     }
@@ -172,7 +172,7 @@ def read_clip_checkpoint(path: str | Path, quick_gelu: bool | None = None) -> Cl
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"CLIP checkpoint {str(p)!r} does not exist")
-    raw, scripted = _read_tensors(p)
+    raw, scripted = read_tensors(p)
     state = {k.removeprefix("module."): v for k, v in raw.items() if isinstance(v, torch.Tensor)}
     fp16_layout = state.get("visual.conv1.weight", torch.empty(0)).dtype == torch.float16 and \
         state.get("ln_final.weight", torch.empty(0)).dtype == torch.float32
@@ -213,7 +213,7 @@ def read_imagenet_vit(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[s
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"ImageNet ViT checkpoint {str(p)!r} does not exist")
-    raw, _ = _read_tensors(p)
+    raw, _ = read_tensors(p)
     raw = raw.get("model", raw) if isinstance(raw.get("model"), dict) else raw
     if "patch_embed.proj.weight" in raw:  # timm
         stem, cls, pos, norm = "patch_embed.proj", raw["cls_token"], raw["pos_embed"], "norm"

@@ -50,6 +50,8 @@ def test_full_b16_key_layout_maps_completely(parity_dir):
     cfg = authors_config(state)
     assert cfg.clip["vision_cfg"]["width"] == 768 and cfg.clip["vision_cfg"]["layers"] == 12
     assert cfg.embed_dim == 512 and cfg.clip["vision_cfg"]["patch_size"] == 16
+    from clip4str.convert import architecture_name
+    assert architecture_name(cfg) == "ViT-B/16"
     model = create_model("b16")
     ours, unused = convert_state(state, model, "b16 layout")
     assert unused == [] and set(ours) == set(model.state_dict())

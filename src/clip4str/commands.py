@@ -114,7 +114,7 @@ def cmd_export_onnx(args: argparse.Namespace) -> int:
 def cmd_convert(args: argparse.Namespace) -> int:
     """An authors' checkpoint -> our format (safetensors + JSON config), reporting unused source keys."""
     from clip4str.charset import resolve_charset
-    from clip4str.convert import load_authors_checkpoint
+    from clip4str.convert import architecture_name, load_authors_checkpoint
     from clip4str.weights import save_checkpoint
 
     model, report = load_authors_checkpoint(args.src, resolve_charset(args.charset) if args.charset else None)
@@ -122,7 +122,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
     v = cfg.clip["vision_cfg"]
     provenance = {"converted_from": str(args.src), "unused_keys": report["unused"]}
     out = save_checkpoint(model, args.out, provenance=provenance)
-    print(f"converted {args.src} -> {out}: ViT width {v['width']} x {v['layers']} layers, patch {v['patch_size']}, "
+    print(f"converted {args.src} -> {out}: {architecture_name(cfg)} (width {v['width']} x {v['layers']} layers, "
+          f"patch {v['patch_size']}),"
           f"{v['image_size']}px, shared width {cfg.embed_dim}, {len(cfg.charset)} characters, cross branch "
           f"{'on' if cfg.cross_branch else 'off'}; unused source keys: {report['unused'] or 'none'}")
     return 0

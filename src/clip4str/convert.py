@@ -26,6 +26,17 @@ IGNORED = ("clip_model.attn_mask",)
 DECODER_HEADS = 8  # every configuration of theirs; the head count cannot be read from the weights
 
 
+KNOWN_TOWERS = {(768, 12, 16): "ViT-B/16", (768, 12, 32): "ViT-B/32", (1024, 24, 14): "ViT-L/14",
+                (1280, 32, 14): "ViT-H/14"}
+
+
+def architecture_name(config: ModelConfig) -> str:
+    """'ViT-B/16'-style name of the image tower, or 'custom WxL/P' for other sizes."""
+    v = config.clip["vision_cfg"]
+    key = (v["width"], v["layers"], v["patch_size"])
+    return KNOWN_TOWERS.get(key, f"custom ViT {v['width']}x{v['layers']}/{v['patch_size']}")
+
+
 def _charset_for(num_classes: int, charset: str | None) -> str:
     if charset is not None:
         if len(charset) + 1 != num_classes:

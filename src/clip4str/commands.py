@@ -129,6 +129,18 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Run the HTTP API and web page with uvicorn."""
+    import uvicorn
+
+    from clip4str.serve.app import create_app
+
+    app = create_app(_recognizer(args), max_batch=args.max_batch, max_upload_mb=args.max_upload_mb,
+                     max_images=args.max_images)
+    uvicorn.run(app, host=args.host, port=args.port, workers=1, log_level="warning")
+    return 0
+
+
 def cmd_presets(args: argparse.Namespace) -> int:
     """List model presets with their parameter counts."""
     from clip4str.factory import create_model

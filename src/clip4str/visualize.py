@@ -79,5 +79,5 @@ def attention_strip(rec: Recognizer, image: ImageInput, out: str | Path) -> tupl
             x = label_w + k * (w + pad)
             sheet.paste(Image.fromarray(overlay.astype(np.uint8)), (x, y))
             draw.text((x + w // 2 - 5, y + PANEL_HEIGHT + 1), char, fill="black", font=font)
-    sheet.save(out)
+    sheet.save(out, format="PNG")
     return text, len(text)

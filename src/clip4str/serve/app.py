@@ -1,0 +1,174 @@
+"""`clip4str serve`: HTTP API (FastAPI) and a web page; requests are batched for the model."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import io
+from importlib import resources
+
+from fastapi import FastAPI, Query, Request
+from fastapi.responses import HTMLResponse, JSONResponse
+from PIL import Image
+from pydantic import BaseModel
+
+from clip4str.data.transforms import ImageDecodeError, load_image
+from clip4str.serve.batching import Batcher, QueueFull
+
+MAX_PIXELS = 40_000_000  # a word crop never needs more; larger images are refused as decompression bombs
+
+
+class ReadItem(BaseModel):
+    """One image's reading."""
+
+    name: str
+    text: str
+    confidence: float
+    char_probs: list[float]
+    attention_png: str | None = None
+
+
+class ReadResponse(BaseModel):
+    """Results in request order."""
+
+    results: list[ReadItem]
+
+
+class JsonImages(BaseModel):
+    """JSON request body: base64-encoded image files, optionally named."""
+
+    images: list[str]
+    names: list[str] | None = None
+
+
+class ErrorResponse(BaseModel):
+    """A 4xx/5xx answer."""
+
+    error: str
+
+
+def _error(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status)
+
+
+def _decode(name: str, data: bytes) -> Image.Image:
+    if not data:
+        raise ImageDecodeError(f"{name}: empty file")
+    try:
+        with Image.open(io.BytesIO(data)) as probe:  # header only: refuse bombs before decoding pixels
+            size = probe.size
+    except Image.DecompressionBombError as e:
+        raise ImageDecodeError(f"{name}: refused, too many pixels for a word crop (decompression bomb?)") from e
+    except (OSError, ValueError) as e:
+        raise ImageDecodeError(f"{name}: could not be decoded as an image ({e.__class__.__name__})") from e
+    if size[0] * size[1] > MAX_PIXELS:
+        raise ImageDecodeError(f"{name}: {size[0]}x{size[1]} pixels is more than {MAX_PIXELS}; send a word crop")
+    try:
+        return load_image(data)
+    except ImageDecodeError as e:
+        raise ImageDecodeError(f"{name}: could not be decoded ({e})") from e
+
+
+def create_app(recognizer, max_batch: int = 32, max_upload_mb: float = 10.0, max_images: int = 64,
+               max_wait_ms: float = 5.0) -> FastAPI:
+    """The ASGI app around a Recognizer (PyTorch or ONNX backend)."""
+    app = FastAPI(title="clip4str", version="1", description="CLIP4STR scene text recognition")
+    batcher = Batcher(lambda images: recognizer.read(images, batch_size=max_batch), max_batch, max_wait_ms)
+    limit = int(max_upload_mb * 2**20)
+    app.state.batcher = batcher
+
+    @app.middleware("http")
+    async def limit_upload(request: Request, call_next):  # noqa: ANN001, ANN202
+        length = request.headers.get("content-length")
+        if request.method == "POST" and length and length.isdigit() and int(length) > limit:
+            return _error(413, f"upload of {int(length)} bytes is over the {max_upload_mb:g} MB limit")
+        return await call_next(request)
+
+    @app.on_event("shutdown")
+    def _close() -> None:
+        batcher.close()
+
+    @app.get("/healthz")
+    def healthz() -> dict:
+        return {"status": "ok"}
+
+    @app.get("/v1/model")
+    def model_info() -> dict:
+        cfg = getattr(recognizer, "config", None) or recognizer.cfg
+        cfg = cfg if isinstance(cfg, dict) else cfg.to_dict()
+        model = getattr(recognizer, "model", None)
+        return {"preset_towers": cfg["clip"], "charset": cfg["charset"], "image_size": cfg["clip"]["vision_cfg"]
+                ["image_size"], "decoding": {"mode": cfg["decode_mode"], "refine_iters": cfg["refine_iters"]},
+                "cross_branch": cfg["cross_branch"], "provenance": getattr(model, "provenance", {}),
+                "backend": getattr(recognizer, "device", "cpu").__str__(), "max_batch": max_batch}
+
+    @app.post("/v1/read", response_model=ReadResponse,
+              responses={400: {"model": ErrorResponse}, 413: {"model": ErrorResponse},
+                         415: {"model": ErrorResponse}, 503: {"model": ErrorResponse}})
+    async def read(request: Request, attention: bool = Query(False, description="add attention strips (PNG)")):
+        body = await request.body()
+        if len(body) > limit:
+            return _error(413, f"upload of {len(body)} bytes is over the {max_upload_mb:g} MB limit")
+        kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if not body:
+            return _error(400, "no images in the request (empty body); send multipart files or JSON images")
+        try:
+            named = await _images_of(request, kind, body)
+        except ValueError as e:
+            return _error(415 if "content type" in str(e) else 400, str(e))
+        if not named:
+            return _error(400, "no images in the request; send multipart files or JSON {\"images\": [base64]}")
+        if len(named) > max_images:
+            return _error(413, f"{len(named)} images in one request; at most {max_images}")
+        images = []
+        for name, data in named:
+            try:
+                images.append(_decode(name, data))
+            except ImageDecodeError as e:
+                return _error(400, str(e))
+        try:
+            results = await batcher.submit(images)
+        except QueueFull as e:
+            return _error(503, f"server busy ({e}); retry shortly")
+        items = []
+        for (name, _), image, r in zip(named, images, results, strict=True):
+            strip = await asyncio.to_thread(_attention, recognizer, image) if attention else None
+            items.append(ReadItem(name=name, text=r.text, confidence=r.confidence, char_probs=r.char_probs,
+                                  attention_png=strip))
+        return ReadResponse(results=items)
+
+    @app.get("/", response_class=HTMLResponse)
+    def page() -> str:
+        return resources.files("clip4str.serve").joinpath("index.html").read_text(encoding="utf-8")
+
+    return app
+
+
+async def _images_of(request: Request, kind: str, body: bytes) -> list[tuple[str, bytes]]:
+    if kind == "multipart/form-data":
+        form = await request.form()
+        return [(f.filename or f"image{i}", await f.read()) for i, f in enumerate(form.getlist("files"))
+                if hasattr(f, "read")]
+    if kind == "application/json":
+        try:
+            payload = JsonImages.model_validate_json(body or b"{}")
+        except ValueError as e:
+            raise ValueError(f"bad JSON body: expected {{\"images\": [base64, ...]}} ({str(e)[:120]})") from e
+        names = payload.names or [f"image{i}" for i in range(len(payload.images))]
+        try:
+            return [(n, base64.b64decode(d, validate=True)) for n, d in zip(names, payload.images, strict=False)]
+        except (binascii.Error, ValueError) as e:
+            raise ValueError(f"an image is not valid base64 ({e})") from e
+    raise ValueError(f"unsupported content type {kind or 'none'!r}: use multipart/form-data or application/json")
+
+
+def _attention(recognizer, image: Image.Image) -> str | None:
+    """The attention strip as a PNG data URL (PyTorch backend only)."""
+    if not hasattr(recognizer, "model"):
+        return None
+    from clip4str.visualize import attention_strip
+
+    buf = io.BytesIO()
+    attention_strip(recognizer, image, buf)
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()

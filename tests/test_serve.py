@@ -1,0 +1,125 @@
+"""HTTP API: every endpoint, batching across concurrent requests, and every kind of bad input."""
+
+import base64
+import io
+import threading
+import zlib
+
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from clip4str.inference import Recognizer
+from clip4str.serve.app import create_app
+from conftest import OVERFIT_WORDS
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def served(overfit_checkpoint):
+    ckpt, rendered, _ = overfit_checkpoint
+    app = create_app(Recognizer.from_pretrained(ckpt), max_batch=8, max_upload_mb=1, max_images=4)
+    with TestClient(app) as client:
+        yield client, rendered, app
+
+
+def _png(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, "PNG")
+    return buf.getvalue()
+
+
+def test_health_model_and_openapi(served):
+    client, _, _ = served
+    assert client.get("/healthz").json() == {"status": "ok"}
+    info = client.get("/v1/model").json()
+    assert info["decoding"] == {"mode": "ar", "refine_iters": 1} and len(info["charset"]) == 94
+    assert info["provenance"] == {"test": "overfit"}
+    spec = client.get("/openapi.json").json()
+    schema = spec["paths"]["/v1/read"]["post"]["responses"]["200"]["content"]["application/json"]["schema"]
+    assert schema["$ref"].endswith("/ReadResponse")
+    assert {"413", "400", "415", "503"} <= set(spec["paths"]["/v1/read"]["post"]["responses"])
+
+
+def test_multipart_and_json_reads(served):
+    client, rendered, _ = served
+    files = [("files", (f"{w}.png", _png(img), "image/png"))
+             for w, img in zip(OVERFIT_WORDS[:3], rendered, strict=False)]
+    body = client.post("/v1/read", files=files).json()
+    assert [r["text"] for r in body["results"]] == OVERFIT_WORDS[:3]
+    assert [r["name"] for r in body["results"]] == [f"{w}.png" for w in OVERFIT_WORDS[:3]]
+    r0 = body["results"][0]
+    assert len(r0["char_probs"]) == len(OVERFIT_WORDS[0]) + 1 and 0 < r0["confidence"] <= 1
+    payload = {"images": [base64.b64encode(_png(rendered[4])).decode()], "names": ["cafe"]}
+    body = client.post("/v1/read?attention=1", json=payload).json()
+    assert body["results"][0]["text"] == "cafe"
+    assert body["results"][0]["attention_png"].startswith("data:image/png;base64,")
+
+
+def test_concurrent_requests_share_batches(served):
+    client, rendered, app = served
+    before = app.state.batcher.batches
+    out = [None] * 8
+
+    def call(i):
+        out[i] = client.post("/v1/read", files=[("files", ("x.png", _png(rendered[i]), "image/png"))]).json()
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert [o["results"][0]["text"] for o in out] == OVERFIT_WORDS
+    assert app.state.batcher.batches - before < 8  # some requests were read together
+
+
+def _bomb() -> bytes:
+    """A tiny PNG header that claims 20000 x 20000 pixels (a decompression bomb)."""
+    import struct
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    header = struct.pack(">IIBBBBB", 20000, 20000, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 1000)) + \
+        chunk(b"IEND", b"")
+
+
+@pytest.mark.parametrize("case, status, message", [
+    ("not-an-image", 400, "could not be decoded"),
+    ("truncated", 400, "could not be decoded"),
+    ("bomb", 400, "pixels"),
+    ("oversized", 413, "limit"),
+    ("empty", 400, "no images"),
+    ("too-many", 413, "at most 4"),
+    ("content-type", 415, "unsupported content type"),
+    ("bad-base64", 400, "base64"),
+    ("bad-json", 400, "JSON"),
+])
+def test_bad_input_gets_a_clear_4xx_and_the_server_keeps_serving(served, case, status, message):
+    client, rendered, _ = served
+    good = _png(rendered[0])
+    requests = {
+        "not-an-image": lambda: client.post("/v1/read", files=[("files", ("a.txt", b"hello", "text/plain"))]),
+        "truncated": lambda: client.post("/v1/read", files=[("files", ("t.png", good[:60], "image/png"))]),
+        "bomb": lambda: client.post("/v1/read", files=[("files", ("bomb.png", _bomb(), "image/png"))]),
+        "oversized": lambda: client.post("/v1/read", files=[("files", ("big.png", b"0" * (2 * 2**20), "image/png"))]),
+        "empty": lambda: client.post("/v1/read", files=[]),
+        "too-many": lambda: client.post("/v1/read",
+                                        files=[("files", (f"{i}.png", good, "image/png")) for i in range(5)]),
+        "content-type": lambda: client.post("/v1/read", content=good, headers={"content-type": "image/png"}),
+        "bad-base64": lambda: client.post("/v1/read", json={"images": ["!!!not base64"]}),
+        "bad-json": lambda: client.post("/v1/read", content=b"{nope", headers={"content-type": "application/json"}),
+    }
+    response = requests[case]()
+    assert response.status_code == status, response.text
+    assert message in response.json()["error"]
+    ok = client.post("/v1/read", files=[("files", ("ok.png", good, "image/png"))])
+    assert ok.status_code == 200 and ok.json()["results"][0]["text"] == OVERFIT_WORDS[0]
+
+
+def test_page_is_self_contained(served):
+    client, _, _ = served
+    html = client.get("/").text
+    assert "<script>" in html and "/v1/read" in html
+    assert "http://" not in html and "https://" not in html  # no CDN or other external resource

@@ -116,3 +116,24 @@ def test_attention_strip_has_one_panel_per_character(images, tmp_path, capsys):
     assert all(np.isclose(m.reshape(7, -1).max(-1), 1).all() for m in maps.values())
     panel_w = round(Image.open(paths[6]).width * PANEL_HEIGHT / Image.open(paths[6]).height)
     assert sheet.width == 120 + 7 * (panel_w + 4) and sheet.height == 2 * (PANEL_HEIGHT + 24) + 4
+
+
+def test_an_unreadable_image_counts_as_wrong(images, tmp_path, capsys):
+    ckpt, root, paths, _ = images
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    for p in paths[:2]:
+        (folder / p.name).write_bytes(p.read_bytes())
+    (folder / "broken.png").write_bytes(b"\x89PNG broken")
+    (folder / "labels.tsv").write_text(f"{paths[0].name}\thello\n{paths[1].name}\tworld\nbroken.png\tsomething\n")
+    with pytest.warns(UserWarning, match="broken.png"):
+        assert main(["test", str(folder), "--model", str(ckpt), "--format", "json", "--quiet"]) == 0
+    rows = {r["dataset"]: r for r in json.loads(capsys.readouterr().out)}
+    assert rows["mixed"]["samples"] == 3 and rows["mixed"]["accuracy"] == pytest.approx(66.67, abs=0.01)
+
+
+def test_window_merge_without_eos_keeps_every_character_probability():
+    from clip4str.reading import ReadResult, merge_windows
+    merged = merge_windows([ReadResult("hello", 0.0, [0.9] * 5), ReadResult("llo world", 0.0, [0.8] * 9 + [0.5])])
+    assert merged.text == "hello world"
+    assert len(merged.char_probs) == len("hello world") + 1 and merged.char_probs[-1] == 0.5

@@ -95,6 +95,7 @@ def _bomb() -> bytes:
     ("content-type", 415, "unsupported content type"),
     ("bad-base64", 400, "base64"),
     ("bad-json", 400, "JSON"),
+    ("names-mismatch", 400, "one name per image"),
 ])
 def test_bad_input_gets_a_clear_4xx_and_the_server_keeps_serving(served, case, status, message):
     client, rendered, _ = served
@@ -110,6 +111,8 @@ def test_bad_input_gets_a_clear_4xx_and_the_server_keeps_serving(served, case, s
         "content-type": lambda: client.post("/v1/read", content=good, headers={"content-type": "image/png"}),
         "bad-base64": lambda: client.post("/v1/read", json={"images": ["!!!not base64"]}),
         "bad-json": lambda: client.post("/v1/read", content=b"{nope", headers={"content-type": "application/json"}),
+        "names-mismatch": lambda: client.post("/v1/read", json={"images": [base64.b64encode(good).decode()] * 2,
+                                                                "names": ["one"]}),
     }
     response = requests[case]()
     assert response.status_code == status, response.text

@@ -40,7 +40,8 @@ class BPETokenizer:
     """Text -> CLIP token ids, padded to `context_length`, truncated with EOT kept last."""
 
     def __init__(self, vocab_path: str | Path) -> None:
-        merges = gzip.open(vocab_path).read().decode("utf-8").split("\n")[1:49152 - 256 - 2 + 1]
+        with gzip.open(vocab_path) as f:
+            merges = f.read().decode("utf-8").split("\n")[1:49152 - 256 - 2 + 1]
         merges = [tuple(m.split()) for m in merges]
         vocab = list(_bytes_to_unicode().values())
         vocab = vocab + [v + "</w>" for v in vocab] + ["".join(m) for m in merges] + [SOT, EOT]

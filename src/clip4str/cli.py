@@ -104,11 +104,19 @@ def cmd_test(args: argparse.Namespace) -> int:
     return 0
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def _model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", type=Path, help="checkpoint folder (default: the built-in model)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps")
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=positive_int, default=32)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--backend", choices=["torch", "onnx"], default="torch",
                    help="onnx: --model is a folder from `clip4str export onnx`; runs without PyTorch")
@@ -139,8 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--device", default="cpu")
     bench.add_argument("--precision", dest="precisions", nargs="+", choices=["fp32", "bf16", "fp16"],
                        default=["fp32", "bf16"])
-    bench.add_argument("--batch-size", type=int, default=64)
-    bench.add_argument("--repeats", type=int, default=20)
+    bench.add_argument("--batch-size", type=positive_int, default=64)
+    bench.add_argument("--repeats", type=positive_int, default=20)
     bench.add_argument("--threads", type=int, default=None, help="CPU threads (default: all)")
     bench.add_argument("--backend", choices=["torch", "onnx"], default="torch",
                        help="onnx: --model is a folder from `clip4str export onnx`")
@@ -156,9 +164,9 @@ def build_parser() -> argparse.ArgumentParser:
     _model_options(serve)
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument("--max-batch", type=int, default=32, help="images per model batch (across requests)")
+    serve.add_argument("--max-batch", type=positive_int, default=32, help="images per model batch (across requests)")
     serve.add_argument("--max-upload-mb", type=float, default=10.0)
-    serve.add_argument("--max-images", type=int, default=64, help="images per request")
+    serve.add_argument("--max-images", type=positive_int, default=64, help="images per request")
     serve.set_defaults(func=commands.cmd_serve)
     conv = sub.add_parser("convert", help="the authors' .ckpt/.pt checkpoint -> clip4str checkpoint folder")
     conv.add_argument("src", type=Path)

@@ -5,9 +5,11 @@ from __future__ import annotations
 import argparse
 
 
-def _recognizer(args: argparse.Namespace):  # noqa: ANN202
+def _recognizer(args: argparse.Namespace, torch_only: str | None = None):  # noqa: ANN202
     from clip4str.cli import recognizer
 
+    if torch_only and getattr(args, "backend", "torch") != "torch":
+        raise ValueError(f"{torch_only} needs the PyTorch model: use --backend torch with a checkpoint folder")
     return recognizer(args)
 
 
@@ -55,7 +57,7 @@ def cmd_attention(args: argparse.Namespace) -> int:
     """Save the per-character attention strip of an image."""
     from clip4str.visualize import attention_strip
 
-    text, panels = attention_strip(_recognizer(args), args.image, args.out)
+    text, panels = attention_strip(_recognizer(args, "attention"), args.image, args.out)
     print(f"{args.image}\t{text}\t{args.out} ({panels} panels per decoder)")
     return 0
 
@@ -73,7 +75,7 @@ def cmd_zeroshot(args: argparse.Namespace) -> int:
         load_exact(clip, {"logit_scale": clip.logit_scale.detach(), **weights.state_dict}, str(args.clip))
         mean, std = OPENAI_MEAN, OPENAI_STD
     else:
-        model = _recognizer(args).model
+        model = _recognizer(args, "zeroshot without --clip").model
         clip, mean, std = model.clip, model.config.image_mean, model.config.image_std
     for word, p in rank_words(clip, args.image, args.candidates, args.template, mean, std):
         print(f"{word}\t{p:.4f}")
@@ -98,7 +100,7 @@ def cmd_export_onnx(args: argparse.Namespace) -> int:
     from clip4str.export import export_onnx
     from clip4str.onnx_backend import OnnxRecognizer
 
-    rec = _recognizer(args)
+    rec = _recognizer(args, "export")
     out = export_onnx(rec.model, args.out)
     x = rec.preprocess([word_image()])
     ours = OnnxRecognizer(out)

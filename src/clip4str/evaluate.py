@@ -64,8 +64,11 @@ def run_benchmarks(recognizer, benchmarks: list[Benchmark], charset: str, batch_
         for bench in benchmarks:
             scores = Scores(charset)
             for start in range(0, len(bench.data), batch_size):
-                items = [bench.data[i] for i in range(start, min(start + batch_size, len(bench.data)))]
-                labels = [it[1] if it is not None else "" for it in items]
+                span = range(start, min(start + batch_size, len(bench.data)))
+                items = [bench.data[i] for i in span]
+                # A sample that failed to load keeps its real label, so its empty reading counts as wrong.
+                labels = [it[1] if it is not None else _label_at(bench.data, i)
+                          for it, i in zip(items, span, strict=True)]
                 t0 = time.perf_counter()
                 results = recognizer.read([it[0] if it is not None else b"" for it in items], batch_size=batch_size)
                 seconds += time.perf_counter() - t0
@@ -82,6 +85,13 @@ def run_benchmarks(recognizer, benchmarks: list[Benchmark], charset: str, batch_
         if handle:
             handle.close()
     return rows, 1000.0 * seconds / max(images, 1)
+
+
+def _label_at(data: Dataset, index: int) -> str:
+    """The (normalised) label of sample `index` without decoding its image."""
+    if isinstance(data, Subset):
+        return _label_at(data.dataset, data.indices[index])
+    return data.labels[index]
 
 
 def format_table(rows: list[tuple[str, Scores]], charset: str, fmt: str = "md") -> str:

@@ -31,8 +31,12 @@ class Recognizer(BaseRecognizer):
             raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
         if device.startswith("cuda") and not torch.cuda.is_available():
             raise ValueError("device 'cuda' asked for, but PyTorch sees no CUDA GPU; use --device cpu")
-        self.model = model.to(device).eval()
-        self.device, self.precision = torch.device(device), precision
+        try:
+            self.device = torch.device(device)
+            self.model = model.to(self.device).eval()
+        except (RuntimeError, AssertionError) as e:
+            raise ValueError(f"device {device!r} is not usable here ({e}); use cpu, cuda or mps") from e
+        self.precision = precision
         self.image_size = model.config.image_size
         self.window_aspect = window_aspect or self._default_window()
 

@@ -40,14 +40,20 @@ def split_long(image: Image.Image, window_aspect: float, overlap: float = 0.25) 
     return [image.crop((x, 0, x + win, h)) for x in starts]
 
 
+def _char_part(r: ReadResult) -> list[float]:
+    """Per-character probabilities without the EOS one (absent when a window hit the length limit)."""
+    return r.char_probs[: len(r.text)]
+
+
 def merge_windows(parts: list[ReadResult]) -> ReadResult:
     """One reading from the readings of overlapping windows, left to right."""
-    text, probs = parts[0].text, parts[0].char_probs[:-1]  # the EOS probability comes last
+    text, probs = parts[0].text, _char_part(parts[0])
     for p in parts[1:]:
         k = overlap_length(text, p.text)
-        text, probs = text + p.text[k:], probs + p.char_probs[k:-1]
-    probs.append(parts[-1].char_probs[-1] if parts[-1].char_probs else 0.0)
-    return ReadResult(text, float(np.prod(probs)), probs)
+        text, probs = text + p.text[k:], probs + _char_part(p)[k:]
+    last = parts[-1]
+    probs += last.char_probs[len(last.text):]  # the last window's EOS probability, if it has one
+    return ReadResult(text, float(np.prod(probs)) if probs else 0.0, probs)
 
 
 class BaseRecognizer:

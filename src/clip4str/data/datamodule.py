@@ -163,8 +163,13 @@ class STRDataModule(L.LightningDataModule):
                                        seed=self.seed + 10_000_019, max_length=self.max_label_length)
                     self._val["synth"] = _Rendered(val, self.synth_val_size)
                 continue
+            if not 0 <= s.holdout < 1:
+                raise ValueError(f"data source {s.path}: holdout must be in [0, 1), got {s.holdout}")
             data = open_labelled(s.path, LabelNormalizer(self.charset, self.max_label_length))
             train_idx, held = holdout_split(len(data), s.holdout, self.seed)
+            if not train_idx:
+                raise ValueError(f"data source {s.path} has no training samples left (after label filtering for "
+                                 "the charset and the holdout); check its labels and the model's charset")
             self._train.append((s, Subset(data, train_idx) if held else data))
             if held:
                 self._val[f"{Path(s.path).name}-holdout"] = Subset(data, held)

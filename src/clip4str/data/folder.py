@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import warnings
 from collections.abc import Callable
@@ -51,7 +52,7 @@ class FolderDataset(Dataset):
         self.root = label_file.parent
         self.transform = transform
         rows = read_label_file(label_file)
-        missing = [str(p.relative_to(self.root)) for p, _ in rows if not p.is_file()]
+        missing = [os.path.relpath(p, self.root) for p, _ in rows if not p.is_file()]
         if missing:
             more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
             raise FileNotFoundError(f"{label_file} lists {missing[0]!r}{more}, which does not exist under "
@@ -74,7 +75,7 @@ class FolderDataset(Dataset):
 
     def group(self, index: int) -> str:
         """Sub-folder of sample `index` relative to the root (used to report benchmarks separately)."""
-        return str(self.paths[index].parent.relative_to(self.root))
+        return os.path.relpath(self.paths[index].parent, self.root)
 
     def __getitem__(self, index: int) -> tuple[Any, str] | None:
         try:

@@ -17,6 +17,7 @@ from PIL import Image
 
 from clip4str.charset import LabelNormalizer
 from clip4str.data.compat import ConcatDataset, Dataset
+from clip4str.data.transforms import ImageDecodeError, load_image
 
 MAP_SIZE = 1 << 40  # address space only; the file grows with the data
 
@@ -116,10 +117,8 @@ class LmdbDataset(Dataset):
         if data is None:
             return None
         try:
-            with Image.open(io.BytesIO(data)) as img:
-                img.load()
-                image = img.convert("RGB")
-        except Exception as e:  # Pillow raises many types for damaged data
+            image = load_image(data)  # the one decoding path: EXIF rotation, transparency on white, 16-bit
+        except ImageDecodeError as e:
             warnings.warn(f"{self.path}: {_image_key(self.keys[index]).decode()} is not a decodable image ({e}); "
                           "skipped", stacklevel=2)
             return None

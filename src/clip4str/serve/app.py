@@ -6,6 +6,7 @@ import asyncio
 import base64
 import binascii
 import io
+import threading
 from importlib import resources
 
 from fastapi import FastAPI, Query, Request
@@ -16,7 +17,8 @@ from pydantic import BaseModel
 from clip4str.data.transforms import ImageDecodeError, load_image
 from clip4str.serve.batching import Batcher, QueueFull
 
-MAX_PIXELS = 40_000_000  # a word crop never needs more; larger images are refused as decompression bombs
+MAX_PIXELS = 16_000_000  # per image: a word crop never needs more; larger ones are refused as bombs
+REQUEST_PIXELS = 64_000_000  # per request, so that many compressible images cannot exhaust memory either
 
 
 class ReadItem(BaseModel):
@@ -52,7 +54,7 @@ def _error(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status)
 
 
-def _decode(name: str, data: bytes) -> Image.Image:
+def _decode(name: str, data: bytes, budget: list[int]) -> Image.Image:
     if not data:
         raise ImageDecodeError(f"{name}: empty file")
     try:
@@ -64,6 +66,9 @@ def _decode(name: str, data: bytes) -> Image.Image:
         raise ImageDecodeError(f"{name}: could not be decoded as an image ({e.__class__.__name__})") from e
     if size[0] * size[1] > MAX_PIXELS:
         raise ImageDecodeError(f"{name}: {size[0]}x{size[1]} pixels is more than {MAX_PIXELS}; send a word crop")
+    budget[0] -= size[0] * size[1]
+    if budget[0] < 0:
+        raise ImageDecodeError(f"{name}: the images of this request hold more than {REQUEST_PIXELS} pixels")
     try:
         return load_image(data)
     except ImageDecodeError as e:
@@ -74,7 +79,13 @@ def create_app(recognizer, max_batch: int = 32, max_upload_mb: float = 10.0, max
                max_wait_ms: float = 5.0) -> FastAPI:
     """The ASGI app around a Recognizer (PyTorch or ONNX backend)."""
     app = FastAPI(title="clip4str", version="1", description="CLIP4STR scene text recognition")
-    batcher = Batcher(lambda images: recognizer.read(images, batch_size=max_batch), max_batch, max_wait_ms)
+    model_lock = threading.Lock()  # the batcher and attention maps share one model (and its recording flags)
+
+    def read_batch(images: list[Image.Image]) -> list:
+        with model_lock:
+            return recognizer.read(images, batch_size=max_batch)
+
+    batcher = Batcher(read_batch, max_batch, max_wait_ms)
     limit = int(max_upload_mb * 2**20)
     app.state.batcher = batcher
 
@@ -121,19 +132,18 @@ def create_app(recognizer, max_batch: int = 32, max_upload_mb: float = 10.0, max
             return _error(400, "no images in the request; send multipart files or JSON {\"images\": [base64]}")
         if len(named) > max_images:
             return _error(413, f"{len(named)} images in one request; at most {max_images}")
-        images = []
-        for name, data in named:
-            try:
-                images.append(_decode(name, data))
-            except ImageDecodeError as e:
-                return _error(400, str(e))
+        budget = [REQUEST_PIXELS]
+        try:  # decoding is CPU work: off the event loop
+            images = await asyncio.to_thread(lambda: [_decode(name, data, budget) for name, data in named])
+        except ImageDecodeError as e:
+            return _error(400, str(e))
         try:
             results = await batcher.submit(images)
         except QueueFull as e:
             return _error(503, f"server busy ({e}); retry shortly")
         items = []
         for (name, _), image, r in zip(named, images, results, strict=True):
-            strip = await asyncio.to_thread(_attention, recognizer, image) if attention else None
+            strip = await asyncio.to_thread(_attention, recognizer, image, model_lock) if attention else None
             items.append(ReadItem(name=name, text=r.text, confidence=r.confidence, char_probs=r.char_probs,
                                   attention_png=strip))
         return ReadResponse(results=items)
@@ -156,19 +166,22 @@ async def _images_of(request: Request, kind: str, body: bytes) -> list[tuple[str
         except ValueError as e:
             raise ValueError(f"bad JSON body: expected {{\"images\": [base64, ...]}} ({str(e)[:120]})") from e
         names = payload.names or [f"image{i}" for i in range(len(payload.images))]
+        if len(names) != len(payload.images):
+            raise ValueError(f"{len(names)} names for {len(payload.images)} images; give one name per image")
         try:
-            return [(n, base64.b64decode(d, validate=True)) for n, d in zip(names, payload.images, strict=False)]
+            return [(n, base64.b64decode(d, validate=True)) for n, d in zip(names, payload.images, strict=True)]
         except (binascii.Error, ValueError) as e:
             raise ValueError(f"an image is not valid base64 ({e})") from e
     raise ValueError(f"unsupported content type {kind or 'none'!r}: use multipart/form-data or application/json")
 
 
-def _attention(recognizer, image: Image.Image) -> str | None:
+def _attention(recognizer, image: Image.Image, lock: threading.Lock) -> str | None:
     """The attention strip as a PNG data URL (PyTorch backend only)."""
     if not hasattr(recognizer, "model"):
         return None
     from clip4str.visualize import attention_strip
 
     buf = io.BytesIO()
-    attention_strip(recognizer, image, buf)
+    with lock:
+        attention_strip(recognizer, image, buf)
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()

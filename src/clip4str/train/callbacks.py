@@ -22,6 +22,7 @@ class ResumableCheckpoint(L.Callback):
         self.path = Path(out_dir) / "last.ckpt"
         self.minutes, self.steps = minutes, steps
         self._last_save = time.monotonic()
+        self._saved_step = 0
         self._signal: int | None = None
         self._previous: dict[int, object] = {}
 
@@ -42,13 +43,14 @@ class ResumableCheckpoint(L.Callback):
         trainer.save_checkpoint(tmp)
         if trainer.is_global_zero:
             os.replace(tmp, self.path)
-        self._last_save = time.monotonic()
+        self._last_save, self._saved_step = time.monotonic(), trainer.global_step
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: object, batch: object,
                            batch_idx: int) -> None:
         step = trainer.global_step
-        due = (self.steps and step % self.steps == 0) or \
-            (self.minutes is not None and time.monotonic() - self._last_save >= 60 * self.minutes)
+        # With gradient accumulation several batches share a step: save once per step at most.
+        due = step > self._saved_step and ((self.steps and step % self.steps == 0) or (
+            self.minutes is not None and time.monotonic() - self._last_save >= 60 * self.minutes))
         if self._signal is not None:
             self.save(trainer)
             print(f"\nsignal {self._signal}: checkpoint saved at step {step} to {self.path}; resume with --resume",

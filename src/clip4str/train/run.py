@@ -86,9 +86,6 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
                           mc.image_std, d.batch_size, d.num_workers, mc.max_label_length, t.seed, d.fonts,
                           d.backgrounds, d.synth_val_size, d.augment)
     dm.setup()
-    world = (t.devices if isinstance(t.devices, int) else 1) * t.num_nodes
-    effective = d.batch_size * world * t.accumulate_grad_batches
-    system = STRSystem(model, t, effective, dm.val_names)
     out.mkdir(parents=True, exist_ok=True)
     run_id = len(list(out.glob("logs/run-*")))
     (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
@@ -104,6 +101,8 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
         logger=[CSVLogger(out / "logs", name="", version=f"run-{run_id}"),
                 TensorBoardLogger(out / "logs", name="", version=f"run-{run_id}")],
         limit_val_batches=1.0 if dm.val_names else 0)
+    effective = d.batch_size * trainer.world_size * t.accumulate_grad_batches  # the lr follows it
+    system = STRSystem(model, t, effective, dm.val_names)
     start = time.time()
     trainer.fit(system, datamodule=dm, ckpt_path=str(last) if resume else None)
     if trainer.global_step < t.max_steps:  # stopped by a signal: the checkpoint is the result

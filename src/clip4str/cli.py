@@ -1,4 +1,4 @@
-"""`clip4str` command line: read images, list presets."""
+"""`clip4str` command line: read, test, bench, export, serve, convert, attention, zeroshot, train, data."""
 
 from __future__ import annotations
 

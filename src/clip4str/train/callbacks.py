@@ -53,9 +53,13 @@ class ResumableCheckpoint(L.Callback):
             self.minutes is not None and time.monotonic() - self._last_save >= 60 * self.minutes))
         if self._signal is not None:
             self.save(trainer)
+            for logger in trainer.loggers:
+                logger.finalize("interrupted")
             print(f"\nsignal {self._signal}: checkpoint saved at step {step} to {self.path}; resume with --resume",
-                  file=sys.stderr)
-            trainer.should_stop = True
+                  file=sys.stderr, flush=True)
+            # Leave now: stopping through Lightning would first run an end-of-epoch validation, which a signal
+            # sent to the whole process group can leave waiting forever on a data worker it killed.
+            os._exit(0)
         elif due:
             self.save(trainer)
 

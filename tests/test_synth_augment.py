@@ -72,7 +72,7 @@ def test_training_stream_is_resumable_and_mixes_by_weight(renderer, tmp_path):
     from test_data_lmdb_folder import _folder
 
     root = _folder(tmp_path, ["real"] * 4)
-    from clip4str.data.datamodule import open_labelled
+    from clip4str.data.sources import open_labelled
     sources = [(Source("synth", 3.0), renderer), (Source(str(root), 1.0), open_labelled(root, None))]
     stream = TrainStream(sources, batch_size=4, image_size=(32, 128), mean=(0.5,) * 3, std=(0.5,) * 3, seed=1)
     it = iter(stream)

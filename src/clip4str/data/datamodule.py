@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset, get_w
 
 from clip4str.charset import LabelNormalizer
 from clip4str.data.augment import RandAugment
-from clip4str.data.sources import dataset_labels, open_labelled  # noqa: F401 - re-exported
+from clip4str.data.sources import open_labelled
 from clip4str.data.synth import WordRenderer
 from clip4str.data.transforms import preprocess
 

@@ -32,6 +32,31 @@ def parse_set(items: list[str]) -> dict:
     return out
 
 
+def time_train_step(model: torch.nn.Module, batch_size: int, precision: str, steps: int = 5,
+                    attention: str = "math") -> float:
+    """Median seconds of one training step (forward, loss, backward, AdamW) on random images."""
+    model.train()
+    h, w = model.config.image_size
+    rng = random.Random(0)
+    labels = ["".join(rng.choice(string.ascii_letters) for _ in range(rng.randint(3, 10)))
+              for _ in range(batch_size)]
+    images = torch.randn(batch_size, 3, h, w)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    kernel = sdpa_kernel([SDPBackend.MATH]) if attention == "math" else contextlib.nullcontext()
+    times = []
+    with kernel:
+        for step in range(steps + 1):
+            t0 = time.perf_counter()
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+                loss = model(images, labels).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            if step:  # the first step warms up allocators and kernels
+                times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="tiny")
@@ -44,35 +69,15 @@ def main() -> None:
                     help="SDPA kernel: math (what clip4str train uses on CPU) or PyTorch's default choice")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-
-    def kernel():  # noqa: ANN202
-        return sdpa_kernel([SDPBackend.MATH]) if args.attention == "math" else contextlib.nullcontext()
-
     model = create_model(args.preset, **parse_set(args.set))
-    model.train()
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     h, w = model.config.image_size
-    rng = random.Random(0)
-    labels = ["".join(rng.choice(string.ascii_letters) for _ in range(rng.randint(3, 10)))
-              for _ in range(args.batch_size)]
-    images = torch.randn(args.batch_size, 3, h, w)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    tokens = model.encode_image(torch.zeros(1, 3, h, w)).shape[1]
     print(f"preset={args.preset} overrides={args.set} params={total / 1e6:.2f}M trainable={trainable / 1e6:.2f}M "
-          f"input={h}x{w} tokens={model.encode_image(images[:1]).shape[1]} batch={args.batch_size} "
-          f"threads={args.threads}")
+          f"input={h}x{w} tokens={tokens} batch={args.batch_size} threads={args.threads}")
     for precision in args.precision:
-        times = []
-        for step in range(args.steps + 1):
-            t0 = time.perf_counter()
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"), kernel():
-                loss = model(images, labels).loss
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            if step:  # the first step warms up allocators and kernels
-                times.append(time.perf_counter() - t0)
-        med = sorted(times)[len(times) // 2]
+        med = time_train_step(model, args.batch_size, precision, args.steps, args.attention)
         print(f"  {precision}: {med * 1000:.0f} ms/step, {args.batch_size / med:.1f} images/s")
 
 

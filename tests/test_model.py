@@ -175,3 +175,28 @@ def test_half_precision_checkpoint_loads_as_float32(small, tmp_path):
     with torch.inference_mode():
         diff = (small.decode(images).logits - loaded.decode(images).logits).abs().max()
     assert diff < 1e-2
+
+
+@pytest.mark.parametrize("depth", [1, 2])
+@pytest.mark.parametrize("options", [{}, {"refine_iters": 0}, {"max_length": 7, "early_exit": False}])
+def test_cached_autoregressive_loop_equals_recomputing_the_prefix(tiny_overrides, depth, options):
+    model = create_model("tiny", decoder_depth=depth, **tiny_overrides).eval()
+    images, _ = _batch(model, 3)
+    with torch.inference_mode():
+        fast, slow = model.decode(images, **options), model.decode(images, kv_cache=False, **options)
+    assert torch.equal(fast.lengths, slow.lengths) and torch.equal(fast.image_lengths, slow.image_lengths)
+    torch.testing.assert_close(fast.logits, slow.logits, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(fast.image_logits, slow.image_logits, atol=1e-4, rtol=1e-4)
+    assert fast.logits.argmax(-1).tolist() == slow.logits.argmax(-1).tolist()
+
+
+def test_cross_memory_reencodes_only_changed_captions(small):
+    small.eval()
+    images, _ = _batch(small, 3)
+    with torch.inference_mode():
+        memory = small.encode_image(images)
+        old = small.cross_memory(memory, ["cat", "dog", "sun"])
+        new = small.cross_memory(memory, ["cat", "fog", "sun"], (["cat", "dog", "sun"], old))
+        assert small.cross_memory(memory, ["cat", "dog", "sun"], (["cat", "dog", "sun"], old)) is old
+    torch.testing.assert_close(new, small.cross_memory(memory, ["cat", "fog", "sun"]), atol=1e-5, rtol=1e-5)
+    assert torch.equal(new[[0, 2]], old[[0, 2]]) and not torch.equal(new[1], old[1])

@@ -85,3 +85,27 @@ def test_training_stream_is_resumable_and_mixes_by_weight(renderer, tmp_path):
     labels = [stream.sample(g)[1] for g in range(400)]
     share = labels.count("real") / len(labels)
     assert 0.15 < share < 0.35  # weight 1 of 4
+
+
+def _colour_variety(img: Image.Image) -> float:
+    """Distinct colours per pixel: noise, photos, blur and JPEG raise it; flat clean text keeps it low."""
+    pixels = np.asarray(img).reshape(-1, 3)
+    return len(np.unique(pixels, axis=0)) / len(pixels)
+
+
+def test_difficulty_zero_renders_the_same_words_cleaner(renderer):
+    easy = [renderer.render(i, 0.0) for i in range(80)]
+    hard = [renderer.render(i, 1.0) for i in range(80)]
+    assert [t for _, t in easy] == [t for _, t in hard] == [renderer[i][1] for i in range(80)]
+    assert _bytes(renderer.render(5, 0.0)[0]) == _bytes(easy[5][0])
+    assert np.mean([_colour_variety(i) for i, _ in easy]) * 2 < np.mean([_colour_variety(i) for i, _ in hard])
+
+
+def test_curriculum_ramps_difficulty_with_the_sample_number(renderer):
+    sources = [(Source("synth", 1.0), renderer)]
+    args = dict(batch_size=4, image_size=(32, 128), mean=(0.5,) * 3, std=(0.5,) * 3, seed=1)
+    ramped = TrainStream(sources, curriculum_images=1000, **args)
+    full = TrainStream(sources, **args)
+    first, late = ramped.sample(0), ramped.sample(5000)
+    assert first[1] == full.sample(0)[1] and not torch.equal(first[0], full.sample(0)[0])
+    assert torch.equal(late[0], full.sample(5000)[0])  # past the ramp: the full mix

@@ -70,11 +70,13 @@ class TrainStream(IterableDataset):
     """Endless (image tensor, label) stream. Sample g depends only on (seed, g): which source, which item,
     which augmentation. Worker w builds batches w, w + W, ... so batches arrive in order for any worker count,
     and a resumed run continues at `start_batch` with exactly the samples an uninterrupted run would see.
+    With `curriculum_images` > 0, sample g gets difficulty min(1, g / curriculum_images): synthetic words start
+    clean and gain distortions, and augmentation is applied with that probability.
     """
 
     def __init__(self, sources: list[tuple[Source, Any]], batch_size: int, image_size: tuple[int, int],
                  mean: Sequence[float], std: Sequence[float], seed: int = 0, augment: bool = True,
-                 start_batch: int = 0, rank: int = 0, world: int = 1) -> None:
+                 start_batch: int = 0, rank: int = 0, world: int = 1, curriculum_images: int = 0) -> None:
         self.sources = sources
         weights = np.array([s.weight for s, _ in sources], dtype=np.float64)
         if (weights <= 0).any() or not len(weights):
@@ -83,20 +85,22 @@ class TrainStream(IterableDataset):
         self.batch_size, self.image_size, self.mean, self.std = batch_size, image_size, mean, std
         self.seed, self.start_batch, self.rank, self.world = seed, start_batch, rank, world
         self.augment = RandAugment() if augment else None
+        self.curriculum_images = curriculum_images
 
     def sample(self, g: int) -> tuple[torch.Tensor, str] | None:
         """Global sample number g of the stream."""
         rng = np.random.default_rng([self.seed, g])
+        difficulty = min(1.0, g / self.curriculum_images) if self.curriculum_images > 0 else 1.0
         k = min(int(np.searchsorted(self.cumulative, rng.random(), side="right")), len(self.sources) - 1)
         source, data = self.sources[k]
         if source.is_synth:
-            image, label = data[int(rng.integers(2**62))]
+            image, label = data.render(int(rng.integers(2**62)), difficulty)
         else:
             item = data[int(rng.integers(len(data)))]
             if item is None:
                 return None
             image, label = item
-        if self.augment is not None:
+        if self.augment is not None and rng.random() < difficulty:
             image = self.augment(image, random.Random(int(rng.integers(2**62))))
         return self._tensor(image), label
 
@@ -136,14 +140,15 @@ class STRDataModule(L.LightningDataModule):
     def __init__(self, sources: list[Source], val_paths: list[str], charset: str, image_size: tuple[int, int],
                  mean: Sequence[float], std: Sequence[float], batch_size: int = 64, num_workers: int = 0,
                  max_label_length: int = 25, seed: int = 0, synth_fonts: list[str] | None = None,
-                 synth_backgrounds: list[str] | None = None, synth_val_size: int = 0, augment: bool = True) -> None:
+                 synth_backgrounds: list[str] | None = None, synth_val_size: int = 0, augment: bool = True,
+                 curriculum_images: int = 0) -> None:
         super().__init__()
         self.sources, self.val_paths = sources, val_paths
         self.charset, self.image_size, self.mean, self.std = charset, tuple(image_size), mean, std
         self.batch_size, self.num_workers, self.max_label_length, self.seed = batch_size, num_workers, \
             max_label_length, seed
         self.synth_fonts, self.synth_backgrounds, self.synth_val_size = synth_fonts, synth_backgrounds, synth_val_size
-        self.augment = augment
+        self.augment, self.curriculum_images = augment, curriculum_images
         self.start_batch, self.rank, self.world = 0, 0, 1
         self._train: list[tuple[Source, Any]] | None = None
         self._val: dict[str, Dataset] = {}
@@ -179,7 +184,7 @@ class STRDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         """Batches of the training stream, starting at `start_batch` (set when resuming)."""
         stream = TrainStream(self._train, self.batch_size, self.image_size, self.mean, self.std, self.seed,
-                             self.augment, self.start_batch, self.rank, self.world)
+                             self.augment, self.start_batch, self.rank, self.world, self.curriculum_images)
         return DataLoader(stream, batch_size=self.batch_size, num_workers=self.num_workers, collate_fn=collate,
                           persistent_workers=False, prefetch_factor=4 if self.num_workers else None,
                           worker_init_fn=ignore_stop_signals)

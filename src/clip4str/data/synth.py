@@ -123,16 +123,22 @@ class WordRenderer:
         self.seed, self.font_size = seed, font_size
 
     def __getitem__(self, index: int) -> tuple[Image.Image, str]:
+        return self.render(index)
+
+    def render(self, index: int, difficulty: float = 1.0) -> tuple[Image.Image, str]:
+        """Sample `index`; `difficulty` in [0, 1] scales how often each hard effect is applied (0: clean,
+        straight, high-contrast words on plain backgrounds; 1: the full mix)."""
+        d = min(max(float(difficulty), 0.0), 1.0)
         rng = np.random.default_rng([self.seed, index])
         font_info, text = self._font_and_text(rng)
         size = int(rng.integers(*self.font_size)) // 2 * 2  # even sizes: half as many cached font objects
         font = load_font(font_info.path, size)
-        stroke = int(rng.integers(1, max(2, size // 12) + 1)) if rng.random() < 0.12 else 0
-        mask = self._curved(text, font, rng) if len(text) > 2 and rng.random() < 0.12 else \
+        stroke = int(rng.integers(1, max(2, size // 12) + 1)) if rng.random() < 0.12 * d else 0
+        mask = self._curved(text, font, rng) if len(text) > 2 and rng.random() < 0.12 * d else \
             self._straight(text, font, stroke, rng)
-        mask = self._warp(mask, rng)
-        image = self._compose(mask, rng)
-        return self._degrade(image, rng), text
+        mask = self._warp(mask, rng, d)
+        image = self._compose(mask, rng, d)
+        return self._degrade(image, rng, d), text
 
     def _font_and_text(self, rng: np.random.Generator) -> tuple[FontInfo, str]:
         for _ in range(20):
@@ -194,17 +200,17 @@ class WordRenderer:
         return canvas.crop(box) if box else canvas
 
     @staticmethod
-    def _warp(mask: Image.Image, rng: np.random.Generator) -> Image.Image:
+    def _warp(mask: Image.Image, rng: np.random.Generator, d: float = 1.0) -> Image.Image:
         """Rotation, shear and perspective in one transform; output sized to the warped text plus a margin."""
         w, h = mask.size
         pts = np.array([[0, 0], [w, 0], [w, h], [0, h]], dtype=np.float64)
-        angle = math.radians(rng.normal(0, 4) if rng.random() < 0.85 else rng.uniform(-25, 25))
-        shear = rng.normal(0, 0.15) if rng.random() < 0.3 else 0.0
+        angle = math.radians(rng.normal(0, 4 * d) if rng.random() >= 0.15 * d else rng.uniform(-25, 25))
+        shear = rng.normal(0, 0.15) if rng.random() < 0.3 * d else 0.0
         out = pts.copy()
         out[:, 0] += shear * (h - out[:, 1])
         c, s = math.cos(angle), math.sin(angle)
         out = out @ np.array([[c, s], [-s, c]])
-        if rng.random() < 0.35:  # perspective: move corners independently
+        if rng.random() < 0.35 * d:  # perspective: move corners independently
             out += rng.normal(0, 0.06, out.shape) * np.array([w, h])
         margin_x, margin_y = rng.uniform(0, 0.15) * h + 1, rng.uniform(0, 0.25) * h + 1
         out -= out.min(0) - np.array([margin_x, margin_y])
@@ -212,22 +218,22 @@ class WordRenderer:
         return mask.transform(size, Image.Transform.PERSPECTIVE, _perspective_coeffs(pts, out),
                               Image.Resampling.BILINEAR)
 
-    def _compose(self, mask: Image.Image, rng: np.random.Generator) -> Image.Image:
+    def _compose(self, mask: Image.Image, rng: np.random.Generator, d: float = 1.0) -> Image.Image:
         inner = None
         if mask.mode == "RGB":
             mask, inner = mask.getchannel(0), mask.getchannel(1)
         w, h = mask.size
-        bg_arr = self.backgrounds.sample(w, h, rng)
+        bg_arr = self.backgrounds.sample(w, h, rng, d)
         weight = np.asarray(mask, dtype=np.float32)
         # Contrast is judged where the text lies, not over the whole (possibly busy) background.
         bg_lum = float((bg_arr.mean(-1) * weight).sum() / max(weight.sum(), 1.0)) / 255.0
         bg = Image.fromarray(bg_arr.astype(np.uint8))
         fg_lum = (bg_lum + rng.uniform(0.35, 0.65)) % 1.0 if rng.random() < 0.5 else 1.0 - bg_lum
-        if abs(fg_lum - bg_lum) < 0.35:
+        if abs(fg_lum - bg_lum) < 0.35 + 0.3 * (1 - d):  # easy samples get strong contrast
             fg_lum = 0.08 if bg_lum > 0.5 else 0.92
         tint = rng.uniform(-0.35, 0.35, 3) if rng.random() < 0.6 else np.zeros(3)
         fg = tuple(int(v) for v in np.clip(fg_lum + tint * min(fg_lum, 1 - fg_lum) * 2, 0, 1) * 255)
-        if rng.random() < 0.2:  # shadow: the text's silhouette, offset and darker
+        if rng.random() < 0.2 * d:  # shadow: the text's silhouette, offset and darker
             dx, dy = (int(v) for v in rng.integers(-3, 4, 2))
             shadow = ImageChops.offset(mask, dx, dy).point(lambda v: v * 0.6)
             bg = Image.composite(Image.new("RGB", (w, h)), bg, shadow)
@@ -237,9 +243,9 @@ class WordRenderer:
         return Image.composite(text, bg, mask)
 
     @staticmethod
-    def _degrade(image: Image.Image, rng: np.random.Generator) -> Image.Image:
+    def _degrade(image: Image.Image, rng: np.random.Generator, d: float = 1.0) -> Image.Image:
         w, h = image.size
-        if rng.random() < 0.15:  # partial occlusion: a see-through bar or a thin line over part of the word
+        if rng.random() < 0.15 * d:  # partial occlusion: a see-through bar or a thin line over part of the word
             draw = ImageDraw.Draw(image, "RGBA")
             colour = (*(int(v) for v in rng.integers(0, 256, 3)), int(rng.integers(90, 180)))
             if rng.random() < 0.5:
@@ -249,16 +255,16 @@ class WordRenderer:
                 draw.line([(0, int(rng.uniform(0, h))), (w, int(rng.uniform(0, h)))], fill=colour,
                           width=int(rng.integers(1, 3)))
         # Blur and downsampling scale with the image, so that small words stay legible.
-        if rng.random() < 0.3:
+        if rng.random() < 0.3 * d:
             image = image.filter(ImageFilter.GaussianBlur(float(rng.uniform(0.2, 1.0)) * max(1.0, h / 32)))
-        elif rng.random() < 0.2:  # low resolution
+        elif rng.random() < 0.2 * d:  # low resolution
             f = float(rng.uniform(1.3, max(1.5, h / 14)))
             image = image.resize((max(1, int(w / f)), max(1, int(h / f))), Image.Resampling.BILINEAR).resize(
                 (w, h), Image.Resampling.BILINEAR)
-        if rng.random() < 0.3:
+        if rng.random() < 0.3 * d:
             arr = np.asarray(image, dtype=np.float32) + rng.normal(0, rng.uniform(2, 12), (h, w, 1))
             image = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
-        if rng.random() < 0.4:
+        if rng.random() < 0.4 * d:
             buf = io.BytesIO()
             image.save(buf, "JPEG", quality=int(rng.integers(15, 90)))
             image = Image.open(io.BytesIO(buf.getvalue())).convert("RGB")

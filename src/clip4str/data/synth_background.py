@@ -49,10 +49,10 @@ class Backgrounds:
                 self._cache[i] = None
         return self._cache[i]
 
-    def sample(self, w: int, h: int, rng: np.random.Generator) -> np.ndarray:
-        """A background of size (h, w)."""
+    def sample(self, w: int, h: int, rng: np.random.Generator, difficulty: float = 1.0) -> np.ndarray:
+        """A background of size (h, w); lower `difficulty` means fewer photos and less noise."""
         r = rng.random()
-        if self.photos and r < 0.35:
+        if self.photos and r < 0.35 * difficulty:
             photo = self._photo(int(rng.integers(len(self.photos))))
             if photo is not None:
                 return self._crop(photo, w, h, rng)
@@ -68,7 +68,7 @@ class Backgrounds:
             out = self._texture(w, h, base, rng)
         else:
             out = np.broadcast_to(base, (h, w, 3)).astype(np.float32)
-        if rng.random() < 0.5:
+        if rng.random() < 0.5 * difficulty:
             out = out + rng.normal(0, rng.uniform(3, 25), (h, w, 1)).astype(np.float32)
         return np.clip(out, 0, 255)
 

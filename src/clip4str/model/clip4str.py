@@ -110,10 +110,25 @@ class CLIP4STR(nn.Module):
             ids = [row[:n] for row, n in zip(ids, lengths.tolist(), strict=True)]
         return [self.caption_adapter(self.tokenizer.ids_to_text(row)) for row in ids]
 
-    def cross_memory(self, image_tokens: torch.Tensor, captions: Sequence[str]) -> torch.Tensor:
-        """[image tokens ; text tokens]; image tokens detached so the cross loss never trains the image tower."""
-        text = self.encode_text(captions, image_tokens.device)
-        return torch.cat([image_tokens.detach(), text.to(image_tokens.dtype)], dim=1)
+    def cross_memory(self, image_tokens: torch.Tensor, captions: Sequence[str],
+                     previous: tuple[list[str], torch.Tensor] | None = None) -> torch.Tensor:
+        """[image tokens ; text tokens]; image tokens detached so the cross loss never trains the image tower.
+
+        `previous` = (captions, cross memory) of an earlier call on the same images: rows whose caption is
+        unchanged keep their text features, so the text encoder only runs on the captions that changed.
+        """
+        captions = list(captions)
+        if previous is None:
+            text = self.encode_text(captions, image_tokens.device)
+            return torch.cat([image_tokens.detach(), text.to(image_tokens.dtype)], dim=1)
+        old_captions, memory = previous
+        changed = [i for i, (new, old) in enumerate(zip(captions, old_captions, strict=True)) if new != old]
+        if not changed:
+            return memory
+        memory = memory.clone()
+        text = self.encode_text([captions[i] for i in changed], image_tokens.device)
+        memory[changed, image_tokens.shape[1]:] = text.to(memory.dtype)
+        return memory
 
     # -- training -------------------------------------------------------------------------------------
     def forward(self, images: torch.Tensor, labels: Sequence[str] | torch.Tensor, perms: torch.Tensor | None = None,
@@ -164,11 +179,12 @@ class CLIP4STR(nn.Module):
 
     # -- decoding -------------------------------------------------------------------------------------
     def decode(self, images: torch.Tensor, mode: str | None = None, refine_iters: int | None = None,
-               max_length: int | None = None, early_exit: bool = True) -> DecodeOutput:
+               max_length: int | None = None, early_exit: bool = True, kv_cache: bool = True) -> DecodeOutput:
         """Predict logits for preprocessed images; every row is decoded as if it were alone in the batch.
 
         mode: 'ar' (greedy autoregressive) or 'nar' (one pass); refine_iters: cloze refinement passes per
-        branch; max_length caps the label length; early_exit stops AR decoding once every row emitted EOS.
+        branch; max_length caps the label length; early_exit stops AR decoding once every row emitted EOS;
+        kv_cache=False recomputes the whole prefix at every AR step (the reference's way; for benchmarks/tests).
         """
         mode = self.config.decode_mode if mode is None else mode
         refine_iters = self.config.refine_iters if refine_iters is None else refine_iters
@@ -177,16 +193,18 @@ class CLIP4STR(nn.Module):
         limit = self.config.max_label_length if max_length is None else min(max_length, self.config.max_label_length)
         steps = limit + 1
         memory = self.encode_image(images)
-        img_logits, img_len = self._first_pass(self.image_decoder, memory, steps, mode, early_exit, None)
+        img_logits, img_len = self._first_pass(self.image_decoder, memory, steps, mode, early_exit, None, kv_cache)
         cross_mem = cross_logits = cross_len = None
         if self.cross_decoder is not None:
-            cross_mem = self.cross_memory(memory, self.captions(img_logits, img_len))
+            captions = self.captions(img_logits, img_len)
+            cross_mem = self.cross_memory(memory, captions)
             cross_logits, cross_len = self._first_pass(self.cross_decoder, cross_mem, steps, mode, early_exit,
-                                                       img_len)
+                                                       img_len, kv_cache)
         for _ in range(refine_iters):
             img_logits, img_len_new = self._refine(self.image_decoder, memory, img_logits, img_len, steps)
             if self.cross_decoder is not None:
-                cross_mem = self.cross_memory(memory, self.captions(img_logits))
+                previous, captions = captions, self.captions(img_logits)
+                cross_mem = self.cross_memory(memory, captions, (previous, cross_mem))
                 cross_logits, cross_len = self._refine(self.cross_decoder, cross_mem, cross_logits, cross_len, steps)
             img_len = img_len_new
         if self.cross_decoder is None:
@@ -194,7 +212,7 @@ class CLIP4STR(nn.Module):
         return DecodeOutput(cross_logits, cross_len, img_logits, img_len)
 
     def _first_pass(self, decoder: Decoder, memory: torch.Tensor, steps: int, mode: str, early_exit: bool,
-                    budget: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+                    budget: torch.Tensor | None, kv_cache: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         b, device = memory.shape[0], memory.device
         kv = decoder.memory_kv(memory)
         tok = self.tokenizer
@@ -207,10 +225,14 @@ class CLIP4STR(nn.Module):
         tgt = torch.full((b, steps), tok.pad_id, dtype=torch.long, device=device)
         tgt[:, 0] = tok.bos_id
         mask, _ = causal_masks(steps, device)
+        cache: list = [None] * len(decoder.layers)
         logits = []
         for i in range(int(budget.max())):
             j = i + 1
-            out = decoder(tgt[:, :j], kv, mask[:j, :j], query_start=i, query_len=1, query_mask=mask[i:j, :j])
+            if kv_cache:
+                out = decoder.step(tgt[:, i], i, kv, cache)
+            else:
+                out = decoder(tgt[:, :j], kv, mask[:j, :j], query_start=i, query_len=1, query_mask=mask[i:j, :j])
             logits.append(out)
             if j < steps:
                 tgt[:, j] = out.squeeze(1).argmax(-1)

@@ -85,6 +85,22 @@ class DecoderLayer(nn.Module):
             content = self._stream(content, content_norm, content_norm, memory, content_mask)
         return query, content
 
+    def step(self, query: torch.Tensor, content: torch.Tensor, memory: KV, cache: KV | None,
+             update_content: bool) -> tuple[torch.Tensor, torch.Tensor, KV]:
+        """`forward` for one new content token (B, 1, D) that sees every cached one, as the causal mask allows.
+
+        Under that mask earlier content positions never change, so their self-attention keys and values are
+        kept in `cache` instead of being recomputed at each autoregressive step.
+        """
+        content_norm = self.norm_c(content)
+        k, v = self.self_attn.project_kv(content_norm)
+        if cache is not None:
+            k, v = torch.cat([cache[0], k], dim=2), torch.cat([cache[1], v], dim=2)
+        query = self._stream(query, self.norm_q(query), (k, v), memory, None)
+        if update_content:
+            content = self._stream(content, content_norm, (k, v), memory, None)
+        return query, content, (k, v)
+
 
 class TokenEmbedding(nn.Module):
     """Token embedding scaled by sqrt(width)."""
@@ -166,6 +182,17 @@ class Decoder(nn.Module):
         mem = memory if isinstance(memory, list) else [memory] * len(self.layers)
         for i, layer in enumerate(self.layers):
             query, content = layer(query, content, mem[i], q_mask, c_mask, i < len(self.layers) - 1, m_mask)
+        return self.head(self.norm(query))
+
+    def step(self, tokens: torch.Tensor, position: int, memory: list[KV], cache: list[KV | None]) -> torch.Tensor:
+        """Autoregressive step: logits (B, 1, C) at `position` given the token (B,) at content position
+        `position` (BOS when 0); `cache` (one entry per layer, None at first) holds the earlier content."""
+        emb = self.text_embed(tokens[:, None])
+        content = emb if position == 0 else self.pos_queries[:, position - 1: position] + emb
+        query = self.pos_queries[:, position: position + 1].expand(tokens.shape[0], -1, -1)
+        last = len(self.layers) - 1
+        for i, layer in enumerate(self.layers):
+            query, content, cache[i] = layer.step(query, content, memory[i], cache[i], i < last)
         return self.head(self.norm(query))
 
     def forward_permutations(self, tgt_in: torch.Tensor, memory: torch.Tensor, content_masks: torch.Tensor,

@@ -31,6 +31,7 @@ class DataSection:
     batch_size: int = 64
     num_workers: int = 1
     augment: bool = True
+    curriculum_images: int = 0  # ramp synthetic difficulty and augmentation from 0 to 1 over this many images
     fonts: list[str] | None = None
     backgrounds: list[str] | None = None
 

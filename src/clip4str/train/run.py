@@ -84,7 +84,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     mc = model.config
     dm = _ResumeAwareData([Source(**s) for s in d.train], d.val, mc.charset, mc.image_size, mc.image_mean,
                           mc.image_std, d.batch_size, d.num_workers, mc.max_label_length, t.seed, d.fonts,
-                          d.backgrounds, d.synth_val_size, d.augment)
+                          d.backgrounds, d.synth_val_size, d.augment, d.curriculum_images)
     dm.setup()
     out.mkdir(parents=True, exist_ok=True)
     run_id = len(list(out.glob("logs/run-*")))
@@ -97,7 +97,8 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
         num_nodes=t.num_nodes, strategy=t.strategy, gradient_clip_val=t.grad_clip,
         accumulate_grad_batches=t.accumulate_grad_batches, val_check_interval=t.val_every_steps,
         check_val_every_n_epoch=None, num_sanity_val_steps=0, log_every_n_steps=t.log_every_steps,
-        enable_checkpointing=False, callbacks=callbacks, default_root_dir=str(out),
+        enable_checkpointing=False, enable_progress_bar=sys.stderr.isatty(),  # no bar spam in nohup logs
+        callbacks=callbacks, default_root_dir=str(out),
         logger=[CSVLogger(out / "logs", name="", version=f"run-{run_id}"),
                 TensorBoardLogger(out / "logs", name="", version=f"run-{run_id}")],
         limit_val_batches=1.0 if dm.val_names else 0)

@@ -100,7 +100,7 @@ class TrainStream(IterableDataset):
             if item is None:
                 return None
             image, label = item
-        if self.augment is not None and rng.random() < difficulty:
+        if self.augment is not None and (difficulty >= 1.0 or rng.random() < difficulty):
             image = self.augment(image, random.Random(int(rng.integers(2**62))))
         return self._tensor(image), label
 

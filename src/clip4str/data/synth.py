@@ -204,7 +204,7 @@ class WordRenderer:
         """Rotation, shear and perspective in one transform; output sized to the warped text plus a margin."""
         w, h = mask.size
         pts = np.array([[0, 0], [w, 0], [w, h], [0, h]], dtype=np.float64)
-        angle = math.radians(rng.normal(0, 4 * d) if rng.random() >= 0.15 * d else rng.uniform(-25, 25))
+        angle = math.radians(rng.normal(0, 4 * d) if rng.random() < 1 - 0.15 * d else rng.uniform(-25, 25))
         shear = rng.normal(0, 0.15) if rng.random() < 0.3 * d else 0.0
         out = pts.copy()
         out[:, 0] += shear * (h - out[:, 1])

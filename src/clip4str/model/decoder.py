@@ -188,8 +188,8 @@ class Decoder(nn.Module):
         """Autoregressive step: logits (B, 1, C) at `position` given the token (B,) at content position
         `position` (BOS when 0); `cache` (one entry per layer, None at first) holds the earlier content."""
         emb = self.text_embed(tokens[:, None])
-        content = emb if position == 0 else self.pos_queries[:, position - 1: position] + emb
-        query = self.pos_queries[:, position: position + 1].expand(tokens.shape[0], -1, -1)
+        content = self.dropout(emb if position == 0 else self.pos_queries[:, position - 1: position] + emb)
+        query = self.dropout(self.pos_queries[:, position: position + 1].expand(tokens.shape[0], -1, -1))
         last = len(self.layers) - 1
         for i, layer in enumerate(self.layers):
             query, content, cache[i] = layer.step(query, content, memory[i], cache[i], i < last)

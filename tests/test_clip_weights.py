@@ -3,7 +3,7 @@ import warnings
 
 import pytest
 import torch
-from open_clip.model import convert_weights_to_lp
+from open_clip.model import CLIP, convert_weights_to_lp
 from safetensors.torch import save_file
 
 from clip4str import create_model
@@ -12,11 +12,11 @@ from clip4str.weights import read_clip_checkpoint
 
 
 def _clip(quick_gelu):
+    """A plain open_clip CLIP (nn.MultiheadAttention), as released checkpoints were made."""
     # 64-wide heads as in released CLIPs: the head count is not visible in the shapes of the weights.
-    cfg = {"embed_dim": 32, "quick_gelu": quick_gelu,
-           "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 128, "layers": 2, "head_width": 64},
-           "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 1, "layers": 2}}
-    model = build_clip(cfg).eval()
+    model = CLIP(embed_dim=32, quick_gelu=quick_gelu,
+                 vision_cfg={"image_size": 32, "patch_size": 8, "width": 128, "layers": 2, "head_width": 64},
+                 text_cfg={"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 1, "layers": 2}).eval()
     with torch.no_grad():  # non-trivial norms and biases so that a swapped or dropped one shows
         for name, p in model.named_parameters():
             if p.ndim == 1 and "ln" in name:
@@ -137,3 +137,19 @@ def test_imagenet_vit_initialises_the_image_tower(tmp_path, library):
     assert model.config.clip["vision_cfg"]["no_ln_pre"] is True
     tiny = create_model_from_imagenet_vit("tiny", tmp_path / "vit.pth")
     assert tiny.clip.visual.positional_embedding.shape[0] == 1 + 2 * 8  # 32x128 input, 16x16 patches
+
+
+def test_tower_attention_matches_multihead_attention():
+    reference = _clip(quick_gelu=False)
+    ours = build_clip({"embed_dim": 32, "quick_gelu": False,
+                       "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 128, "layers": 2, "head_width": 64},
+                       "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 1, "layers": 2}})
+    assert ours.load_state_dict(reference.state_dict()) is not None  # same parameter names
+    assert not any(isinstance(m, torch.nn.MultiheadAttention) for m in ours.modules())
+    for train in (False, True):  # eval: MultiheadAttention's fast path; train: its slow path
+        reference.train(train), ours.train(train)
+        for a, b in zip(_outputs(ours), _outputs(reference), strict=True):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        for a, b in zip(_outputs(ours.eval()), _outputs(reference.eval()), strict=True):
+            torch.testing.assert_close(a.float(), b.float(), atol=0.1, rtol=0.05)

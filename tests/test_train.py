@@ -168,3 +168,16 @@ def test_sigterm_to_the_process_group_saves_a_checkpoint_and_resume_finishes(tmp
     step = torch.load(tmp_path / "term" / "last.ckpt", weights_only=False)["global_step"]
     assert 0 < step < 400
     assert not (tmp_path / "term" / "final").exists()
+    # A stopped run ships its last checkpoint: float16 weights, provenance with the steps it reached.
+    from clip4str.cli import main
+    from clip4str.weights import load_model, read_checkpoint_config
+    assert main(["train", "--config", str(cfg), "--export-last", str(tmp_path / "shipped"), "--half"]) == 0
+    doc, weights = read_checkpoint_config(tmp_path / "shipped")
+    assert doc["provenance"]["steps"] == step and doc["provenance"]["images_seen"] == step * 8
+    from safetensors import safe_open
+    with safe_open(weights, "pt") as f:
+        assert f.get_tensor("image_decoder.head.weight").dtype == torch.float16
+    state = torch.load(tmp_path / "term" / "last.ckpt", weights_only=False)["state_dict"]
+    shipped = load_model(tmp_path / "shipped").state_dict()
+    torch.testing.assert_close(shipped["image_decoder.head.weight"], state["model.image_decoder.head.weight"],
+                               atol=1e-3, rtol=1e-3)

@@ -192,6 +192,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--config", type=Path, help="experiment YAML (see configs/)")
     train.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. train.max_steps=100")
     train.add_argument("--resume", action="store_true", help="continue from OUT_DIR/last.ckpt")
+    train.add_argument("--export-last", metavar="DEST", help="do not train: write the model of OUT_DIR/last.ckpt "
+                       "as a checkpoint folder at DEST (for a run stopped before max_steps)")
+    train.add_argument("--half", action="store_true", help="with --export-last: store the weights in float16")
     train.set_defaults(func=commands.cmd_train)
     return parser
 

@@ -85,9 +85,16 @@ def cmd_zeroshot(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     """Train (or resume) an experiment and print where the result is."""
     from clip4str.train.config import load_config
-    from clip4str.train.run import train
+    from clip4str.train.run import export_last, train
 
-    result = train(load_config(args.config, args.overrides), resume=args.resume)
+    cfg = load_config(args.config, args.overrides)
+    if args.export_last:
+        import torch
+
+        out = export_last(cfg, args.export_last, torch.float16 if args.half else None)
+        print(f"exported {cfg.train.out_dir}/last.ckpt to {out}")
+        return 0
+    result = train(cfg, resume=args.resume)
     print(f"result: {result}")
     return 0
 

@@ -115,6 +115,22 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     return final
 
 
+def export_last(cfg: TrainConfig, dest: str | Path, dtype: torch.dtype | None = None) -> Path:
+    """Write the model of the run's last.ckpt as a checkpoint folder (e.g. a run stopped before max_steps)."""
+    last = Path(cfg.train.out_dir) / "last.ckpt"
+    if not last.is_file():
+        raise FileNotFoundError(f"no checkpoint at {last}: train first (train.out_dir of this config)")
+    ckpt = torch.load(last, map_location="cpu", weights_only=False)
+    model = build_model(cfg)
+    state = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
+    model.load_state_dict(state)
+    step = int(ckpt["global_step"])
+    effective = ckpt.get("effective_batch", cfg.data.batch_size * cfg.train.accumulate_grad_batches)
+    provenance = {"steps": step, "images_seen": step * effective, "max_steps": cfg.train.max_steps,
+                  "config": cfg.to_dict()}
+    return save_checkpoint(model.eval(), dest, provenance, dtype=dtype)
+
+
 def read_history(out: Path) -> list[dict[str, float]]:
     """Every logged row of every run of an experiment, by step (later runs win)."""
     rows: dict[tuple[int, str], dict[str, float]] = {}

@@ -40,10 +40,14 @@ class STRSystem(L.LightningModule):
     def __init__(self, model: CLIP4STR, cfg: TrainSection, effective_batch: int, val_names: list[str]) -> None:
         super().__init__()
         self.model, self.cfg = model, cfg
+        self.effective_batch = effective_batch
         self.lr = cfg.base_lr * effective_batch / 512  # the authors' scaling rule
         self.val_names = val_names
         self._scores: list[Scores] = []
         self._last_step_time: float | None = None
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["effective_batch"] = self.effective_batch  # images per step, for the exported provenance
 
     def on_train_batch_start(self, batch: object, batch_idx: int) -> None:
         # Every random draw of a step (permutations, dropout) depends on (seed, step): a resumed run repeats

@@ -80,10 +80,20 @@ class OnnxRecognizer(BaseRecognizer):
             else ids.tolist()
         return [self.caption_adapter(self.tokenizer.ids_to_text(r)) for r in rows]
 
-    def _cross_memory(self, tokens: np.ndarray, captions: list[str]) -> np.ndarray:
-        ids = self.bpe(captions, self.cfg["text_context_length"])
+    def _cross_memory(self, tokens: np.ndarray, captions: list[str],
+                      previous: tuple[list[str], np.ndarray] | None = None) -> np.ndarray:
+        """As CLIP4STR.cross_memory: with `previous`, only changed captions go through the text encoder."""
+        rows = list(range(len(captions))) if previous is None else \
+            [i for i, (new, old) in enumerate(zip(captions, previous[0], strict=True)) if new != old]
+        if previous is not None and not rows:
+            return previous[1]
+        ids = self.bpe([captions[i] for i in rows], self.cfg["text_context_length"])
         text = self.text_encoder.run(None, {"token_ids": ids})[0]
-        return np.concatenate([tokens, text], axis=1)
+        if previous is None:
+            return np.concatenate([tokens, text], axis=1)
+        memory = previous[1].copy()
+        memory[rows, tokens.shape[1]:] = text
+        return memory
 
     # -- decoding (mirrors CLIP4STR.decode) ------------------------------------------------------------------
     def _first_pass(self, decoder, memory: np.ndarray, steps: int, mode: str, early_exit: bool,
@@ -137,12 +147,14 @@ class OnnxRecognizer(BaseRecognizer):
         img, img_len = self._first_pass(self.image_decoder, tokens, steps, mode, early_exit, None)
         cross = cross_len = None
         if self.cross:
-            mem = self._cross_memory(tokens, self._captions(img, img_len))
+            captions = self._captions(img, img_len)
+            mem = self._cross_memory(tokens, captions)
             cross, cross_len = self._first_pass(self.cross_decoder, mem, steps, mode, early_exit, img_len)
         for _ in range(refine_iters):
             img, img_len_new = self._refine(self.image_decoder, tokens, img, img_len, steps)
             if self.cross:
-                mem = self._cross_memory(tokens, self._captions(img))
+                previous, captions = captions, self._captions(img)
+                mem = self._cross_memory(tokens, captions, (previous, mem))
                 cross, cross_len = self._refine(self.cross_decoder, mem, cross, cross_len, steps)
             img_len = img_len_new
         return (cross, cross_len) if self.cross else (img, img_len)

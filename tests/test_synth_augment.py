@@ -93,10 +93,12 @@ def _colour_variety(img: Image.Image) -> float:
     return len(np.unique(pixels, axis=0)) / len(pixels)
 
 
-def test_difficulty_zero_renders_the_same_words_cleaner(renderer):
+def test_difficulty_zero_renders_short_words_cleaner(renderer):
     easy = [renderer.render(i, 0.0) for i in range(80)]
     hard = [renderer.render(i, 1.0) for i in range(80)]
-    assert [t for _, t in easy] == [t for _, t in hard] == [renderer[i][1] for i in range(80)]
+    assert [t for _, t in hard] == [renderer[i][1] for i in range(80)]
+    assert all(1 <= len(t) <= 3 for _, t in easy) and max(len(t) for _, t in hard) > 8
+    assert all(len(renderer.render(i, 0.25)[1]) <= 8 for i in range(40))
     assert _bytes(renderer.render(5, 0.0)[0]) == _bytes(easy[5][0])
     assert np.mean([_colour_variety(i) for i, _ in easy]) * 2 < np.mean([_colour_variety(i) for i, _ in hard])
 
@@ -107,5 +109,5 @@ def test_curriculum_ramps_difficulty_with_the_sample_number(renderer):
     ramped = TrainStream(sources, curriculum_images=1000, **args)
     full = TrainStream(sources, **args)
     first, late = ramped.sample(0), ramped.sample(5000)
-    assert first[1] == full.sample(0)[1] and not torch.equal(first[0], full.sample(0)[0])
+    assert len(first[1]) <= 3 and not torch.equal(first[0], full.sample(0)[0])
     assert torch.equal(late[0], full.sample(5000)[0])  # past the ramp: the full mix

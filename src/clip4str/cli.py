@@ -40,24 +40,16 @@ def expand_inputs(specs: list[str]) -> list[str]:
 
 
 def recognizer(args: argparse.Namespace) -> BaseRecognizer:
-    """The model named by --model, else the built-in one (else, until it exists, an untrained tiny model)."""
+    """The model named by --model, else the built-in one."""
     if getattr(args, "backend", "torch") == "onnx":
         from clip4str.onnx_backend import OnnxRecognizer
 
         if not args.model:
             raise FileNotFoundError("--backend onnx needs --model EXPORTED_FOLDER (made by clip4str export onnx)")
         return OnnxRecognizer(args.model)
-    import torch
+    from clip4str.inference import Recognizer
 
-    from clip4str.factory import create_model
-    from clip4str.inference import Recognizer, default_model_path
-
-    if args.model or default_model_path().joinpath("config.json").is_file():
-        return Recognizer.from_pretrained(args.model, device=args.device, precision=args.precision)
-    print("warning: no --model given and no built-in model exists yet: reading with a RANDOMLY INITIALISED, "
-          "UNTRAINED 'tiny' model (seed 0); its text is meaningless", file=sys.stderr)
-    torch.manual_seed(0)
-    return Recognizer(create_model("tiny"), device=args.device, precision=args.precision)
+    return Recognizer.from_pretrained(args.model, device=args.device, precision=args.precision)
 
 
 def cmd_read(args: argparse.Namespace) -> int:

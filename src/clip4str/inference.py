@@ -52,8 +52,8 @@ class Recognizer(BaseRecognizer):
         if path is None:
             path = default_model_path()
             if not (path / "config.json").is_file():
-                raise FileNotFoundError("no built-in model is installed in this copy of clip4str yet; pass a "
-                                        "checkpoint folder (clip4str train writes OUT/final)")
+                raise FileNotFoundError(f"the built-in model is missing from {path} (a damaged install?); "
+                                        "reinstall clip4str or pass --model / a checkpoint folder")
         return cls(load_model(path), device, precision, **kwargs)
 
     @property

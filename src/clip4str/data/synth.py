@@ -46,6 +46,9 @@ class WordSampler:
                     words.append(form)
                     break
         self.words = words
+        lengths = np.array([len(w) for w in words], dtype=np.int64)
+        self._shortest_first = np.argsort(lengths, kind="stable")  # for length-capped draws
+        self._count_up_to = np.searchsorted(lengths[self._shortest_first], np.arange(max_length + 1), side="right")
         self.digits = "".join(c for c in string.digits if c in allowed)
         self.symbols = "".join(c for c in charset if not c.isalnum() and not c.isspace())
         self.upper_ok = any(c.isupper() for c in charset)
@@ -61,29 +64,36 @@ class WordSampler:
             form = word.capitalize()
         return form if set(form) <= set(self.charset) else word
 
-    def __call__(self, rng: np.random.Generator) -> str:
-        """One label; never empty, every character in the charset."""
+    def _word(self, rng: np.random.Generator, cap: int) -> str:
+        if cap >= self.max_length:
+            return self.words[rng.integers(len(self.words))]
+        count = int(self._count_up_to[max(cap, 1)]) or 1  # words of at most `cap` characters
+        return self.words[self._shortest_first[rng.integers(count)]]
+
+    def __call__(self, rng: np.random.Generator, max_chars: int | None = None) -> str:
+        """One label of at most `max_chars` (default: max_length) characters; never empty, all in the charset."""
+        cap = self.max_length if max_chars is None else max(1, min(max_chars, self.max_length))
         r = rng.random()
         text = ""
         if self.words and r < 0.62:
-            text = self._case(self.words[rng.integers(len(self.words))], rng)
+            text = self._case(self._word(rng, cap), rng)
         elif self.digits and r < 0.74:
-            n = int(rng.integers(1, 9))
+            n = int(rng.integers(1, min(9, cap + 1)))
             text = "".join(rng.choice(list(self.digits), n))
             if self.symbols and rng.random() < 0.4:
                 sep = rng.choice([s for s in ".,:-/" if s in self.symbols] or list(self.symbols))
                 text = text[: max(1, n // 2)] + sep + text[max(1, n // 2):]
         elif self.words and self.symbols and r < 0.84:
             pattern = PUNCT_WRAP[rng.integers(len(PUNCT_WRAP))]
-            candidate = pattern.format(self._case(self.words[rng.integers(len(self.words))], rng))
+            candidate = pattern.format(self._case(self._word(rng, cap - 2), rng))
             text = candidate if set(candidate) <= set(self.charset) else ""
         if not text:
-            n = int(rng.integers(1, 13))
+            n = int(rng.integers(1, min(13, cap + 1)))
             pool = [c for c in self.charset if not c.isspace()]
             if self.symbols and rng.random() < 0.7:  # mostly letters and digits, as in real scenes
                 pool = [c for c in pool if c.isalnum()] or pool
             text = "".join(rng.choice(pool, n))
-        return text[: self.max_length]
+        return text[:cap]
 
 
 @functools.lru_cache(maxsize=65536)
@@ -126,11 +136,12 @@ class WordRenderer:
         return self.render(index)
 
     def render(self, index: int, difficulty: float = 1.0) -> tuple[Image.Image, str]:
-        """Sample `index`; `difficulty` in [0, 1] scales how often each hard effect is applied (0: clean,
-        straight, high-contrast words on plain backgrounds; 1: the full mix)."""
+        """Sample `index`; `difficulty` in [0, 1] scales how often each hard effect is applied and how long
+        words may be (0: words of at most 3 characters, clean, straight, high-contrast, on plain backgrounds;
+        1: the full mix up to max_length)."""
         d = min(max(float(difficulty), 0.0), 1.0)
         rng = np.random.default_rng([self.seed, index])
-        font_info, text = self._font_and_text(rng)
+        font_info, text = self._font_and_text(rng, None if d >= 1 else 3 + int(22 * d))
         size = int(rng.integers(*self.font_size)) // 2 * 2  # even sizes: half as many cached font objects
         font = load_font(font_info.path, size)
         stroke = int(rng.integers(1, max(2, size // 12) + 1)) if rng.random() < 0.12 * d else 0
@@ -140,10 +151,10 @@ class WordRenderer:
         image = self._compose(mask, rng, d)
         return self._degrade(image, rng, d), text
 
-    def _font_and_text(self, rng: np.random.Generator) -> tuple[FontInfo, str]:
+    def _font_and_text(self, rng: np.random.Generator, max_chars: int | None = None) -> tuple[FontInfo, str]:
         for _ in range(20):
             info = self.fonts[rng.integers(len(self.fonts))]
-            text = self.words(rng)
+            text = self.words(rng, max_chars)
             if info.caps_only:
                 if not all(c.upper() in self.words.charset for c in text):
                     continue

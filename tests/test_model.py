@@ -200,3 +200,32 @@ def test_cross_memory_reencodes_only_changed_captions(small):
         assert small.cross_memory(memory, ["cat", "dog", "sun"], (["cat", "dog", "sun"], old)) is old
     torch.testing.assert_close(new, small.cross_memory(memory, ["cat", "fog", "sun"]), atol=1e-5, rtol=1e-5)
     assert torch.equal(new[[0, 2]], old[[0, 2]]) and not torch.equal(new[1], old[1])
+
+
+def test_auxiliary_ctc_loss_trains_the_image_tower_and_never_decodes(tiny_overrides):
+    torch.manual_seed(0)
+    model = create_model("tiny", ctc_weight=0.5, **tiny_overrides)
+    assert create_model("tiny", **tiny_overrides).ctc_head is None
+    images, labels = _batch(model, 3)
+    out = model(images, labels)
+    assert out.ctc_loss is not None and torch.isfinite(out.ctc_loss)
+    torch.testing.assert_close(out.loss, out.image_loss + out.cross_loss + 0.5 * out.ctc_loss)
+    out.ctc_loss.backward()
+    assert model.ctc_head.weight.grad.abs().sum() > 0
+    assert model.clip.visual.conv1.weight.grad.abs().sum() > 0
+    assert model.image_decoder.head.weight.grad is None  # CTC touches only the tower and its head
+    # A word longer than the 16 columns cannot be aligned: its term is dropped, not infinite.
+    long = model(images[:1], ["abcdefghijklmnopqrst"]).ctc_loss.detach()
+    assert float(long) == 0.0
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    first = None
+    for _ in range(30):
+        loss = model(images, labels).ctc_loss
+        first = float(loss) if first is None else first
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert float(loss) < 0.5 * first
+    model.eval()
+    with torch.inference_mode():
+        torch.testing.assert_close(model.decode(images).logits, model.decode(images).logits)

@@ -181,3 +181,24 @@ def test_sigterm_to_the_process_group_saves_a_checkpoint_and_resume_finishes(tmp
     shipped = load_model(tmp_path / "shipped").state_dict()
     torch.testing.assert_close(shipped["image_decoder.head.weight"], state["model.image_decoder.head.weight"],
                                atol=1e-3, rtol=1e-3)
+
+
+def test_init_from_a_clip4str_checkpoint(tmp_path, folder):
+    from clip4str.factory import create_model
+    from clip4str.weights import save_checkpoint
+    source = create_model("tiny", **SMALL)
+    save_checkpoint(source, tmp_path / "start", dtype=__import__("torch").float16)
+    cfg = load_config(_config(tmp_path, folder), [f"model.init=checkpoint:{tmp_path / 'start'}",
+                                                  "model.ctc_weight=0.3"])
+    model = build_model(cfg)
+    import torch
+    for name, value in source.state_dict().items():
+        torch.testing.assert_close(model.state_dict()[name], value, atol=1e-3, rtol=1e-3)
+    assert model.ctc_head is not None  # a training-only head may start fresh
+    other = load_config(_config(tmp_path, folder), [f"model.init=checkpoint:{tmp_path / 'start'}"])
+    other.model.overrides = {}  # the full-size tiny preset does not fit the small checkpoint
+    with pytest.raises(ValueError, match="does not fit"):
+        build_model(other)
+    missing = load_config(_config(tmp_path, folder), [f"model.init=checkpoint:{tmp_path / 'nope'}"])
+    with pytest.raises(FileNotFoundError):
+        train(missing)

@@ -36,6 +36,7 @@ class LossOutput:
     loss: torch.Tensor
     image_loss: torch.Tensor
     cross_loss: torch.Tensor | None
+    ctc_loss: torch.Tensor | None = None
 
 
 @dataclass
@@ -66,6 +67,9 @@ class CLIP4STR(nn.Module):
                            config.max_label_length + 1)
 
         self.image_decoder = decoder()
+        # Joint CTC (as in attention-based speech recognition) gives the image tower a per-column character
+        # signal while the decoders' attention still has to find where each character is; training only.
+        self.ctc_head = nn.Linear(config.embed_dim, self.tokenizer.num_classes) if config.ctc_weight > 0 else None
         self.cross_decoder = decoder() if config.cross_branch else None
         self.image_peft, self.text_peft = build_peft(config.peft, self.clip, config.adapter_ratio,
                                                      config.lst_reduction)
@@ -175,7 +179,23 @@ class CLIP4STR(nn.Module):
         image_loss = image_sum / numel
         cross_loss = cross_sum / numel if cross_logits is not None else None
         loss = image_loss if cross_loss is None else image_loss + self.config.cross_loss_weight * cross_loss
-        return LossOutput(loss, image_loss, cross_loss)
+        ctc_loss = self._ctc_loss(memory, tgt) if self.ctc_head is not None else None
+        if ctc_loss is not None:
+            loss = loss + self.config.ctc_weight * ctc_loss
+        return LossOutput(loss, image_loss, cross_loss, ctc_loss)
+
+    def _ctc_loss(self, memory: torch.Tensor, tgt: torch.Tensor) -> torch.Tensor:
+        """CTC over the image tokens' columns (rows averaged), left to right; EOS's class is the blank."""
+        gh, gw = self.clip.visual.grid_size
+        columns = memory[:, -gh * gw:].unflatten(1, (gh, gw)).mean(1)  # patch tokens, class token dropped
+        log_probs = self.ctc_head(columns).float().log_softmax(-1).transpose(0, 1)  # (T, B, C)
+        chars = tgt[:, 1:]
+        is_char = (chars != self.tokenizer.eos_id) & (chars != self.tokenizer.pad_id)
+        lengths = is_char.sum(1)
+        inputs = torch.full_like(lengths, gw)
+        # Words longer than the columns allow cannot be aligned: zero_infinity drops their term.
+        return F.ctc_loss(log_probs, chars[is_char], inputs, lengths, blank=self.tokenizer.eos_id,
+                          zero_infinity=True)
 
     # -- decoding -------------------------------------------------------------------------------------
     def decode(self, images: torch.Tensor, mode: str | None = None, refine_iters: int | None = None,

@@ -17,7 +17,7 @@ class ModelSection:
     """Which model to build: preset, initialisation, and any `ModelConfig` key (freezing, peft, ...)."""
 
     preset: str = "tiny"
-    init: str = "random"  # random | clip:<file> | imagenet:<file>
+    init: str = "random"  # random | builtin | clip:<file> | imagenet:<file> | checkpoint:<clip4str folder>
     overrides: dict[str, Any] = field(default_factory=dict)
 
 

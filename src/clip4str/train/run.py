@@ -15,22 +15,43 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
 from clip4str.data.datamodule import Source, STRDataModule
 from clip4str.factory import create_model, create_model_from_imagenet_vit
+from clip4str.inference import default_model_path
 from clip4str.model import CLIP4STR
 from clip4str.train.callbacks import ResumableCheckpoint
 from clip4str.train.config import TrainConfig
 from clip4str.train.system import STRSystem
-from clip4str.weights import save_checkpoint
+from clip4str.weights import read_checkpoint_config, read_tensors, save_checkpoint
 
 
 def build_model(cfg: TrainConfig) -> CLIP4STR:
     """The model of the config with its initialisation (random, a CLIP file or an ImageNet ViT file)."""
     m = cfg.model
     kind, _, path = m.init.partition(":")
-    if kind not in ("random", "clip", "imagenet") or (kind != "random" and not path):
-        raise ValueError(f"model.init must be random, clip:<file> or imagenet:<file>, got {m.init!r}")
+    if kind not in ("random", "clip", "imagenet", "checkpoint", "builtin") or \
+            (kind not in ("random", "builtin") and not path):
+        raise ValueError("model.init must be random, builtin, clip:<file>, imagenet:<file> or "
+                         f"checkpoint:<clip4str folder>, got {m.init!r}")
     if kind == "imagenet":
         return create_model_from_imagenet_vit(m.preset, path, **m.overrides)
-    return create_model(m.preset, clip_checkpoint=path if kind == "clip" else None, **m.overrides)
+    model = create_model(m.preset, clip_checkpoint=path if kind == "clip" else None, **m.overrides)
+    if kind in ("checkpoint", "builtin"):
+        load_weights_into(model, default_model_path() if kind == "builtin" else path)
+    return model
+
+
+def load_weights_into(model: CLIP4STR, folder: str | Path) -> None:
+    """Start from a clip4str checkpoint's weights; only training-only heads (CTC) may be missing from it."""
+    _, weights = read_checkpoint_config(folder)
+    state = {k: v.float() if v.is_floating_point() else v for k, v in read_tensors(weights)[0].items()}
+    expected = model.state_dict()
+    wrong = [k for k, v in state.items() if k in expected and v.shape != expected[k].shape]
+    if wrong:
+        raise ValueError(f"checkpoint {folder} does not fit model.preset/overrides: shapes differ for {wrong[:5]}")
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.startswith("ctc_head.")]
+    if missing or unexpected:
+        raise ValueError(f"checkpoint {folder} does not fit model.preset/overrides: missing {missing[:5]}, "
+                         f"unexpected {unexpected[:5]}")
 
 
 def parameter_report(model: CLIP4STR) -> str:

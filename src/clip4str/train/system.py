@@ -71,6 +71,8 @@ class STRSystem(L.LightningModule):
         self.log("image_loss", out.image_loss)
         if out.cross_loss is not None:
             self.log("cross_loss", out.cross_loss)
+        if out.ctc_loss is not None:
+            self.log("ctc_loss", out.ctc_loss)
         self.log("lr", self.optimizers().param_groups[0]["lr"], prog_bar=True)
         return out.loss
 

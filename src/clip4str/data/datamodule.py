@@ -171,7 +171,9 @@ class STRDataModule(L.LightningDataModule):
             if not 0 <= s.holdout < 1:
                 raise ValueError(f"data source {s.path}: holdout must be in [0, 1), got {s.holdout}")
             data = open_labelled(s.path, LabelNormalizer(self.charset, self.max_label_length))
-            train_idx, held = holdout_split(len(data), s.holdout, self.seed)
+            # The split ignores the training seed: runs that continue one another never validate on crops
+            # an earlier run trained on.
+            train_idx, held = holdout_split(len(data), s.holdout)
             if not train_idx:
                 raise ValueError(f"data source {s.path} has no training samples left (after label filtering for "
                                  "the charset and the holdout); check its labels and the model's charset")

@@ -111,3 +111,20 @@ def test_curriculum_ramps_difficulty_with_the_sample_number(renderer):
     first, late = ramped.sample(0), ramped.sample(5000)
     assert len(first[1]) <= 3 and not torch.equal(first[0], full.sample(0)[0])
     assert torch.equal(late[0], full.sample(5000)[0])  # past the ramp: the full mix
+
+
+def test_real_holdout_is_disjoint_and_the_same_for_every_training_seed(tmp_path):
+    from clip4str.data.datamodule import STRDataModule
+    from test_data_lmdb_folder import _folder
+
+    root = _folder(tmp_path, [f"w{i}" for i in range(40)])
+    splits = []
+    for seed in (0, 1):
+        dm = STRDataModule([Source(str(root), 1.0, holdout=0.25)], [], CHARSETS["94"], (32, 128), (0.5,) * 3,
+                           (0.5,) * 3, seed=seed)
+        dm.setup()
+        (_, train_part), = dm._train
+        held = dm._val["crops-holdout"]
+        assert len(held) == 10 and not set(train_part.indices) & set(held.indices)
+        splits.append(sorted(held.indices))
+    assert splits[0] == splits[1]

@@ -137,3 +137,11 @@ def test_window_merge_without_eos_keeps_every_character_probability():
     merged = merge_windows([ReadResult("hello", 0.0, [0.9] * 5), ReadResult("llo world", 0.0, [0.8] * 9 + [0.5])])
     assert merged.text == "hello world"
     assert len(merged.char_probs) == len("hello world") + 1 and merged.char_probs[-1] == 0.5
+
+
+def test_bench_on_a_trained_checkpoint_counts_flops_and_times_both_precisions(overfit_checkpoint, capsys):
+    assert main(["bench", "--model", str(overfit_checkpoint[0]), "--precision", "fp32", "bf16", "--repeats", "2",
+                 "--batch-size", "2"]) == 0
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if "| torch " in line]
+    assert len(rows) == 2 and all(float(r.split("|")[5]) > 0 for r in rows)  # GFLOPs counted

@@ -189,7 +189,8 @@ class Decoder(nn.Module):
         `position` (BOS when 0); `cache` (one entry per layer, None at first) holds the earlier content."""
         emb = self.text_embed(tokens[:, None])
         content = self.dropout(emb if position == 0 else self.pos_queries[:, position - 1: position] + emb)
-        query = self.dropout(self.pos_queries[:, position: position + 1].expand(tokens.shape[0], -1, -1))
+        # repeat, not expand: a view of a parameter trips module hooks under inference_mode (FlopCounterMode)
+        query = self.dropout(self.pos_queries[:, position: position + 1].repeat(tokens.shape[0], 1, 1))
         last = len(self.layers) - 1
         for i, layer in enumerate(self.layers):
             query, content, cache[i] = layer.step(query, content, memory[i], cache[i], i < last)

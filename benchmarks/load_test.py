@@ -105,13 +105,15 @@ def main() -> None:
                 if server.poll() is not None:
                     sys.exit(f"server failed to start: {server.stderr.read().decode()[-1000:]}")
                 time.sleep(0.2)
-        run_level(port, 1, 20, time.monotonic() + 60)  # warm-up
+        for clients in args.concurrency:  # warm-up: every batch size the levels will produce
+            run_level(port, clients, 4 * clients, time.monotonic() + 60)
         before = _rss_mb(server.pid)
-        print("| clients | requests | failed | requests/s | p50 ms | p99 ms |\n|--:|--:|--:|--:|--:|--:|")
+        print("| clients | requests | failed | requests/s | p50 ms | p99 ms | server memory after (MB) |\n"
+              "|--:|--:|--:|--:|--:|--:|--:|")
         for clients in args.concurrency:
             r = run_level(port, clients, args.requests, time.monotonic() + args.max_seconds)
             print(f"| {r['clients']} | {r['requests']} | {r['failed']} | {r['rps']:.1f} | {r['p50']:.0f} | "
-                  f"{r['p99']:.0f} |", flush=True)
+                  f"{r['p99']:.0f} | {_rss_mb(server.pid):.0f} |", flush=True)
         after = _rss_mb(server.pid)
         print(f"\nserver resident memory: {before:.0f} MB after warm-up, {after:.0f} MB at the end "
               f"({after - before:+.0f} MB)")

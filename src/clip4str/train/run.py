@@ -20,7 +20,7 @@ from clip4str.model import CLIP4STR
 from clip4str.train.callbacks import ResumableCheckpoint
 from clip4str.train.config import TrainConfig
 from clip4str.train.system import STRSystem
-from clip4str.weights import read_checkpoint_config, read_tensors, save_checkpoint
+from clip4str.weights import load_exact, read_checkpoint_config, read_tensors, save_checkpoint
 
 
 def build_model(cfg: TrainConfig) -> CLIP4STR:
@@ -42,16 +42,9 @@ def build_model(cfg: TrainConfig) -> CLIP4STR:
 def load_weights_into(model: CLIP4STR, folder: str | Path) -> None:
     """Start from a clip4str checkpoint's weights; only training-only heads (CTC) may be missing from it."""
     _, weights = read_checkpoint_config(folder)
-    state = {k: v.float() if v.is_floating_point() else v for k, v in read_tensors(weights)[0].items()}
-    expected = model.state_dict()
-    wrong = [k for k, v in state.items() if k in expected and v.shape != expected[k].shape]
-    if wrong:
-        raise ValueError(f"checkpoint {folder} does not fit model.preset/overrides: shapes differ for {wrong[:5]}")
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not k.startswith("ctc_head.")]
-    if missing or unexpected:
-        raise ValueError(f"checkpoint {folder} does not fit model.preset/overrides: missing {missing[:5]}, "
-                         f"unexpected {unexpected[:5]}")
+    state = read_tensors(weights)[0]
+    state.update({k: v for k, v in model.state_dict().items() if k.startswith("ctc_head.") and k not in state})
+    load_exact(model, state, f"checkpoint {folder}")
 
 
 def parameter_report(model: CLIP4STR) -> str:
@@ -144,7 +137,7 @@ def export_last(cfg: TrainConfig, dest: str | Path, dtype: torch.dtype | None = 
     ckpt = torch.load(last, map_location="cpu", weights_only=False)
     model = build_model(cfg)
     state = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
-    model.load_state_dict(state)
+    load_exact(model, state, str(last))
     step = int(ckpt["global_step"])
     effective = ckpt.get("effective_batch", cfg.data.batch_size * cfg.train.accumulate_grad_batches)
     provenance = {"steps": step, "images_seen": step * effective, "max_steps": cfg.train.max_steps,

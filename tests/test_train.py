@@ -147,6 +147,31 @@ def test_every_shipped_config_is_valid():
         load_config(path)
 
 
+SIGNAL_AFTER_OUR_HOOK = """
+import os, signal, sys
+from clip4str.train.callbacks import ResumableCheckpoint
+from clip4str.cli import main
+hook = ResumableCheckpoint.on_train_batch_end
+def late(self, trainer, *args):
+    hook(self, trainer, *args)
+    if trainer.global_step == 3:  # after our hook has looked: only Lightning's own check sees this signal
+        os.kill(os.getpid(), signal.SIGTERM)
+ResumableCheckpoint.on_train_batch_end = late
+sys.exit(main(["train", "--config", sys.argv[1]]))
+"""
+
+
+@pytest.mark.slow
+def test_sigterm_that_lightning_acts_on_first_still_saves_a_checkpoint(tmp_path, folder):
+    cfg = _config(tmp_path, folder, "late", max_steps=40)
+    proc = subprocess.run([sys.executable, "-c", SIGNAL_AFTER_OUR_HOOK, str(cfg)], capture_output=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr.decode()[-2000:]
+    assert b"checkpoint saved at step 3" in proc.stderr
+    import torch
+    assert torch.load(tmp_path / "late" / "last.ckpt", weights_only=False)["global_step"] == 3
+
+
 @pytest.mark.slow
 def test_sigterm_to_the_process_group_saves_a_checkpoint_and_resume_finishes(tmp_path, folder):
     cfg = _config(tmp_path, folder, "term", max_steps=400)

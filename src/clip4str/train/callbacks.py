@@ -52,16 +52,24 @@ class ResumableCheckpoint(L.Callback):
         due = step > self._saved_step and ((self.steps and step % self.steps == 0) or (
             self.minutes is not None and time.monotonic() - self._last_save >= 60 * self.minutes))
         if self._signal is not None:
-            self.save(trainer)
-            for logger in trainer.loggers:
-                logger.finalize("interrupted")
-            print(f"\nsignal {self._signal}: checkpoint saved at step {step} to {self.path}; resume with --resume",
-                  file=sys.stderr, flush=True)
+            self._save_after_signal(trainer)
             # Leave now: stopping through Lightning would first run an end-of-epoch validation, which a signal
             # sent to the whole process group can leave waiting forever on a data worker it killed.
             os._exit(0)
         elif due:
             self.save(trainer)
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        # Lightning's own SIGTERM handler can stop the loop between our batch hook and the next batch.
+        if self._signal is not None and trainer.global_step > 0:
+            self._save_after_signal(trainer)
+
+    def _save_after_signal(self, trainer: L.Trainer) -> None:
+        self.save(trainer)
+        for logger in trainer.loggers:
+            logger.finalize("interrupted")
+        print(f"\nsignal {self._signal}: checkpoint saved at step {trainer.global_step} to {self.path}; resume "
+              "with --resume", file=sys.stderr, flush=True)
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._signal is None:

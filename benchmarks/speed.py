@@ -7,7 +7,8 @@ the same run, and the authors' published figures for B/16 beside them.
 Reading: a 5-character word (max_length=5, no early exit, so an untrained model decodes exactly 5 characters
 and EOS) through both branches with the default refinement; batch 1 latency and batch throughput.
 "before" = the autoregressive loop that recomputes the whole prefix at every step (kv_cache=False, as the
-authors' decoder does); "after" = the cached loop (the default).
+authors' decoder does), and in bf16 fp32 weights that autocast rounds at every call; "after" = the cached
+loop (the default) and, in bf16, weights stored once in bf16 as `Recognizer` does (the same numbers).
 Training: one step of batch 8 (forward, six permutations, both branches, backward, AdamW); "before" =
 PyTorch's default attention kernel choice, "after" = the math kernel clip4str train selects on CPU.
 """
@@ -15,6 +16,7 @@ PyTorch's default attention kernel choice, "after" = the math kernel clip4str tr
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import time
 
@@ -22,6 +24,7 @@ import torch
 from train_step import time_train_step
 
 from clip4str import create_model
+from clip4str.inference import store_matmul_weights_as
 
 # The authors' CLIP4STR-B/16, random weights, 2 threads (REFERENCE.md; measured on a CPU about 2x faster
 # than the 2-core EPYC this project's numbers come from).
@@ -48,10 +51,14 @@ def time_read(model: torch.nn.Module, batch: int, precision: str, kv_cache: bool
 def measure(preset: str, precision: str, repeats: int, batch: int) -> list[tuple[str, float, float]]:
     """(measure, before, after) rows for one preset and precision."""
     model = create_model(preset)
+    reader = copy.deepcopy(model)
+    if precision == "bf16":
+        store_matmul_weights_as(reader, torch.bfloat16)
     rows = []
-    b1 = [time_read(model, 1, precision, cache, repeats) * 1000 for cache in (False, True)]
+    b1 = [time_read(m, 1, precision, cache, repeats) * 1000 for m, cache in ((model, False), (reader, True))]
     rows.append(("read b1 ms", *b1))
-    bn = [batch / time_read(model, batch, precision, cache, max(2, repeats // 5)) for cache in (False, True)]
+    bn = [batch / time_read(m, batch, precision, cache, max(2, repeats // 5))
+          for m, cache in ((model, False), (reader, True))]
     rows.append((f"read img/s (batch {batch})", *bn))
     steps = [time_train_step(model, 8, precision, steps=3, attention=a) for a in ("default", "math")]
     rows.append(("train s/step (batch 8)", *steps))

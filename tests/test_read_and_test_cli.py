@@ -145,3 +145,20 @@ def test_bench_on_a_trained_checkpoint_counts_flops_and_times_both_precisions(ov
     out = capsys.readouterr().out
     rows = [line for line in out.splitlines() if "| torch " in line]
     assert len(rows) == 2 and all(float(r.split("|")[5]) > 0 for r in rows)  # GFLOPs counted
+
+
+def test_bf16_reading_stores_weights_once_and_computes_what_autocast_computes(images):
+    import torch
+
+    from clip4str.weights import load_model
+    ckpt, _, _, rendered = images
+    rec = Recognizer.from_pretrained(ckpt, precision="bf16")
+    assert rec.model.image_decoder.head.weight.dtype == torch.bfloat16
+    assert all(p.dtype == torch.float32 for n, p in rec.model.named_parameters() if "ln" in n or "norm" in n)
+    reference = load_model(ckpt).eval()
+    x = rec.preprocess(rendered)
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = reference.decode(x).logits
+        got = rec.model.decode(x).logits
+    assert torch.equal(got, expected)
+    assert [r.text for r in rec.read(rendered)] == OVERFIT_WORDS

@@ -59,7 +59,7 @@ def _torch_counts(rec: BaseRecognizer, x: object, options: dict) -> tuple[float 
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    with FlopCounterMode(display=False) as counter, torch.inference_mode():  # counted once, in fp32
+    with FlopCounterMode(display=False) as counter, torch.inference_mode(), rec.autocast():
         rec.model.decode(x.to(rec.device), **options)
     return sum(p.numel() for p in rec.model.parameters()) / 1e6, counter.get_total_flops() / 1e9
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import copy
 
 
 def _recognizer(args: argparse.Namespace, torch_only: str | None = None):  # noqa: ANN202
@@ -37,7 +38,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         if args.backend == "onnx":
             rec = _recognizer(args)
         elif model is not None:
-            rec = Recognizer(model, args.device, precision)
+            rec = Recognizer(copy.deepcopy(model), args.device, precision)  # bf16 converts its model in place
         else:
             rec = Recognizer.from_pretrained(args.model, device=args.device, precision=precision)
         r = run_bench(rec, args.batch_size, args.repeats, fixed)

@@ -66,6 +66,7 @@ def measure(preset: str, precision: str, repeats: int, batch: int) -> list[tuple
 
 
 def main() -> None:
+    """Print the speed table."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--presets", nargs="+", default=["tiny", "b16"])
     ap.add_argument("--precision", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])

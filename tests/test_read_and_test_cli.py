@@ -116,6 +116,8 @@ def test_attention_strip_has_one_panel_per_character(images, tmp_path, capsys):
     assert all(np.isclose(m.reshape(7, -1).max(-1), 1).all() for m in maps.values())
     panel_w = round(Image.open(paths[6]).width * PANEL_HEIGHT / Image.open(paths[6]).height)
     assert sheet.width == 120 + 7 * (panel_w + 4) and sheet.height == 2 * (PANEL_HEIGHT + 24) + 4
+    text, maps = character_attention(Recognizer.from_pretrained(ckpt, precision="bf16"), paths[6])
+    assert text == "Parking" and all(m.shape[0] == 7 for m in maps.values())
 
 
 def test_an_unreadable_image_counts_as_wrong(images, tmp_path, capsys):

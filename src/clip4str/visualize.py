@@ -29,6 +29,11 @@ def _heat(values: np.ndarray) -> np.ndarray:
 @torch.inference_mode()
 def character_attention(rec: Recognizer, image: ImageInput) -> tuple[str, dict[str, np.ndarray]]:
     """(text, {decoder name: (characters, grid_h, grid_w) cross-attention over image patches})."""
+    with rec.autocast():  # bf16/fp16 recognizers keep their matmul weights in that dtype
+        return _attention(rec, image)
+
+
+def _attention(rec: Recognizer, image: ImageInput) -> tuple[str, dict[str, np.ndarray]]:
     model = rec.model
     x = rec.preprocess([image]).to(rec.device)
     memory = model.encode_image(x)

@@ -141,7 +141,7 @@ class WordRenderer:
         1: the full mix up to max_length)."""
         d = min(max(float(difficulty), 0.0), 1.0)
         rng = np.random.default_rng([self.seed, index])
-        font_info, text = self._font_and_text(rng, None if d >= 1 else 3 + int(22 * d))
+        font_info, text = self._font_and_text(rng, None if d >= 1 else 3 + int((self.words.max_length - 3) * d))
         size = int(rng.integers(*self.font_size)) // 2 * 2  # even sizes: half as many cached font objects
         font = load_font(font_info.path, size)
         stroke = int(rng.integers(1, max(2, size // 12) + 1)) if rng.random() < 0.12 * d else 0

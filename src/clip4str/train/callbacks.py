@@ -60,7 +60,7 @@ class ResumableCheckpoint(L.Callback):
             self.save(trainer)
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
-        # Lightning's own SIGTERM handler can stop the loop between our batch hook and the next batch.
+        """Save after a signal when Lightning's own SIGTERM check stopped the loop before our batch hook."""
         if self._signal is not None and trainer.global_step > 0:
             self._save_after_signal(trainer)
 

@@ -17,14 +17,21 @@ from clip4str.data.datamodule import Source, STRDataModule
 from clip4str.factory import create_model, create_model_from_imagenet_vit
 from clip4str.inference import default_model_path
 from clip4str.model import CLIP4STR
+from clip4str.model.config import ModelConfig
 from clip4str.train.callbacks import ResumableCheckpoint
 from clip4str.train.config import TrainConfig
 from clip4str.train.system import STRSystem
 from clip4str.weights import load_exact, read_checkpoint_config, read_tensors, save_checkpoint
 
+# Settings that only shape training or are decoding options: a run may start from weights trained with others.
+TRAINING_ONLY_KEYS = {"dropout", "cross_loss_weight", "ctc_weight", "num_permutations", "perm_forward",
+                      "perm_mirrored", "text_freeze_layers", "image_freeze_layers", "decode_mode", "refine_iters"}
 
-def build_model(cfg: TrainConfig) -> CLIP4STR:
-    """The model of the config with its initialisation (random, a CLIP file or an ImageNet ViT file)."""
+
+def build_model(cfg: TrainConfig, init: bool = True) -> CLIP4STR:
+    """The model of the config with its initialisation (random, a CLIP file, an ImageNet ViT file or a clip4str
+    checkpoint). init=False skips a clip4str checkpoint's weights (a resumed or exported run's come from its
+    last.ckpt); CLIP and ImageNet files are read either way, as they set the towers' shapes."""
     m = cfg.model
     kind, _, path = m.init.partition(":")
     if kind not in ("random", "clip", "imagenet", "checkpoint", "builtin") or \
@@ -34,16 +41,24 @@ def build_model(cfg: TrainConfig) -> CLIP4STR:
     if kind == "imagenet":
         return create_model_from_imagenet_vit(m.preset, path, **m.overrides)
     model = create_model(m.preset, clip_checkpoint=path if kind == "clip" else None, **m.overrides)
-    if kind in ("checkpoint", "builtin"):
+    if init and kind in ("checkpoint", "builtin"):
         load_weights_into(model, default_model_path() if kind == "builtin" else path)
     return model
 
 
 def load_weights_into(model: CLIP4STR, folder: str | Path) -> None:
-    """Start from a clip4str checkpoint's weights; only training-only heads (CTC) may be missing from it."""
-    _, weights = read_checkpoint_config(folder)
+    """Start from a clip4str checkpoint's weights; the training-only CTC head may be on either side alone."""
+    doc, weights = read_checkpoint_config(folder)
+    ours, theirs = model.config.to_dict(), ModelConfig.from_dict(doc["model"]).to_dict()
+    differ = [f"{k}: checkpoint {theirs[k]!r}, config {ours[k]!r}" for k in ours
+              if k not in TRAINING_ONLY_KEYS and ours[k] != theirs[k]]
+    if differ:
+        raise ValueError(f"checkpoint {folder} was built with other model settings ({'; '.join(differ)}); "
+                         "set those model.* keys to the checkpoint's values or start from another checkpoint")
     state = read_tensors(weights)[0]
-    state.update({k: v for k, v in model.state_dict().items() if k.startswith("ctc_head.") and k not in state})
+    own = model.state_dict()
+    state = {k: v for k, v in state.items() if not k.startswith("ctc_head.") or k in own}
+    state.update({k: v for k, v in own.items() if k.startswith("ctc_head.") and k not in state})
     load_exact(model, state, f"checkpoint {folder}")
 
 
@@ -64,15 +79,16 @@ class _ResumeAwareData(STRDataModule):
         return super().train_dataloader()
 
 
-def check_paths(cfg: TrainConfig) -> None:
-    """Fail before any work if a data path, font folder or init file is missing."""
+def check_paths(cfg: TrainConfig, init: bool = True) -> None:
+    """Fail before any work if a data path, font folder or init file is missing (init=False: a checkpoint
+    folder to start from is not needed)."""
     for item in cfg.data.train:
         unknown = set(item) - {"path", "weight", "holdout"}
         if unknown or "path" not in item:
             raise ValueError(f"data.train entries take path, weight, holdout; got {item}")
     paths = [i["path"] for i in cfg.data.train if i["path"] != "synth"] + list(cfg.data.val)
     paths += list(cfg.data.fonts or []) + list(cfg.data.backgrounds or [])
-    if ":" in cfg.model.init:
+    if ":" in cfg.model.init and (init or not cfg.model.init.startswith("checkpoint:")):
         paths.append(cfg.model.init.partition(":")[2])
     for p in paths:
         if not Path(p).exists():
@@ -81,7 +97,7 @@ def check_paths(cfg: TrainConfig) -> None:
 
 def train(cfg: TrainConfig, resume: bool = False) -> Path:
     """Run (or resume) an experiment; returns the exported model folder."""
-    check_paths(cfg)
+    check_paths(cfg, init=not resume)  # a resumed run's weights come from last.ckpt
     t, d = cfg.train, cfg.data
     out = Path(t.out_dir)
     last = out / "last.ckpt"
@@ -93,7 +109,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     if t.threads:
         torch.set_num_threads(t.threads)
     L.seed_everything(t.seed, workers=True, verbose=False)
-    model = build_model(cfg)
+    model = build_model(cfg, init=not resume)
     print(parameter_report(model), file=sys.stderr)
     mc = model.config
     dm = _ResumeAwareData([Source(**s) for s in d.train], d.val, mc.charset, mc.image_size, mc.image_mean,
@@ -134,11 +150,15 @@ def export_last(cfg: TrainConfig, dest: str | Path, dtype: torch.dtype | None = 
     last = Path(cfg.train.out_dir) / "last.ckpt"
     if not last.is_file():
         raise FileNotFoundError(f"no checkpoint at {last}: train first (train.out_dir of this config)")
-    ckpt = torch.load(last, map_location="cpu", weights_only=False)
-    model = build_model(cfg)
-    state = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
+    try:
+        ckpt = torch.load(last, map_location="cpu", weights_only=False)
+        states, step = ckpt["state_dict"], int(ckpt["global_step"])
+    except Exception as e:  # a truncated or foreign file: name it instead of a pickle traceback
+        raise ValueError(f"{last} is not a readable training checkpoint ({type(e).__name__}: {e}); "
+                         "resume from an earlier copy or train again") from e
+    model = build_model(cfg, init=False)
+    state = {k.removeprefix("model."): v for k, v in states.items() if k.startswith("model.")}
     load_exact(model, state, str(last))
-    step = int(ckpt["global_step"])
     effective = ckpt.get("effective_batch", cfg.data.batch_size * cfg.train.accumulate_grad_batches)
     provenance = {"steps": step, "images_seen": step * effective, "max_steps": cfg.train.max_steps,
                   "config": cfg.to_dict()}

@@ -47,6 +47,7 @@ class STRSystem(L.LightningModule):
         self._last_step_time: float | None = None
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Store the effective batch beside Lightning's state."""
         checkpoint["effective_batch"] = self.effective_batch  # images per step, for the exported provenance
 
     def on_train_batch_start(self, batch: object, batch_idx: int) -> None:

@@ -128,3 +128,32 @@ def test_real_holdout_is_disjoint_and_the_same_for_every_training_seed(tmp_path)
         assert len(held) == 10 and not set(train_part.indices) & set(held.indices)
         splits.append(sorted(held.indices))
     assert splits[0] == splits[1]
+
+
+def test_a_sample_that_fails_to_render_is_skipped_with_a_warning(renderer):
+    class Flaky:
+        """Renders like the real renderer, except that every third index raises."""
+
+        def render(self, index, difficulty):
+            if index % 3 == 0:
+                raise ZeroDivisionError("float division by zero")
+            return renderer.render(index, difficulty)
+
+    stream = TrainStream([(Source("synth", 1.0), Flaky())], batch_size=4, image_size=(32, 128), mean=(0.5,) * 3,
+                         std=(0.5,) * 3, seed=1)
+    with pytest.warns(UserWarning, match="skipped: ZeroDivisionError"):
+        samples = [stream.sample(g) for g in range(30)]
+    assert any(s is None for s in samples) and any(s is not None for s in samples)
+
+
+def test_curved_text_without_glyph_width_is_an_error_not_a_division_by_zero(renderer, monkeypatch):
+    class NoWidth:
+        path, size = "no-width.ttf", 20
+
+        def getmetrics(self):
+            return 16, 4
+
+    from clip4str.data import synth
+    monkeypatch.setattr(synth, "_glyph", lambda path, size, c: (Image.new("L", (1, 20)), 0))
+    with pytest.raises(ValueError, match="no width"):
+        renderer._curved("abc", NoWidth(), np.random.default_rng(0))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 import signal
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -93,16 +94,21 @@ class TrainStream(IterableDataset):
         difficulty = min(1.0, g / self.curriculum_images) if self.curriculum_images > 0 else 1.0
         k = min(int(np.searchsorted(self.cumulative, rng.random(), side="right")), len(self.sources) - 1)
         source, data = self.sources[k]
-        if source.is_synth:
-            image, label = data.render(int(rng.integers(2**62)), difficulty)
-        else:
-            item = data[int(rng.integers(len(data)))]
-            if item is None:
-                return None
-            image, label = item
-        if self.augment is not None and (difficulty >= 1.0 or rng.random() < difficulty):
-            image = self.augment(image, random.Random(int(rng.integers(2**62))))
-        return self._tensor(image), label
+        try:
+            if source.is_synth:
+                image, label = data.render(int(rng.integers(2**62)), difficulty)
+            else:
+                item = data[int(rng.integers(len(data)))]
+                if item is None:
+                    return None
+                image, label = item
+            if self.augment is not None and (difficulty >= 1.0 or rng.random() < difficulty):
+                image = self.augment(image, random.Random(int(rng.integers(2**62))))
+            return self._tensor(image), label
+        except Exception as e:  # one odd font, word or crop must not stop a run of hours: drop that sample
+            warnings.warn(f"training sample {g} ({source.path}) failed and was skipped: {type(e).__name__}: {e}",
+                          stacklevel=1)
+            return None
 
     def _tensor(self, image: Image.Image) -> torch.Tensor:
         return preprocess(image, self.image_size, self.mean, self.std)[0]

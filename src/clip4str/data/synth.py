@@ -195,6 +195,8 @@ class WordRenderer:
         height = ascent + descent
         glyphs = [_glyph(font.path, font.size, c) for c in text]
         total = sum(a for _, a in glyphs)
+        if total <= 0:
+            raise ValueError(f"font {font.path} gives {text!r} no width (glyphs missing)")
         bend = float(rng.uniform(0.4, 1.6)) * (1 if rng.random() < 0.6 else -1)  # arc angle in radians
         radius = total / abs(bend)
         canvas = Image.new("L", (int(total + 2 * height + 8), int(radius * (1 - math.cos(bend / 2)) + 3 * height)), 0)

@@ -163,6 +163,32 @@ sys.exit(main(["train", "--config", sys.argv[1]]))
 """
 
 
+FAIL_IN_THE_DATA_WORKER = """
+import sys
+from clip4str.data import datamodule
+from clip4str.cli import main
+collate, calls = datamodule.collate, []
+def failing(batch):
+    calls.append(1)
+    if len(calls) == 4:
+        raise RuntimeError("injected failure in a data worker")
+    return collate(batch)
+datamodule.collate = failing
+sys.exit(main(["train", "--config", sys.argv[1]]))
+"""
+
+
+@pytest.mark.slow
+def test_an_error_during_training_with_data_workers_ends_the_process(tmp_path, folder):
+    cfg = _config(tmp_path, folder, "fail", max_steps=40)
+    doc = yaml.safe_load(cfg.read_text())
+    doc["data"]["num_workers"] = 1  # workers ignore SIGTERM: the interpreter's exit must not wait on them
+    cfg.write_text(yaml.safe_dump(doc))
+    proc = subprocess.run([sys.executable, "-c", FAIL_IN_THE_DATA_WORKER, str(cfg)], capture_output=True, timeout=180)
+    assert proc.returncode != 0
+    assert b"injected failure in a data worker" in proc.stderr
+
+
 @pytest.mark.slow
 def test_sigterm_that_lightning_acts_on_first_still_saves_a_checkpoint(tmp_path, folder):
     cfg = _config(tmp_path, folder, "late", max_steps=40)

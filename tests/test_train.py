@@ -182,7 +182,7 @@ sys.exit(main(["train", "--config", sys.argv[1]]))
 def test_an_error_during_training_with_data_workers_ends_the_process(tmp_path, folder):
     cfg = _config(tmp_path, folder, "fail", max_steps=40)
     doc = yaml.safe_load(cfg.read_text())
-    doc["data"]["num_workers"] = 1  # workers ignore SIGTERM: the interpreter's exit must not wait on them
+    doc["data"]["num_workers"] = 1  # a failed run with live workers must still exit
     cfg.write_text(yaml.safe_dump(doc))
     proc = subprocess.run([sys.executable, "-c", FAIL_IN_THE_DATA_WORKER, str(cfg)], capture_output=True, timeout=180)
     assert proc.returncode != 0
@@ -204,7 +204,7 @@ def test_sigterm_that_lightning_acts_on_first_still_saves_a_checkpoint(tmp_path,
 def test_sigterm_to_the_process_group_saves_a_checkpoint_and_resume_finishes(tmp_path, folder):
     cfg = _config(tmp_path, folder, "term", max_steps=400)
     doc = yaml.safe_load(cfg.read_text())
-    doc["data"]["num_workers"] = 1  # a worker process shares the group and gets the signal too
+    doc["data"]["num_workers"] = 1  # workers leave the group: only the main process gets the signal
     cfg.write_text(yaml.safe_dump(doc))
     cmd = [sys.executable, "-m", "clip4str.cli", "train", "--config", str(cfg)]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
@@ -266,3 +266,23 @@ def test_init_from_a_clip4str_checkpoint(tmp_path, folder):
     missing = load_config(_config(tmp_path, folder), [f"model.init=checkpoint:{tmp_path / 'nope'}"])
     with pytest.raises(FileNotFoundError):
         train(missing)
+
+
+RAISE_WITH_LIVE_WORKERS = """
+import sys
+from clip4str.charset import CHARSETS
+from clip4str.data.datamodule import Source, STRDataModule
+dm = STRDataModule([Source(sys.argv[1])], [], CHARSETS["36"], (32, 128), [0.5] * 3, [0.5] * 3, batch_size=4,
+                   num_workers=2)
+dm.setup()
+next(iter(dm.train_dataloader()))
+raise RuntimeError("raised with workers alive")
+"""
+
+
+def test_a_script_that_raises_while_data_workers_run_exits(folder):
+    # Workers must stay killable by their parent: multiprocessing terminates and joins them at exit.
+    proc = subprocess.run([sys.executable, "-c", RAISE_WITH_LIVE_WORKERS, str(folder)], capture_output=True,
+                          timeout=90)
+    assert proc.returncode == 1
+    assert b"raised with workers alive" in proc.stderr

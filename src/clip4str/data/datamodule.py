@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import os
 import random
-import signal
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -49,14 +49,14 @@ def holdout_split(n: int, fraction: float, seed: int = 0) -> tuple[list[int], li
     return sorted(order[cut:].tolist()), sorted(order[:cut].tolist())
 
 
-def ignore_stop_signals(worker_id: int) -> None:
-    """DataLoader workers leave SIGTERM/SIGINT to the main process, which checkpoints and stops them.
+def leave_process_group(worker_id: int) -> None:
+    """DataLoader workers move to a process group of their own, so that a signal sent to the whole group
+    (Ctrl-C, `timeout`, a scheduler) reaches only the main process, which checkpoints and stops them.
 
-    A signal sent to the whole process group (Ctrl-C, `timeout`, a scheduler) would otherwise kill the
-    workers first and crash the run before it can save.
+    Ignoring SIGTERM in the workers instead would make them unkillable by the parent too: a script that raises
+    while workers are alive then hangs at exit, where multiprocessing terminates and joins them.
     """
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    os.setpgrp()
 
 
 def collate(batch: Sequence[tuple[torch.Tensor, str] | None]) -> tuple[torch.Tensor, list[str]]:
@@ -195,12 +195,12 @@ class STRDataModule(L.LightningDataModule):
                              self.augment, self.start_batch, self.rank, self.world, self.curriculum_images)
         return DataLoader(stream, batch_size=self.batch_size, num_workers=self.num_workers, collate_fn=collate,
                           persistent_workers=False, prefetch_factor=4 if self.num_workers else None,
-                          worker_init_fn=ignore_stop_signals)
+                          worker_init_fn=leave_process_group)
 
     def val_dataloader(self) -> list[DataLoader]:
         """One loader per validation set, in `val_names` order."""
         return [DataLoader(EvalSet(d, self.image_size, self.mean, self.std), batch_size=self.batch_size,
-                           num_workers=self.num_workers, collate_fn=collate, worker_init_fn=ignore_stop_signals)
+                           num_workers=self.num_workers, collate_fn=collate, worker_init_fn=leave_process_group)
                 for d in self._val.values()]
 
     @property

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import sys
 import time
-import traceback
 from pathlib import Path
 
 import lightning as L
@@ -137,16 +135,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     effective = d.batch_size * trainer.world_size * t.accumulate_grad_batches  # the lr follows it
     system = STRSystem(model, t, effective, dm.val_names)
     start = time.time()
-    try:
-        trainer.fit(system, datamodule=dm, ckpt_path=str(last) if resume else None)
-    except Exception:
-        if d.num_workers > 0:
-            # Data workers ignore SIGTERM (see ignore_stop_signals), so the interpreter's exit would wait on
-            # them forever: report and leave now; they stop when they see their parent gone.
-            traceback.print_exc()
-            sys.stderr.flush()
-            os._exit(1)
-        raise
+    trainer.fit(system, datamodule=dm, ckpt_path=str(last) if resume else None)
     if trainer.global_step < t.max_steps:  # stopped by a signal: the checkpoint is the result
         return last
     provenance = {"steps": trainer.global_step, "images_seen": trainer.global_step * effective,

@@ -14,6 +14,7 @@ from clip4str.reading import BaseRecognizer, ReadResult
 from clip4str.weights import load_model
 
 PRECISIONS = ("fp32", "bf16", "fp16")
+LOW_PRECISION_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 AUTHORS_SUFFIXES = {".ckpt", ".pt", ".pth", ".bin"}
 
 
@@ -56,7 +57,7 @@ class Recognizer(BaseRecognizer):
             raise ValueError(f"device {device!r} is not usable here ({e}); use cpu, cuda or mps") from e
         self.precision = precision
         if precision != "fp32":
-            store_matmul_weights_as(self.model, torch.bfloat16 if precision == "bf16" else torch.float16)
+            store_matmul_weights_as(self.model, LOW_PRECISION_DTYPES[precision])
         self.image_size = model.config.image_size
         self.window_aspect = window_aspect or self._default_window()
 
@@ -90,8 +91,7 @@ class Recognizer(BaseRecognizer):
         """The context every forward pass of this recognizer runs in (autocast to its precision)."""
         if self.precision == "fp32":
             return contextlib.nullcontext()
-        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
-        return torch.autocast(self.device.type, dtype=dtype)
+        return torch.autocast(self.device.type, dtype=LOW_PRECISION_DTYPES[self.precision])
 
     @torch.inference_mode()
     def decode_tensors(self, x: torch.Tensor, **options: object) -> list[ReadResult]:

@@ -5,18 +5,15 @@ import time
 
 import torch
 
-from clip4str.data.datamodule import Source, STRDataModule
 from clip4str.train.config import load_config
-from clip4str.train.run import build_model
+from clip4str.train.run import build_datamodule, build_model
 
 budget, cfg = float(sys.argv[1]), load_config(sys.argv[2], sys.argv[3:])
-d, B = cfg.data, cfg.data.batch_size
+B = cfg.data.batch_size
+cfg.data.synth_val_size = 0  # the probe times training batches only
 dev = "cuda" if torch.cuda.is_available() else "cpu"
 model = build_model(cfg).to(dev).train()
-mc = model.config
-dm = STRDataModule([Source(**s) for s in d.train], d.val, mc.charset, mc.image_size, mc.image_mean, mc.image_std,
-                   B, d.num_workers, mc.max_label_length, 99, d.fonts, d.backgrounds, 0, d.augment, 0)
-dm.setup()
+dm = build_datamodule(cfg, model)
 it = iter(dm.train_dataloader())
 images, labels = next(it)
 images = images.to(dev)

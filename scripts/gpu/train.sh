@@ -26,7 +26,7 @@ nvidia-smi -L; echo "cores: $(nproc)"; df -h /dev/shm /tmp
 python3 -c "import torch, lightning, open_clip; print(torch.__version__, lightning.__version__, open_clip.__version__)"
 CFG=configs/tiny-builtin-gpu.yaml
 OV=("data.fonts=[$D/fsub]" "data.backgrounds=[$D/bgs]" "$@")
-CLI=(python3 -c 'import sys; from clip4str.cli import main; sys.exit(main())')
+CLI=(python3 -m clip4str.cli)
 say "probe"
 STEPS=$(timeout -s ABRT -k 10 150 python3 scripts/gpu/probe.py "$SECONDS_TRAIN" $CFG "${OV[@]}") \
   || { say "probe failed"; exit 1; }

@@ -53,8 +53,7 @@ class ResumableCheckpoint(L.Callback):
             self.minutes is not None and time.monotonic() - self._last_save >= 60 * self.minutes))
         if self._signal is not None:
             self._save_after_signal(trainer)
-            # Leave now: stopping through Lightning would first run an end-of-epoch validation, which a signal
-            # sent to the whole process group can leave waiting forever on a data worker it killed.
+            # Leave now: stopping through Lightning would first run a whole end-of-epoch validation.
             os._exit(0)
         elif due:
             self.save(trainer)

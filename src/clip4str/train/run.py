@@ -74,9 +74,20 @@ class _ResumeAwareData(STRDataModule):
 
     def train_dataloader(self):  # noqa: D102
         trainer = self.trainer
-        self.start_batch = trainer.global_step * trainer.accumulate_grad_batches
-        self.rank, self.world = trainer.global_rank, trainer.world_size
+        if trainer is not None:  # outside a fit (e.g. timing the loader) the stream starts at batch 0
+            self.start_batch = trainer.global_step * trainer.accumulate_grad_batches
+            self.rank, self.world = trainer.global_rank, trainer.world_size
         return super().train_dataloader()
+
+
+def build_datamodule(cfg: TrainConfig, model: CLIP4STR) -> STRDataModule:
+    """The experiment's training and validation data for this model (sources opened, so bad paths fail here)."""
+    d, mc = cfg.data, model.config
+    dm = _ResumeAwareData([Source(**s) for s in d.train], d.val, mc.charset, mc.image_size, mc.image_mean,
+                          mc.image_std, d.batch_size, d.num_workers, mc.max_label_length, cfg.train.seed, d.fonts,
+                          d.backgrounds, d.synth_val_size, d.augment, d.curriculum_images)
+    dm.setup()
+    return dm
 
 
 def check_paths(cfg: TrainConfig, init: bool = True) -> None:
@@ -111,11 +122,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     L.seed_everything(t.seed, workers=True, verbose=False)
     model = build_model(cfg, init=not resume)
     print(parameter_report(model), file=sys.stderr)
-    mc = model.config
-    dm = _ResumeAwareData([Source(**s) for s in d.train], d.val, mc.charset, mc.image_size, mc.image_mean,
-                          mc.image_std, d.batch_size, d.num_workers, mc.max_label_length, t.seed, d.fonts,
-                          d.backgrounds, d.synth_val_size, d.augment, d.curriculum_images)
-    dm.setup()
+    dm = build_datamodule(cfg, model)
     out.mkdir(parents=True, exist_ok=True)
     run_id = len(list(out.glob("logs/run-*")))
     (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

@@ -175,6 +175,12 @@ class Tokenizer:
             chars.append(self.itos[i])
         return "".join(chars)
 
+    def captions(self, ids: Sequence[Sequence[int]], lengths: Sequence[int] | None,
+                 adapter: CharsetAdapter) -> list[str]:
+        """Greedy id rows (cut to `lengths`, then at EOS) -> strings in the adapter's charset."""
+        rows = ids if lengths is None else [row[:n] for row, n in zip(ids, lengths, strict=True)]
+        return [adapter(self.ids_to_text(row)) for row in rows]
+
     def decode(self, probs: Any, lengths: Sequence[int] | None = None) -> list[DecodedText]:
         """(B, L, C) probabilities (torch or NumPy) -> greedy text cut at the first EOS, per-character probs.
 
@@ -194,3 +200,8 @@ class Tokenizer:
             char_probs = p[: end + 1]  # EOS probability belongs to the confidence
             out.append(DecodedText(text, float(np.prod(char_probs)) if char_probs else 0.0, char_probs))
         return out
+
+
+def changed_rows(captions: Sequence[str], previous: Sequence[str]) -> list[int]:
+    """Indices whose caption differs from the previous pass (only those need the text encoder again)."""
+    return [i for i, (new, old) in enumerate(zip(captions, previous, strict=True)) if new != old]

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from clip4str.bpe import VOCAB_NAME, BPETokenizer
-from clip4str.charset import CharsetAdapter, Tokenizer
+from clip4str.charset import CharsetAdapter, Tokenizer, changed_rows
 from clip4str.data.transforms import ImageInput, preprocess_array
 from clip4str.reading import BaseRecognizer, ReadResult
 
@@ -75,16 +75,14 @@ class OnnxRecognizer(BaseRecognizer):
         return decoder.run(None, {i.name: feed[i.name] for i in decoder.get_inputs()})[0]
 
     def _captions(self, logits: np.ndarray, lengths: np.ndarray | None = None) -> list[str]:
-        ids = logits.argmax(-1)
-        rows = [row[:n] for row, n in zip(ids.tolist(), lengths.tolist(), strict=True)] if lengths is not None \
-            else ids.tolist()
-        return [self.caption_adapter(self.tokenizer.ids_to_text(r)) for r in rows]
+        return self.tokenizer.captions(logits.argmax(-1).tolist(), None if lengths is None else lengths.tolist(),
+                                       self.caption_adapter)
 
     def _cross_memory(self, tokens: np.ndarray, captions: list[str],
                       previous: tuple[list[str], np.ndarray] | None = None) -> np.ndarray:
         """As CLIP4STR.cross_memory: with `previous`, only changed captions go through the text encoder."""
         rows = list(range(len(captions))) if previous is None else \
-            [i for i, (new, old) in enumerate(zip(captions, previous[0], strict=True)) if new != old]
+            changed_rows(captions, previous[0])
         if previous is not None and not rows:
             return previous[1]
         ids = self.bpe([captions[i] for i in rows], self.cfg["text_context_length"])

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from clip4str.charset import CharsetAdapter, DecodedText, Tokenizer
+from clip4str.charset import CharsetAdapter, DecodedText, Tokenizer, changed_rows
 from clip4str.model.config import DECODE_MODES, ModelConfig
 from clip4str.model.decoder import Decoder
 from clip4str.model.peft import build_peft
@@ -109,10 +109,8 @@ class CLIP4STR(nn.Module):
 
     def captions(self, logits: torch.Tensor, lengths: torch.Tensor | None = None) -> list[str]:
         """Greedy strings of image-branch logits, cut at EOS and mapped to the caption charset."""
-        ids = logits.argmax(-1).tolist()
-        if lengths is not None:
-            ids = [row[:n] for row, n in zip(ids, lengths.tolist(), strict=True)]
-        return [self.caption_adapter(self.tokenizer.ids_to_text(row)) for row in ids]
+        return self.tokenizer.captions(logits.argmax(-1).tolist(), None if lengths is None else lengths.tolist(),
+                                       self.caption_adapter)
 
     def cross_memory(self, image_tokens: torch.Tensor, captions: Sequence[str],
                      previous: tuple[list[str], torch.Tensor] | None = None) -> torch.Tensor:
@@ -126,7 +124,7 @@ class CLIP4STR(nn.Module):
             text = self.encode_text(captions, image_tokens.device)
             return torch.cat([image_tokens.detach(), text.to(image_tokens.dtype)], dim=1)
         old_captions, memory = previous
-        changed = [i for i, (new, old) in enumerate(zip(captions, old_captions, strict=True)) if new != old]
+        changed = changed_rows(captions, old_captions)
         if not changed:
             return memory
         memory = memory.clone()

@@ -141,6 +141,17 @@ def test_damaged_checkpoint_is_reported(small, tmp_path):
         load_model(folder)
 
 
+def test_a_path_that_is_not_a_checkpoint_folder_is_named(small, tmp_path):
+    folder = save_checkpoint(small, tmp_path / "ckpt")
+    assert load_model(folder / "config.json").config == small.config  # the folder's own files are fine
+    (tmp_path / "photo.png").write_bytes(b"png")
+    with pytest.raises(ValueError, match="photo.png' is a file, not a clip4str checkpoint folder"):
+        load_model(tmp_path / "photo.png")
+    (folder / "image_encoder.onnx").write_bytes(b"onnx")
+    with pytest.raises(ValueError, match="is an ONNX export.*--backend onnx"):
+        load_model(folder)
+
+
 def test_charset_override_resizes_the_heads(tiny_overrides):
     model = create_model("tiny", charset="36", **tiny_overrides)
     assert model.config.charset == CHARSETS["36"]

@@ -45,8 +45,14 @@ def read_checkpoint_config(path: str | Path) -> tuple[dict[str, Any], Path]:
     if not p.exists():
         raise FileNotFoundError(f"checkpoint {str(p)!r} does not exist; give a folder made by clip4str "
                                 "(config.json + model.safetensors)")
+    if p.is_file() and p.name not in (CONFIG_NAME, WEIGHTS_NAME):
+        raise ValueError(f"checkpoint {str(p)!r} is a file, not a clip4str checkpoint folder (config.json + "
+                         "model.safetensors); give the folder")
     folder = p if p.is_dir() else p.parent
     config_path, weights_path = folder / CONFIG_NAME, folder / WEIGHTS_NAME
+    if (folder / "image_encoder.onnx").is_file():
+        raise ValueError(f"{str(folder)!r} is an ONNX export, not a PyTorch checkpoint; read it with "
+                         "--backend onnx (Python: clip4str.onnx_backend.OnnxRecognizer)")
     for needed in (config_path, weights_path):
         if not needed.is_file():
             raise FileNotFoundError(f"checkpoint {str(folder)!r} has no {needed.name}; a clip4str checkpoint is "

@@ -149,6 +149,14 @@ def test_every_shipped_config_is_valid():
             build_model(cfg)
 
 
+def test_a_runs_written_config_reloads_as_the_same_config(tmp_path):
+    cfg = load_config(Path(__file__).parents[1] / "configs" / "tiny-builtin-stage5.yaml", ["model.dropout=0.2"])
+    assert cfg.model.overrides["ctc_weight"] == 0.5 and cfg.model.overrides["dropout"] == 0.2
+    written = tmp_path / "config.yaml"
+    written.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    assert load_config(written) == cfg
+
+
 SIGNAL_AFTER_OUR_HOOK = """
 import os, signal, sys
 from clip4str.train.callbacks import ResumableCheckpoint

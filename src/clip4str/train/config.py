@@ -71,8 +71,10 @@ class TrainConfig:
     train: TrainSection = field(default_factory=TrainSection)
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain dict (for YAML and checkpoint provenance)."""
-        return dataclasses.asdict(self)
+        """Plain dict in the layout a config file takes (for YAML and checkpoint provenance)."""
+        doc = dataclasses.asdict(self)
+        doc["model"].update(doc["model"].pop("overrides"))  # a run's config.yaml reloads as --config
+        return doc
 
 
 SECTIONS = {"model": ModelSection, "data": DataSection, "train": TrainSection}

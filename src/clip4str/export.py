@@ -18,6 +18,7 @@ from torch import nn
 from clip4str.bpe import VOCAB_NAME
 from clip4str.model import CLIP4STR
 from clip4str.model.decoder import Decoder
+from clip4str.onnx_backend import CROSS_DECODER, IMAGE_DECODER, IMAGE_ENCODER, TEXT_ENCODER
 
 ONNX_FORMAT = "clip4str-onnx-v1"
 
@@ -81,7 +82,7 @@ def export_onnx(model: CLIP4STR, out_dir: str | Path) -> Path:
     cfg = model.config
     h, w = cfg.image_size
     images = torch.randn(2, 3, h, w)
-    _export(_ImageEncoder(model), (images,), out / "image_encoder.onnx", ["images"], "image_tokens",
+    _export(_ImageEncoder(model), (images,), out / IMAGE_ENCODER, ["images"], "image_tokens",
             {"images": {0: "batch"}, "image_tokens": {0: "batch"}})
     memory = model.encode_image(images)
     tgt = torch.tensor([[model.tokenizer.bos_id, 1, 2], [model.tokenizer.bos_id, 3, 4]])
@@ -92,13 +93,13 @@ def export_onnx(model: CLIP4STR, out_dir: str | Path) -> Path:
                "query_pos": {0: "queries"}, "query_mask": {0: "queries", 1: "length"},
                "content_mask": {0: "length", 1: "length"}, "padding_mask": {0: "batch", 1: "length"},
                "logits": {0: "batch", 1: "queries"}}
-    _export(_DecoderStep(model.image_decoder), step_args, out / "image_decoder.onnx", names, "logits", dynamic)
+    _export(_DecoderStep(model.image_decoder), step_args, out / IMAGE_DECODER, names, "logits", dynamic)
     if model.cross_decoder is not None:
         ids = torch.zeros(2, cfg.text_context_length, dtype=torch.long)
-        _export(_TextEncoder(model), (ids,), out / "text_encoder.onnx", ["token_ids"], "text_features",
+        _export(_TextEncoder(model), (ids,), out / TEXT_ENCODER, ["token_ids"], "text_features",
                 {"token_ids": {0: "batch"}, "text_features": {0: "batch"}})
         cross_mem = torch.cat([memory, model.encode_text(["ab", "c"], memory.device)], dim=1)
-        _export(_DecoderStep(model.cross_decoder), (tgt, cross_mem, *step_args[2:]), out / "cross_decoder.onnx",
+        _export(_DecoderStep(model.cross_decoder), (tgt, cross_mem, *step_args[2:]), out / CROSS_DECODER,
                 names, "logits", dynamic)
         shutil.copy(Path(open_clip.__file__).parent / VOCAB_NAME, out / VOCAB_NAME)
     tok = model.tokenizer

@@ -18,6 +18,10 @@ from clip4str.charset import CharsetAdapter, Tokenizer, changed_rows
 from clip4str.data.transforms import ImageInput, preprocess_array
 from clip4str.reading import BaseRecognizer, ReadResult
 
+# The graph files of an export folder (written by clip4str.export, read here).
+IMAGE_ENCODER, IMAGE_DECODER = "image_encoder.onnx", "image_decoder.onnx"
+TEXT_ENCODER, CROSS_DECODER = "text_encoder.onnx", "cross_decoder.onnx"
+
 
 def _softmax(x: np.ndarray) -> np.ndarray:
     e = np.exp(x - x.max(-1, keepdims=True))
@@ -35,7 +39,7 @@ class OnnxRecognizer(BaseRecognizer):
         import onnxruntime as ort
 
         folder = Path(folder)
-        if not (folder / "config.json").is_file() or not (folder / "image_encoder.onnx").is_file():
+        if not (folder / "config.json").is_file() or not (folder / IMAGE_ENCODER).is_file():
             raise FileNotFoundError(f"{str(folder)!r} is not an exported model (config.json + *.onnx); "
                                     "make one with `clip4str export onnx`")
         doc = json.loads((folder / "config.json").read_text(encoding="utf-8"))
@@ -49,10 +53,10 @@ class OnnxRecognizer(BaseRecognizer):
         def session(name: str):  # noqa: ANN202
             return ort.InferenceSession(str(folder / name), opts, providers=providers)
 
-        self.image_encoder, self.image_decoder = session("image_encoder.onnx"), session("image_decoder.onnx")
+        self.image_encoder, self.image_decoder = session(IMAGE_ENCODER), session(IMAGE_DECODER)
         self.cross = self.cfg["cross_branch"]
         if self.cross:
-            self.text_encoder, self.cross_decoder = session("text_encoder.onnx"), session("cross_decoder.onnx")
+            self.text_encoder, self.cross_decoder = session(TEXT_ENCODER), session(CROSS_DECODER)
             self.bpe = BPETokenizer(folder / VOCAB_NAME)
         self.caption_adapter = CharsetAdapter(self.cfg["caption_charset"])
         self.image_size = tuple(self.cfg["clip"]["vision_cfg"]["image_size"]) \

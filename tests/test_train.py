@@ -276,6 +276,27 @@ def test_init_from_a_clip4str_checkpoint(tmp_path, folder):
         train(missing)
 
 
+def test_a_run_from_a_checkpoint_records_that_checkpoints_provenance(tmp_path, folder):
+    import json
+
+    from clip4str.factory import create_model
+    from clip4str.train.run import export_last
+    from clip4str.weights import save_checkpoint
+    save_checkpoint(create_model("tiny", **SMALL), tmp_path / "parent", provenance={"steps": 7, "note": "parent"})
+    cfg = load_config(_config(tmp_path, folder, max_steps=2), [f"model.init=checkpoint:{tmp_path / 'parent'}"])
+    final = train(cfg)
+    # The parent is replaced after the run started (as the built-in model is when a stage ships): the export
+    # still names the checkpoint the run started from.
+    save_checkpoint(create_model("tiny", **SMALL), tmp_path / "parent", provenance={"note": "replaced"})
+    for folder_ in (final, export_last(cfg, tmp_path / "exported")):
+        doc = json.loads((folder_ / "config.json").read_text())["provenance"]
+        assert doc["steps"] == 2 and doc["images_seen"] == 16
+        assert doc["started_from"] == {"init": f"checkpoint:{tmp_path / 'parent'}",
+                                       "provenance": {"steps": 7, "note": "parent"}}
+    fresh = train(load_config(_config(tmp_path, folder, out="fresh", max_steps=1)))
+    assert "started_from" not in json.loads((fresh / "config.json").read_text())["provenance"]
+
+
 RAISE_WITH_LIVE_WORKERS = """
 import sys
 from clip4str.charset import CHARSETS

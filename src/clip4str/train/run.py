@@ -60,6 +60,20 @@ def load_weights_into(model: CLIP4STR, folder: str | Path) -> None:
     state = {k: v for k, v in state.items() if not k.startswith("ctc_head.") or k in own}
     state.update({k: v for k, v in own.items() if k.startswith("ctc_head.") and k not in state})
     load_exact(model, state, f"checkpoint {folder}")
+    model.provenance = doc.get("provenance", {})  # the parent's, kept as the lineage of what this run makes
+
+
+STARTED_FROM = "started_from.json"
+
+
+def run_provenance(cfg: TrainConfig, step: int, images_per_step: int, **extra: object) -> dict:
+    """What an exported model records of its training: this run's steps, images and config, and (when it
+    started from a clip4str checkpoint) that checkpoint's own provenance, so a chain of runs stays traceable."""
+    doc = {"steps": step, "images_seen": step * images_per_step, **extra, "config": cfg.to_dict()}
+    started = Path(cfg.train.out_dir) / STARTED_FROM
+    if started.is_file():
+        doc["started_from"] = json.loads(started.read_text(encoding="utf-8"))
+    return doc
 
 
 def parameter_report(model: CLIP4STR) -> str:
@@ -126,6 +140,10 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     run_id = len(list(out.glob("logs/run-*")))
     (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    if not resume and cfg.model.init.partition(":")[0] in ("checkpoint", "builtin"):
+        # Written at the start: the init checkpoint (the built-in model above all) may be replaced before export.
+        (out / STARTED_FROM).write_text(json.dumps({"init": cfg.model.init, "provenance": model.provenance},
+                                                   indent=1), encoding="utf-8")
     callbacks: list[L.Callback] = [ResumableCheckpoint(out, t.checkpoint_every_minutes, t.checkpoint_every_steps)]
     if t.swa_lr is not None:
         callbacks.append(L.pytorch.callbacks.StochasticWeightAveraging(swa_lrs=t.swa_lr))
@@ -145,8 +163,8 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     trainer.fit(system, datamodule=dm, ckpt_path=str(last) if resume else None)
     if trainer.global_step < t.max_steps:  # stopped by a signal: the checkpoint is the result
         return last
-    provenance = {"steps": trainer.global_step, "images_seen": trainer.global_step * effective,
-                  "wall_seconds_last_run": round(time.time() - start), "config": cfg.to_dict()}
+    provenance = run_provenance(cfg, trainer.global_step, effective,
+                                wall_seconds_last_run=round(time.time() - start))
     final = save_checkpoint(model, out / "final", provenance)
     plot_history(out)
     return final
@@ -167,8 +185,7 @@ def export_last(cfg: TrainConfig, dest: str | Path, dtype: torch.dtype | None = 
     state = {k.removeprefix("model."): v for k, v in states.items() if k.startswith("model.")}
     load_exact(model, state, str(last))
     effective = ckpt.get("effective_batch", cfg.data.batch_size * cfg.train.accumulate_grad_batches)
-    provenance = {"steps": step, "images_seen": step * effective, "max_steps": cfg.train.max_steps,
-                  "config": cfg.to_dict()}
+    provenance = run_provenance(cfg, step, effective, max_steps=cfg.train.max_steps)
     return save_checkpoint(model.eval(), dest, provenance, dtype=dtype)
 
 

@@ -15,7 +15,6 @@ from safetensors.torch import load_file, save_file
 
 from clip4str.model.clip4str import CLIP4STR
 from clip4str.model.config import ModelConfig
-from clip4str.onnx_backend import IMAGE_ENCODER
 
 CONFIG_NAME, WEIGHTS_NAME = "config.json", "model.safetensors"
 FORMAT = "clip4str-checkpoint-v1"
@@ -51,7 +50,7 @@ def read_checkpoint_config(path: str | Path) -> tuple[dict[str, Any], Path]:
                          "model.safetensors); give the folder")
     folder = p if p.is_dir() else p.parent
     config_path, weights_path = folder / CONFIG_NAME, folder / WEIGHTS_NAME
-    if (folder / IMAGE_ENCODER).is_file():
+    if any(folder.glob("*.onnx")):  # graphs beside config.json: `clip4str export onnx` made this folder
         raise ValueError(f"{str(folder)!r} is an ONNX export, not a PyTorch checkpoint; read it with "
                          "--backend onnx (Python: clip4str.onnx_backend.OnnxRecognizer)")
     for needed in (config_path, weights_path):

@@ -96,7 +96,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"exported {cfg.train.out_dir}/last.ckpt to {out}")
         return 0
     result = train(cfg, resume=args.resume)
-    print(f"result: {result}")
+    if result is not None:  # rank 0 (or a single process) reports; other ranks of a multi-process run do not
+        print(f"result: {result}")
     return 0
 
 

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import lightning as L
+import torch
 
 
 class ResumableCheckpoint(L.Callback):
@@ -49,14 +50,32 @@ class ResumableCheckpoint(L.Callback):
                            batch_idx: int) -> None:
         step = trainer.global_step
         # With gradient accumulation several batches share a step: save once per step at most.
-        due = step > self._saved_step and ((self.steps and step % self.steps == 0) or (
+        due = step > self._saved_step and bool((self.steps and step % self.steps == 0) or (
             self.minutes is not None and time.monotonic() - self._last_save >= 60 * self.minutes))
-        if self._signal is not None:
+        stop, due = self._agree(trainer, self._signal is not None, due)
+        if stop:
+            self._signal = self._signal or signal.SIGTERM  # a signal that reached another rank only
+            # Lightning writes a step's logged metrics after this hook: write them now, or the last step's
+            # losses would be missing from the run's log (Lightning has no public call for this).
+            connector = getattr(trainer, "_logger_connector", None)
+            if connector is not None:
+                connector.update_train_step_metrics()
             self._save_after_signal(trainer)
             # Leave now: stopping through Lightning would first run a whole end-of-epoch validation.
             os._exit(0)
         elif due:
             self.save(trainer)
+
+    @staticmethod
+    def _agree(trainer: L.Trainer, stop: bool, due: bool) -> tuple[bool, bool]:
+        """Whether any rank got a signal or is due to save: a save is collective, and ranks that decided
+        apart (clocks, a signal delivered to one process) would wait on each other forever."""
+        if trainer.world_size == 1 or not torch.distributed.is_initialized():
+            return stop, due
+        flags = torch.tensor([stop, due], dtype=torch.int32, device=trainer.strategy.root_device)
+        torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
+        stop, due = flags.tolist()
+        return bool(stop), bool(due)
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         """Save after a signal when Lightning's own SIGTERM check stopped the loop before our batch hook."""
@@ -67,8 +86,9 @@ class ResumableCheckpoint(L.Callback):
         self.save(trainer)
         for logger in trainer.loggers:
             logger.finalize("interrupted")
-        print(f"\nsignal {self._signal}: checkpoint saved at step {trainer.global_step} to {self.path}; resume "
-              "with --resume", file=sys.stderr, flush=True)
+        if trainer.is_global_zero:
+            print(f"\nsignal {self._signal}: checkpoint saved at step {trainer.global_step} to {self.path}; resume "
+                  "with --resume", file=sys.stderr, flush=True)
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._signal is None:

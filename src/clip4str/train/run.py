@@ -120,8 +120,8 @@ def check_paths(cfg: TrainConfig, init: bool = True) -> None:
             raise FileNotFoundError(f"{p!r} (named in the config) does not exist")
 
 
-def train(cfg: TrainConfig, resume: bool = False) -> Path:
-    """Run (or resume) an experiment; returns the exported model folder."""
+def train(cfg: TrainConfig, resume: bool = False) -> Path | None:
+    """Run (or resume) an experiment; returns the exported model folder (None on ranks other than 0)."""
     check_paths(cfg, init=not resume)  # a resumed run's weights come from last.ckpt
     t, d = cfg.train, cfg.data
     out = Path(t.out_dir)
@@ -135,15 +135,9 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
         torch.set_num_threads(t.threads)
     L.seed_everything(t.seed, workers=True, verbose=False)
     model = build_model(cfg, init=not resume)
-    print(parameter_report(model), file=sys.stderr)
     dm = build_datamodule(cfg, model)
     out.mkdir(parents=True, exist_ok=True)
     run_id = len(list(out.glob("logs/run-*")))
-    (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    if not resume and cfg.model.init.partition(":")[0] in ("checkpoint", "builtin"):
-        # Written at the start: the init checkpoint (the built-in model above all) may be replaced before export.
-        (out / STARTED_FROM).write_text(json.dumps({"init": cfg.model.init, "provenance": model.provenance},
-                                                   indent=1), encoding="utf-8")
     callbacks: list[L.Callback] = [ResumableCheckpoint(out, t.checkpoint_every_minutes, t.checkpoint_every_steps)]
     if t.swa_lr is not None:
         callbacks.append(L.pytorch.callbacks.StochasticWeightAveraging(swa_lrs=t.swa_lr))
@@ -153,14 +147,27 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
         accumulate_grad_batches=t.accumulate_grad_batches, val_check_interval=t.val_every_steps,
         check_val_every_n_epoch=None, num_sanity_val_steps=0, log_every_n_steps=t.log_every_steps,
         enable_checkpointing=False, enable_progress_bar=sys.stderr.isatty(),  # no bar spam in nohup logs
+        # The training stream splits itself by rank; every rank validates the whole of each set, so the
+        # numbers rank 0 logs are those of the full sets without gathering scores.
+        use_distributed_sampler=False,
         callbacks=callbacks, default_root_dir=str(out),
         logger=[CSVLogger(out / "logs", name="", version=f"run-{run_id}"),
                 TensorBoardLogger(out / "logs", name="", version=f"run-{run_id}")],
         limit_val_batches=1.0 if dm.val_names else 0)
+    if trainer.is_global_zero:  # other ranks write nothing: one copy of every file, one report
+        print(parameter_report(model), file=sys.stderr)
+        (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        if not resume and cfg.model.init.partition(":")[0] in ("checkpoint", "builtin"):
+            # Written at the start: the init checkpoint (the built-in model above all) may be replaced before
+            # export.
+            (out / STARTED_FROM).write_text(json.dumps({"init": cfg.model.init, "provenance": model.provenance},
+                                                       indent=1), encoding="utf-8")
     effective = d.batch_size * trainer.world_size * t.accumulate_grad_batches  # the lr follows it
     system = STRSystem(model, t, effective, dm.val_names)
     start = time.time()
     trainer.fit(system, datamodule=dm, ckpt_path=str(last) if resume else None)
+    if not trainer.is_global_zero:
+        return None
     if trainer.global_step < t.max_steps:  # stopped by a signal: the checkpoint is the result
         return last
     provenance = run_provenance(cfg, trainer.global_step, effective,

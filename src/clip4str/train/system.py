@@ -68,12 +68,14 @@ class STRSystem(L.LightningModule):
         if self._last_step_time is not None:
             self.log("img_s", len(labels) / (now - self._last_step_time), prog_bar=True)
         self._last_step_time = now
-        self.log("loss", out.loss, prog_bar=True)
-        self.log("image_loss", out.image_loss)
-        if out.cross_loss is not None:
-            self.log("cross_loss", out.cross_loss)
-        if out.ctc_loss is not None:
-            self.log("ctc_loss", out.ctc_loss)
+        terms = {"loss": out.loss, "image_loss": out.image_loss, "cross_loss": out.cross_loss,
+                 "ctc_loss": out.ctc_loss}
+        terms = {k: v.detach() for k, v in terms.items() if v is not None}
+        if self.trainer.world_size > 1:  # the whole global batch's losses, in one collective for all terms
+            mean = self.trainer.strategy.reduce(torch.stack(list(terms.values())), reduce_op="mean")
+            terms = dict(zip(terms, mean.unbind(), strict=True))
+        for name, value in terms.items():
+            self.log(name, value, prog_bar=name == "loss")
         self.log("lr", self.optimizers().param_groups[0]["lr"], prog_bar=True)
         return out.loss
 

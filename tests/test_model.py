@@ -213,7 +213,7 @@ def test_cross_memory_reencodes_only_changed_captions(small):
     assert torch.equal(new[[0, 2]], old[[0, 2]]) and not torch.equal(new[1], old[1])
 
 
-def test_auxiliary_ctc_loss_trains_the_image_tower_and_never_decodes(tiny_overrides):
+def test_auxiliary_ctc_loss_trains_the_image_tower(tiny_overrides):
     torch.manual_seed(0)
     model = create_model("tiny", ctc_weight=0.5, **tiny_overrides)
     assert create_model("tiny", **tiny_overrides).ctc_head is None
@@ -237,9 +237,10 @@ def test_auxiliary_ctc_loss_trains_the_image_tower_and_never_decodes(tiny_overri
         loss.backward()
         opt.step()
     assert float(loss) < 0.5 * first
-    # Decoding never uses the head: the same weights without it decode the same logits.
+    # Decoding uses the head only to guard against runaway readings (tests/test_runaway.py): without the
+    # guard, the same weights without it decode the same logits.
     plain = create_model("tiny", **tiny_overrides)
     plain.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("ctc_head.")})
     model.eval(), plain.eval()
     with torch.inference_mode():
-        torch.testing.assert_close(model.decode(images).logits, plain.decode(images).logits)
+        torch.testing.assert_close(model.decode(images, guard=False).logits, plain.decode(images).logits)

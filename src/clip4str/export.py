@@ -18,7 +18,7 @@ from torch import nn
 from clip4str.bpe import VOCAB_NAME
 from clip4str.model import CLIP4STR
 from clip4str.model.decoder import Decoder
-from clip4str.onnx_backend import CROSS_DECODER, IMAGE_DECODER, IMAGE_ENCODER, TEXT_ENCODER
+from clip4str.onnx_backend import CROSS_DECODER, CTC_HEAD, IMAGE_DECODER, IMAGE_ENCODER, TEXT_ENCODER
 
 ONNX_FORMAT = "clip4str-onnx-v1"
 
@@ -42,6 +42,17 @@ class _TextEncoder(nn.Module):
 
         features = encode_text_tokens(self.model.clip, token_ids)
         return self.model.text_peft(features) if self.model.text_peft is not None else features
+
+
+class _CtcHead(nn.Module):
+    def __init__(self, model: CLIP4STR) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, image_tokens: torch.Tensor) -> torch.Tensor:
+        from clip4str.model.ctc import column_log_probs
+
+        return column_log_probs(self.model.ctc_head, image_tokens, self.model.clip.visual.grid_size)
 
 
 class _DecoderStep(nn.Module):
@@ -75,7 +86,8 @@ def _export(module: nn.Module, args: tuple, path: Path, names: list[str], output
 
 @torch.no_grad()
 def export_onnx(model: CLIP4STR, out_dir: str | Path) -> Path:
-    """Write image_encoder.onnx, image_decoder.onnx, [cross_decoder.onnx, text_encoder.onnx], config.json."""
+    """Write image_encoder.onnx, image_decoder.onnx, [cross_decoder.onnx, text_encoder.onnx], [ctc_head.onnx],
+    config.json."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     model = model.float().eval()
@@ -85,6 +97,9 @@ def export_onnx(model: CLIP4STR, out_dir: str | Path) -> Path:
     _export(_ImageEncoder(model), (images,), out / IMAGE_ENCODER, ["images"], "image_tokens",
             {"images": {0: "batch"}, "image_tokens": {0: "batch"}})
     memory = model.encode_image(images)
+    if model.ctc_head is not None:  # the runaway guard's reading
+        _export(_CtcHead(model), (memory,), out / CTC_HEAD, ["image_tokens"], "log_probs",
+                {"image_tokens": {0: "batch"}, "log_probs": {0: "batch"}})
     tgt = torch.tensor([[model.tokenizer.bos_id, 1, 2], [model.tokenizer.bos_id, 3, 4]])
     step_args = (tgt, memory, torch.tensor([0, 1]), torch.zeros(2, 3, dtype=torch.bool),
                  torch.zeros(3, 3, dtype=torch.bool), torch.zeros(2, 3, dtype=torch.bool))

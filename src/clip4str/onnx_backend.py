@@ -17,10 +17,12 @@ from clip4str.bpe import VOCAB_NAME, BPETokenizer
 from clip4str.charset import CharsetAdapter, Tokenizer, changed_rows
 from clip4str.data.transforms import ImageInput, preprocess_array
 from clip4str.reading import BaseRecognizer, ReadResult
+from clip4str.runaway import apply_guard
 
 # The graph files of an export folder (written by clip4str.export, read here).
 IMAGE_ENCODER, IMAGE_DECODER = "image_encoder.onnx", "image_decoder.onnx"
 TEXT_ENCODER, CROSS_DECODER = "text_encoder.onnx", "cross_decoder.onnx"
+CTC_HEAD = "ctc_head.onnx"  # only for models with a CTC head; exports made before it have no runaway guard
 
 
 def _softmax(x: np.ndarray) -> np.ndarray:
@@ -58,6 +60,7 @@ class OnnxRecognizer(BaseRecognizer):
         if self.cross:
             self.text_encoder, self.cross_decoder = session(TEXT_ENCODER), session(CROSS_DECODER)
             self.bpe = BPETokenizer(folder / VOCAB_NAME)
+        self.ctc_head = session(CTC_HEAD) if (folder / CTC_HEAD).is_file() else None
         self.caption_adapter = CharsetAdapter(self.cfg["caption_charset"])
         self.image_size = tuple(self.cfg["clip"]["vision_cfg"]["image_size"]) \
             if isinstance(self.cfg["clip"]["vision_cfg"]["image_size"], list) else \
@@ -139,7 +142,8 @@ class OnnxRecognizer(BaseRecognizer):
         return self._step(decoder, ctx, memory, np.arange(steps), query_mask, padding), np.full(b, steps)
 
     def decode(self, x: np.ndarray, mode: str | None = None, refine_iters: int | None = None,
-               max_length: int | None = None, early_exit: bool = True) -> tuple[np.ndarray, np.ndarray]:
+               max_length: int | None = None, early_exit: bool = True, guard: bool = True
+               ) -> tuple[np.ndarray, np.ndarray]:
         """Final logits and valid lengths for preprocessed images."""
         mode = mode or self.cfg["decode_mode"]
         refine_iters = self.cfg["refine_iters"] if refine_iters is None else refine_iters
@@ -159,7 +163,11 @@ class OnnxRecognizer(BaseRecognizer):
                 mem = self._cross_memory(tokens, captions, (previous, mem))
                 cross, cross_len = self._refine(self.cross_decoder, mem, cross, cross_len, steps)
             img_len = img_len_new
-        return (cross, cross_len) if self.cross else (img, img_len)
+        logits, lengths = (cross, cross_len) if self.cross else (img, img_len)
+        if guard and self.ctc_head is not None:
+            logits, lengths = apply_guard(logits, lengths, self.tokenizer.eos_id,
+                                          lambda: self.ctc_head.run(None, {"image_tokens": tokens})[0])
+        return logits, lengths
 
     def decode_tensors(self, x: np.ndarray, **options: object) -> list[ReadResult]:
         """Preprocessed images -> results."""

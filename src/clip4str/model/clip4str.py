@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from clip4str.charset import CharsetAdapter, DecodedText, Tokenizer, changed_rows
+from clip4str.model import ctc
 from clip4str.model.config import DECODE_MODES, ModelConfig
 from clip4str.model.decoder import Decoder
 from clip4str.model.peft import build_peft
@@ -177,32 +178,24 @@ class CLIP4STR(nn.Module):
         image_loss = image_sum / numel
         cross_loss = cross_sum / numel if cross_logits is not None else None
         loss = image_loss if cross_loss is None else image_loss + self.config.cross_loss_weight * cross_loss
-        ctc_loss = self._ctc_loss(memory, tgt) if self.ctc_head is not None else None
+        ctc_loss = None
+        if self.ctc_head is not None:
+            ctc_loss = ctc.ctc_loss(ctc.column_log_probs(self.ctc_head, memory, self.clip.visual.grid_size), tgt,
+                                    self.tokenizer)
         if ctc_loss is not None:
             loss = loss + self.config.ctc_weight * ctc_loss
         return LossOutput(loss, image_loss, cross_loss, ctc_loss)
 
-    def _ctc_loss(self, memory: torch.Tensor, tgt: torch.Tensor) -> torch.Tensor:
-        """CTC over the image tokens' columns (rows averaged), left to right; EOS's class is the blank."""
-        gh, gw = self.clip.visual.grid_size
-        columns = memory[:, -gh * gw:].unflatten(1, (gh, gw)).mean(1)  # patch tokens, class token dropped
-        log_probs = self.ctc_head(columns).float().log_softmax(-1).transpose(0, 1)  # (T, B, C)
-        chars = tgt[:, 1:]
-        is_char = (chars != self.tokenizer.eos_id) & (chars != self.tokenizer.pad_id)
-        lengths = is_char.sum(1)
-        inputs = torch.full_like(lengths, gw)
-        # Words longer than the columns allow cannot be aligned: zero_infinity drops their term.
-        return F.ctc_loss(log_probs, chars[is_char], inputs, lengths, blank=self.tokenizer.eos_id,
-                          zero_infinity=True)
-
     # -- decoding -------------------------------------------------------------------------------------
     def decode(self, images: torch.Tensor, mode: str | None = None, refine_iters: int | None = None,
-               max_length: int | None = None, early_exit: bool = True, kv_cache: bool = True) -> DecodeOutput:
+               max_length: int | None = None, early_exit: bool = True, kv_cache: bool = True,
+               guard: bool = True) -> DecodeOutput:
         """Predict logits for preprocessed images; every row is decoded as if it were alone in the batch.
 
         mode: 'ar' (greedy autoregressive) or 'nar' (one pass); refine_iters: cloze refinement passes per
         branch; max_length caps the label length; early_exit stops AR decoding once every row emitted EOS;
-        kv_cache=False recomputes the whole prefix at every AR step (the reference's way; for benchmarks/tests).
+        kv_cache=False recomputes the whole prefix at every AR step (the reference's way; for benchmarks/tests);
+        guard: rows that run away are read by the CTC head instead, where the model has one (`ctc.guard_runaways`).
         """
         mode = self.config.decode_mode if mode is None else mode
         refine_iters = self.config.refine_iters if refine_iters is None else refine_iters
@@ -225,9 +218,11 @@ class CLIP4STR(nn.Module):
                 cross_mem = self.cross_memory(memory, captions, (previous, cross_mem))
                 cross_logits, cross_len = self._refine(self.cross_decoder, cross_mem, cross_logits, cross_len, steps)
             img_len = img_len_new
-        if self.cross_decoder is None:
-            return DecodeOutput(img_logits, img_len, img_logits, img_len)
-        return DecodeOutput(cross_logits, cross_len, img_logits, img_len)
+        logits, lengths = (img_logits, img_len) if self.cross_decoder is None else (cross_logits, cross_len)
+        if guard and self.ctc_head is not None:
+            logits, lengths = ctc.guard_runaways(logits, lengths, self.ctc_head, memory, self.clip.visual.grid_size,
+                                                 self.tokenizer.eos_id)
+        return DecodeOutput(logits, lengths, img_logits, img_len)
 
     def _first_pass(self, decoder: Decoder, memory: torch.Tensor, steps: int, mode: str, early_exit: bool,
                     budget: torch.Tensor | None, kv_cache: bool = True) -> tuple[torch.Tensor, torch.Tensor]:

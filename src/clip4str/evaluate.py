@@ -67,7 +67,7 @@ def run_benchmarks(recognizer, benchmarks: list[Benchmark], charset: str, batch_
                 span = range(start, min(start + batch_size, len(bench.data)))
                 items = [bench.data[i] for i in span]
                 # A sample that failed to load keeps its real label, so its empty reading counts as wrong.
-                labels = [it[1] if it is not None else _label_at(bench.data, i)
+                labels = [it[1] if it is not None else label_at(bench.data, i)
                           for it, i in zip(items, span, strict=True)]
                 t0 = time.perf_counter()
                 results = recognizer.read([it[0] if it is not None else b"" for it in items], batch_size=batch_size)
@@ -87,10 +87,10 @@ def run_benchmarks(recognizer, benchmarks: list[Benchmark], charset: str, batch_
     return rows, 1000.0 * seconds / max(images, 1)
 
 
-def _label_at(data: Dataset, index: int) -> str:
+def label_at(data: Dataset, index: int) -> str:
     """The (normalised) label of sample `index` without decoding its image."""
     if isinstance(data, Subset):
-        return _label_at(data.dataset, data.indices[index])
+        return label_at(data.dataset, data.indices[index])
     return data.labels[index]
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -78,3 +79,22 @@ class Scores:
     def label_length(self) -> float:
         """Mean label length after the adapter."""
         return self.length_sum / max(self.n, 1)
+
+
+LENGTH_BUCKETS = ((1, 3), (4, 6), (7, 9), (10, None))
+
+
+def length_bucket(label: str) -> str:
+    """The label-length bucket a label falls in: '1-3', '4-6', '7-9' or '10+'."""
+    for low, high in LENGTH_BUCKETS:
+        if high is None or len(label) <= high:
+            return f"{low}-{high}" if high is not None else f"{low}+"
+    raise AssertionError("unreachable")
+
+
+def mcnemar_p(wins: int, losses: int) -> float:
+    """One-sided exact McNemar p-value that a candidate is no better than a reference on the same crops: `wins`
+    crops only the candidate reads right, `losses` only the reference; P(X >= wins), X ~ Binomial(wins +
+    losses, 1/2)."""
+    n = wins + losses
+    return sum(math.comb(n, i) for i in range(wins, n + 1)) / 2**n

@@ -49,6 +49,27 @@ def holdout_split(n: int, fraction: float, seed: int = 0) -> tuple[list[int], li
     return sorted(order[cut:].tolist()), sorted(order[:cut].tolist())
 
 
+def split_source(source: Source, charset: str, max_label_length: int) -> tuple[Dataset, Subset | None]:
+    """A real source opened with the training labels' rules: (training part, held-out part or None)."""
+    if not 0 <= source.holdout < 1:
+        raise ValueError(f"data source {source.path}: holdout must be in [0, 1), got {source.holdout}")
+    data = open_labelled(source.path, LabelNormalizer(charset, max_label_length))
+    # The split ignores the training seed: runs that continue one another never validate on crops an earlier
+    # run trained on.
+    train_idx, held = holdout_split(len(data), source.holdout)
+    if not train_idx:
+        raise ValueError(f"data source {source.path} has no training samples left (after label filtering for "
+                         "the charset and the holdout); check its labels and the model's charset")
+    if not held:
+        return data, None
+    return Subset(data, train_idx), Subset(data, held)
+
+
+def holdout_name(source: Source) -> str:
+    """The validation name of a source's held-out part (as logged: val/<name>/accuracy)."""
+    return f"{Path(source.path).name}-holdout"
+
+
 def leave_process_group(worker_id: int) -> None:
     """DataLoader workers move to a process group of their own, so that a signal sent to the whole group
     (Ctrl-C, `timeout`, a scheduler) reaches only the main process, which checkpoints and stops them.
@@ -174,18 +195,10 @@ class STRDataModule(L.LightningDataModule):
                                        seed=self.seed + 10_000_019, max_length=self.max_label_length)
                     self._val["synth"] = _Rendered(val, self.synth_val_size)
                 continue
-            if not 0 <= s.holdout < 1:
-                raise ValueError(f"data source {s.path}: holdout must be in [0, 1), got {s.holdout}")
-            data = open_labelled(s.path, LabelNormalizer(self.charset, self.max_label_length))
-            # The split ignores the training seed: runs that continue one another never validate on crops
-            # an earlier run trained on.
-            train_idx, held = holdout_split(len(data), s.holdout)
-            if not train_idx:
-                raise ValueError(f"data source {s.path} has no training samples left (after label filtering for "
-                                 "the charset and the holdout); check its labels and the model's charset")
-            self._train.append((s, Subset(data, train_idx) if held else data))
-            if held:
-                self._val[f"{Path(s.path).name}-holdout"] = Subset(data, held)
+            train, held = split_source(s, self.charset, self.max_label_length)
+            self._train.append((s, train))
+            if held is not None:
+                self._val[holdout_name(s)] = held
         for path in self.val_paths:
             self._val[Path(path).name] = open_labelled(path, LabelNormalizer(self.charset, self.max_label_length))
 

@@ -1,0 +1,113 @@
+"""Ship decision of the built-in model: read the realtrain holdout of a training config with the shipped model
+and a candidate, compare them crop by crop (never the benchmark crops).
+
+    python benchmarks/holdout.py --config configs/tiny-builtin-continue.yaml \\
+        --models builtin runs/tiny-builtin-stage12/final [--csv-dir DIR]
+
+For each model: word accuracy on each held-out set and together (36-character protocol, as `clip4str test`),
+accuracy by label length, the confidence of right and wrong readings, and readings that repeat one character
+5 or more times. With two models, the paired comparison: crops only one of them reads right, and the one-sided
+exact McNemar p-value that the second is no better than the first. The rule (docs/training-builtin.md):
+ship the second if it reads more crops right and p < 0.1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import statistics
+from pathlib import Path
+
+from clip4str.charset import CHARSETS
+from clip4str.data.datamodule import Source, holdout_name, split_source
+from clip4str.evaluate import Benchmark, label_at
+from clip4str.inference import Recognizer
+from clip4str.metrics import LENGTH_BUCKETS, Scores, length_bucket, mcnemar_p
+from clip4str.runaway import RUNAWAY_RUN, longest_run
+from clip4str.train.config import load_config
+
+SHIP_P = 0.1
+
+
+def holdout_benchmarks(config: str, charset: str, max_length: int) -> list[Benchmark]:
+    """The held-out parts of the config's real sources, split exactly as training splits them."""
+    sources = [Source(**s) for s in load_config(config).data.train]
+    out = [Benchmark(holdout_name(s), split_source(s, charset, max_length)[1]) for s in sources
+           if not s.is_synth and s.holdout]
+    if not out:
+        raise SystemExit(f"{config} holds out nothing (no data.train entry with holdout > 0)")
+    return out
+
+
+def read_all(model: str, config: str, csv_path: Path | None) -> list[dict]:
+    """One row per held-out crop: set, label, reading, confidence, right (an unreadable crop reads as wrong)."""
+    rec = Recognizer.from_pretrained(None if model == "builtin" else model)
+    rows, images = [], []
+    for bench in holdout_benchmarks(config, rec.config.charset, rec.config.max_label_length):
+        for i in range(len(bench.data)):
+            item = bench.data[i]
+            rows.append({"set": bench.name, "index": i, "label": item[1] if item else label_at(bench.data, i)})
+            images.append(item[0] if item else b"")
+    scorer = Scores(CHARSETS["36"])
+    for row, r in zip(rows, rec.read(images, batch_size=32), strict=True):
+        row.update(text=r.text, confidence=r.confidence,
+                   right=scorer.update([r.text], [row["label"]], [r.confidence])[0])
+    if csv_path:
+        with csv_path.open("w", newline="", encoding="utf-8") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+    return rows
+
+
+def accuracy(rows: list[dict]) -> str:
+    return f"{100 * sum(r['right'] for r in rows) / len(rows):.1f}% ({sum(r['right'] for r in rows)}/{len(rows)})" \
+        if rows else "-"
+
+
+def report(name: str, rows: list[dict]) -> None:
+    print(f"## {name}")
+    for s in sorted({r["set"] for r in rows}):
+        print(f"{s}: {accuracy([r for r in rows if r['set'] == s])}")
+    print(f"all: {accuracy(rows)}")
+    buckets = [f"{lo}-{hi}" if hi else f"{lo}+" for lo, hi in LENGTH_BUCKETS]
+    print("by label length: " + ", ".join(f"{b}: {accuracy([r for r in rows if length_bucket(r['label']) == b])}"
+                                          for b in buckets))
+    for right in (True, False):
+        conf = [r["confidence"] for r in rows if r["right"] == right]
+        if conf:
+            q = statistics.quantiles(conf, n=10) if len(conf) > 1 else conf * 9
+            print(f"confidence of {'right' if right else 'wrong'} readings: median {statistics.median(conf):.3f}, "
+                  f"10th percentile {q[0]:.3f}, 90th {q[-1]:.3f}")
+    runaways = sum(longest_run(r["text"]) >= RUNAWAY_RUN > longest_run(r["label"]) for r in rows)
+    print(f"readings with a run of {RUNAWAY_RUN}+ of one character not in the label: {runaways}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", required=True, help="training config whose data.train holdouts to read")
+    ap.add_argument("--models", nargs="+", required=True, help="'builtin' or checkpoint folders (shipped first)")
+    ap.add_argument("--csv-dir", type=Path, help="write each model's per-crop readings here")
+    args = ap.parse_args()
+    if len(args.models) > 2:
+        ap.error("give one model, or the shipped model and one candidate")
+    if args.csv_dir:
+        args.csv_dir.mkdir(parents=True, exist_ok=True)
+    results = []
+    for k, model in enumerate(args.models):
+        csv_path = args.csv_dir / f"model{k}.csv" if args.csv_dir else None
+        results.append(read_all(model, args.config, csv_path))
+        report(model, results[-1])
+    if len(results) == 2:
+        ref, cand = results
+        wins = sum(c["right"] and not r["right"] for r, c in zip(ref, cand, strict=True))
+        losses = sum(r["right"] and not c["right"] for r, c in zip(ref, cand, strict=True))
+        p = mcnemar_p(wins, losses)
+        ship = wins > losses and p < SHIP_P
+        print(f"## paired: {args.models[1]} right where {args.models[0]} is wrong: {wins}; the reverse: {losses}; "
+              f"one-sided exact McNemar p = {p:.3f} -> {'SHIP' if ship else 'do not ship'} (rule: more right and "
+              f"p < {SHIP_P})")
+
+
+if __name__ == "__main__":
+    main()

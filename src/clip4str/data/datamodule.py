@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import ctypes
 import os
 import random
+import signal
+import sys
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -21,6 +24,8 @@ from clip4str.data.augment import RandAugment
 from clip4str.data.sources import open_labelled
 from clip4str.data.synth import WordRenderer
 from clip4str.data.transforms import preprocess
+
+PR_SET_PDEATHSIG = 1  # prctl option (linux/prctl.h)
 
 
 @dataclass
@@ -70,14 +75,24 @@ def holdout_name(source: Source) -> str:
     return f"{Path(source.path).name}-holdout"
 
 
-def leave_process_group(worker_id: int) -> None:
-    """DataLoader workers move to a process group of their own, so that a signal sent to the whole group
-    (Ctrl-C, `timeout`, a scheduler) reaches only the main process, which checkpoints and stops them.
+def init_worker(worker_id: int) -> None:
+    """Set up a DataLoader worker so that it never outlives its run.
 
-    Ignoring SIGTERM in the workers instead would make them unkillable by the parent too: a script that raises
-    while workers are alive then hangs at exit, where multiprocessing terminates and joins them.
+    It leaves the process group, so that a signal sent to the whole group (Ctrl-C, `timeout`, a scheduler)
+    reaches only the main process, which checkpoints and stops the workers. Ignoring SIGTERM instead would make
+    workers unkillable by the parent too: a script that raises while workers are alive then hangs at exit.
+
+    On Linux it also asks the kernel to kill it when the main process dies by any means (os._exit, SIGKILL, a
+    crash): PyTorch's own check of the parent runs only every few seconds, and a worker that is blocked writing a
+    result nobody reads never gets there, keeping the run's output pipe open (a `$(...)` in a shell then
+    waits forever).
     """
     os.setpgrp()
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() == 1:  # the main process died before the request took effect
+            os._exit(1)
 
 
 def collate(batch: Sequence[tuple[torch.Tensor, str] | None]) -> tuple[torch.Tensor, list[str]]:
@@ -208,12 +223,12 @@ class STRDataModule(L.LightningDataModule):
                              self.augment, self.start_batch, self.rank, self.world, self.curriculum_images)
         return DataLoader(stream, batch_size=self.batch_size, num_workers=self.num_workers, collate_fn=collate,
                           persistent_workers=False, prefetch_factor=4 if self.num_workers else None,
-                          worker_init_fn=leave_process_group)
+                          worker_init_fn=init_worker)
 
     def val_dataloader(self) -> list[DataLoader]:
         """One loader per validation set, in `val_names` order."""
         return [DataLoader(EvalSet(d, self.image_size, self.mean, self.std), batch_size=self.batch_size,
-                           num_workers=self.num_workers, collate_fn=collate, worker_init_fn=leave_process_group)
+                           num_workers=self.num_workers, collate_fn=collate, worker_init_fn=init_worker)
                 for d in self._val.values()]
 
     @property

@@ -27,7 +27,10 @@ class ResumableCheckpoint(L.Callback):
         self._signal: int | None = None
         self._previous: dict[int, object] = {}
 
-    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Registered here, after Lightning has installed its own SIGTERM handler, to replace it rather than run
+        # after it: Lightning's handler forwards the signal to the other ranks' processes and broadcasts from
+        # inside the handler, so with several ranks some died or raised while others waited in the save.
         self._last_save = time.monotonic()
         for sig in (signal.SIGTERM, signal.SIGINT):
             try:

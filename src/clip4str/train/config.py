@@ -41,6 +41,7 @@ class TrainSection:
     """Optimisation, precision, devices, validation and checkpoint cadence, output folder."""
 
     max_steps: int = 1000
+    max_minutes: float | None = None  # a wall-clock budget: the schedule follows time; max_steps stays a cap
     base_lr: float = 8.4e-5
     decoder_lr_scale: float = 19.0
     weight_decay: float = 0.2

@@ -18,6 +18,7 @@ from clip4str.factory import create_model, create_model_from_imagenet_vit
 from clip4str.inference import default_model_path
 from clip4str.model import CLIP4STR
 from clip4str.model.config import ModelConfig
+from clip4str.train.budget import TimeBudget
 from clip4str.train.callbacks import ResumableCheckpoint
 from clip4str.train.config import TrainConfig
 from clip4str.train.system import STRSystem
@@ -139,6 +140,9 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path | None:
     out.mkdir(parents=True, exist_ok=True)
     run_id = len(list(out.glob("logs/run-*")))
     callbacks: list[L.Callback] = [ResumableCheckpoint(out, t.checkpoint_every_minutes, t.checkpoint_every_steps)]
+    budget = TimeBudget(t.max_minutes, t.max_steps) if t.max_minutes is not None else None
+    if budget is not None:
+        callbacks.append(budget)
     if t.swa_lr is not None:
         callbacks.append(L.pytorch.callbacks.StochasticWeightAveraging(swa_lrs=t.swa_lr))
     trainer = L.Trainer(
@@ -168,10 +172,12 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path | None:
     trainer.fit(system, datamodule=dm, ckpt_path=str(last) if resume else None)
     if not trainer.is_global_zero:
         return None
-    if trainer.global_step < t.max_steps:  # stopped by a signal: the checkpoint is the result
+    spent = budget is not None and budget.elapsed() >= budget.seconds
+    if trainer.global_step < t.max_steps and not spent:  # stopped by a signal: the checkpoint is the result
         return last
+    extra = {"budget_minutes": t.max_minutes} if budget is not None else {}
     provenance = run_provenance(cfg, trainer.global_step, effective,
-                                wall_seconds_last_run=round(time.time() - start))
+                                wall_seconds_last_run=round(time.time() - start), **extra)
     final = save_checkpoint(model, out / "final", provenance)
     plot_history(out)
     return final

@@ -13,6 +13,7 @@ from clip4str.charset import CHARSETS
 from clip4str.metrics import Scores
 from clip4str.model import CLIP4STR
 from clip4str.model.peft import PEFT_PREFIXES
+from clip4str.train.budget import one_cycle
 from clip4str.train.config import TrainSection
 
 # New modules (decoders, PEFT) learn at decoder_lr_scale x the pre-trained towers' rate.
@@ -45,6 +46,7 @@ class STRSystem(L.LightningModule):
         self.val_names = val_names
         self._scores: list[Scores] = []
         self._last_step_time: float | None = None
+        self.progress = 0.0  # share of a time budget spent (train.max_minutes), set by TimeBudget
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         """Store the effective batch beside Lightning's state."""
@@ -82,9 +84,12 @@ class STRSystem(L.LightningModule):
     def configure_optimizers(self) -> dict:
         groups = parameter_groups(self.model, self.lr, self.cfg.decoder_lr_scale, self.cfg.weight_decay)
         opt = torch.optim.AdamW(groups, betas=(0.9, 0.98), eps=1e-6)
-        sched = torch.optim.lr_scheduler.OneCycleLR(
-            opt, max_lr=[g["lr"] for g in groups], total_steps=self.cfg.max_steps, pct_start=self.cfg.warmup_pct,
-            anneal_strategy="cos", cycle_momentum=False)
+        if self.cfg.max_minutes is not None:  # the same shape over the share of the budget spent (TimeBudget)
+            sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: one_cycle(self.progress, self.cfg.warmup_pct))
+        else:
+            sched = torch.optim.lr_scheduler.OneCycleLR(
+                opt, max_lr=[g["lr"] for g in groups], total_steps=self.cfg.max_steps,
+                pct_start=self.cfg.warmup_pct, anneal_strategy="cos", cycle_momentum=False)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     def on_validation_epoch_start(self) -> None:

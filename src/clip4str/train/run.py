@@ -160,6 +160,8 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path | None:
         limit_val_batches=1.0 if dm.val_names else 0)
     if trainer.is_global_zero:  # other ranks write nothing: one copy of every file, one report
         print(parameter_report(model), file=sys.stderr)
+        if dm.describe():
+            print(dm.describe(), file=sys.stderr)
         (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         if not resume and cfg.model.init.partition(":")[0] in ("checkpoint", "builtin"):
             # Written at the start: the init checkpoint (the built-in model above all) may be replaced before

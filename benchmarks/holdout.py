@@ -15,18 +15,16 @@ from __future__ import annotations
 
 import argparse
 import csv
-import statistics
 from pathlib import Path
+
+from readings import paired, report
 
 from clip4str.charset import CHARSETS
 from clip4str.data.datamodule import Source, holdout_name, split_source
 from clip4str.evaluate import Benchmark, label_at
 from clip4str.inference import Recognizer
-from clip4str.metrics import LENGTH_BUCKETS, Scores, length_bucket, mcnemar_p
-from clip4str.runaway import RUNAWAY_RUN, longest_run
+from clip4str.metrics import Scores
 from clip4str.train.config import load_config
-
-SHIP_P = 0.1
 
 
 def holdout_benchmarks(config: str, charset: str, max_length: int) -> list[Benchmark]:
@@ -60,29 +58,6 @@ def read_all(model: str, config: str, csv_path: Path | None) -> list[dict]:
     return rows
 
 
-def accuracy(rows: list[dict]) -> str:
-    return f"{100 * sum(r['right'] for r in rows) / len(rows):.1f}% ({sum(r['right'] for r in rows)}/{len(rows)})" \
-        if rows else "-"
-
-
-def report(name: str, rows: list[dict]) -> None:
-    print(f"## {name}")
-    for s in sorted({r["set"] for r in rows}):
-        print(f"{s}: {accuracy([r for r in rows if r['set'] == s])}")
-    print(f"all: {accuracy(rows)}")
-    buckets = [f"{lo}-{hi}" if hi else f"{lo}+" for lo, hi in LENGTH_BUCKETS]
-    print("by label length: " + ", ".join(f"{b}: {accuracy([r for r in rows if length_bucket(r['label']) == b])}"
-                                          for b in buckets))
-    for right in (True, False):
-        conf = [r["confidence"] for r in rows if r["right"] == right]
-        if conf:
-            q = statistics.quantiles(conf, n=10) if len(conf) > 1 else conf * 9
-            print(f"confidence of {'right' if right else 'wrong'} readings: median {statistics.median(conf):.3f}, "
-                  f"10th percentile {q[0]:.3f}, 90th {q[-1]:.3f}")
-    runaways = sum(longest_run(r["text"]) >= RUNAWAY_RUN > longest_run(r["label"]) for r in rows)
-    print(f"readings with a run of {RUNAWAY_RUN}+ of one character not in the label: {runaways}")
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", required=True, help="training config whose data.train holdouts to read")
@@ -99,15 +74,7 @@ def main() -> None:
         results.append(read_all(model, args.config, csv_path))
         report(model, results[-1])
     if len(results) == 2:
-        ref, cand = results
-        wins = sum(c["right"] and not r["right"] for r, c in zip(ref, cand, strict=True))
-        losses = sum(r["right"] and not c["right"] for r, c in zip(ref, cand, strict=True))
-        p = mcnemar_p(wins, losses)
-        ship = wins > losses and p < SHIP_P
-        print(f"## paired: {args.models[1]} right where {args.models[0]} is wrong: {wins}; the reverse: {losses}; "
-              f"one-sided exact McNemar p = {p:.3f} -> {'SHIP' if ship else 'do not ship'} (rule: more right and "
-              f"p < {SHIP_P})")
-
+        paired(args.models[0], results[0], args.models[1], results[1])
 
 if __name__ == "__main__":
     main()

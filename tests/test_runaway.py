@@ -7,7 +7,7 @@ import torch
 
 from clip4str.factory import create_model
 from clip4str.inference import Recognizer
-from clip4str.runaway import RUNAWAY_RUN, apply_guard, ctc_greedy, find_runaways, reading_as_logits
+from clip4str.runaway import RUNAWAY_RUN, apply_guard, ctc_greedy, find_runaways, reading_as_logits, run_start
 from conftest import render_word
 
 EOS, BLANK = 0, 0
@@ -26,25 +26,29 @@ def test_ctc_greedy_collapses_repeats_and_drops_blanks():
     assert chars == [1, 1, 2] and probs == pytest.approx([0.9, 0.9, 0.9])
 
 
-@pytest.mark.parametrize(("ids", "length", "ctc_columns", "replaced"), [
-    ([1, 2, EOS], 3, [3, BLANK], False),                          # an ordinary reading is kept
-    ([1, 2, 2, 2, 2, EOS], 6, [3, BLANK], False),                 # a run of 4 is kept
-    ([1] + [2] * RUNAWAY_RUN + [EOS], 7, [3, BLANK, 4], True),    # a run of 5 is replaced
-    ([1, 2, 3, 1, 2, 3], 6, [3, BLANK, 4], True),                 # no EOS within the length: replaced
-    ([2] * 6 + [EOS], 7, [2, 0, 2, 0, 2, 0, 2, 0, 2], False),     # the CTC reading has the run too: kept
-    ([2] * 6 + [EOS], 7, [BLANK, BLANK], False),                  # an empty CTC reading is no better
+@pytest.mark.parametrize(("ids", "length", "ctc_columns", "expected"), [
+    ([1, 2, EOS], 3, [3, BLANK], None),                                # an ordinary reading is kept
+    ([1, 2, 2, 2, 2, EOS], 6, [3, BLANK], None),                       # a run of 4 is kept
+    ([1] + [2] * RUNAWAY_RUN + [EOS], 7, [3, BLANK, 4], [3, 4]),       # a run of 5: the CTC reading
+    ([1, 2, 3, 1, 2, 3], 6, [3, BLANK, 4], [3, 4]),                    # no EOS within the length: the CTC reading
+    ([1, 3] + [2] * 6 + [EOS], 9, [2, 0, 2, 0, 2, 0, 2, 0, 2], [1, 3, 2]),  # CTC runs away too: cut in the run
+    ([1] + [2] * 6 + [EOS], 8, [BLANK, BLANK], [1, 2]),                # an empty CTC reading: cut in the run
+    ([1, 2, 3, 1, 2, 3], 6, [BLANK], [1, 2, 3, 1, 2, 3]),              # nothing better and no run: kept as read
 ])
-def test_which_rows_are_runaways(ids, length, ctc_columns, replaced):
+def test_what_replaces_a_runaway(ids, length, ctc_columns, expected):
     calls = []
 
     def log_probs():
         calls.append(1)
         return _log_probs(ctc_columns)
 
-    found = find_runaways([ids], [length], EOS, log_probs)
-    assert (0 in found) == replaced
-    if ids[:3] == [1, 2, EOS]:
+    probs = np.full((1, 10, 6), 0.1)
+    found = find_runaways([ids], [length], EOS, log_probs, lambda: probs)
+    assert (found[0][0] if found else None) == expected
+    if expected is None:
         assert not calls  # the CTC head is not even run when nothing runs away
+    else:
+        assert len(found[0][1]) == len(expected) + 1  # a probability for each character and for EOS
 
 
 def test_a_replaced_row_decodes_to_the_ctc_text_with_its_probabilities():
@@ -61,7 +65,14 @@ def test_a_replaced_row_decodes_to_the_ctc_text_with_its_probabilities():
     texts = tok.decode(torch.from_numpy(new).softmax(-1), new_lengths.tolist())
     assert [t.text for t in texts] == ["ba", "b"]
     assert texts[0].confidence == pytest.approx(0.8 * 0.8, rel=1e-4)
-    assert reading_as_logits([a], [1.0], 4, tok.eos_id).shape == (2, 4)
+    assert reading_as_logits([a], [1.0, 1.0], 4, tok.eos_id).shape == (2, 4)
+    # A probability too low to be the most likely class is raised just enough to stay the reading.
+    low = reading_as_logits([a], [0.01, 0.01], 4, tok.eos_id)
+    assert low.argmax(-1).tolist() == [a, tok.eos_id]
+
+
+def test_run_start():
+    assert run_start([1, 2, 2, 2, 2, 2, 3]) == 1 and run_start([1, 2, 2, 2, 2]) is None
 
 
 def _runaway_model(tiny_overrides):

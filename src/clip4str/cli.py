@@ -60,7 +60,8 @@ def cmd_read(args: argparse.Namespace) -> int:
     rec = recognizer(args)
     bar = tqdm(total=len(paths), unit="img", file=sys.stderr, disable=len(paths) < 50 or args.quiet)
     failures = []
-    results = rec.iter_read(paths, args.batch_size, mode=args.mode, refine_iters=args.refine_iters)
+    results = rec.iter_read(paths, args.batch_size, mode=args.mode, refine_iters=args.refine_iters,
+                            guard=not args.no_guard)
     for path, r in zip(paths, results, strict=True):
         bar.update(1)
         if r.error:
@@ -88,7 +89,8 @@ def cmd_test(args: argparse.Namespace) -> int:
     rec = recognizer(args)
     total = sum(len(b.data) for b in benches)
     with tqdm(total=total, unit="img", file=sys.stderr, disable=args.quiet) as bar:
-        rows, ms = run_benchmarks(rec, benches, charset, args.batch_size, args.csv, bar.update)
+        rows, ms = run_benchmarks(rec, benches, charset, args.batch_size, args.csv, bar.update,
+                                  guard=not args.no_guard)
     print(format_table(rows, charset, args.format))
     if args.format == "md":
         print(f"\n{ms:.1f} ms/image (batch {args.batch_size}, {args.backend} backend, {args.device}, "
@@ -106,6 +108,8 @@ def positive_int(text: str) -> int:
 
 def _model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", type=Path, help="checkpoint folder (default: the built-in model)")
+    p.add_argument("--no-guard", action="store_true", help="keep readings that run away (no EOS, or one character "
+                   "5+ times) instead of reading those images with the CTC head")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps")
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32")
     p.add_argument("--batch-size", type=positive_int, default=32)

@@ -17,17 +17,12 @@ from clip4str.bpe import VOCAB_NAME, BPETokenizer
 from clip4str.charset import CharsetAdapter, Tokenizer, changed_rows
 from clip4str.data.transforms import ImageInput, preprocess_array
 from clip4str.reading import BaseRecognizer, ReadResult
-from clip4str.runaway import apply_guard
+from clip4str.runaway import apply_guard, softmax
 
 # The graph files of an export folder (written by clip4str.export, read here).
 IMAGE_ENCODER, IMAGE_DECODER = "image_encoder.onnx", "image_decoder.onnx"
 TEXT_ENCODER, CROSS_DECODER = "text_encoder.onnx", "cross_decoder.onnx"
 CTC_HEAD = "ctc_head.onnx"  # only for models with a CTC head; exports made before it have no runaway guard
-
-
-def _softmax(x: np.ndarray) -> np.ndarray:
-    e = np.exp(x - x.max(-1, keepdims=True))
-    return e / e.sum(-1, keepdims=True)
 
 
 def _causal(n: int) -> np.ndarray:
@@ -172,5 +167,5 @@ class OnnxRecognizer(BaseRecognizer):
     def decode_tensors(self, x: np.ndarray, **options: object) -> list[ReadResult]:
         """Preprocessed images -> results."""
         logits, lengths = self.decode(x, **options)
-        decoded = self.tokenizer.decode(_softmax(logits.astype(np.float64)), lengths.tolist())
+        decoded = self.tokenizer.decode(softmax(logits.astype(np.float64)), lengths.tolist())
         return [ReadResult(d.text, d.confidence, d.char_probs) for d in decoded]

@@ -32,7 +32,8 @@ def guard_runaways(logits: torch.Tensor, lengths: torch.Tensor, head: nn.Linear,
                    grid: tuple[int, int], eos: int) -> tuple[torch.Tensor, torch.Tensor]:
     """`clip4str.runaway.apply_guard` on tensors: runaway rows read by the CTC head instead."""
     found = find_runaways(logits.argmax(-1).tolist(), lengths.tolist(), eos,
-                          lambda: column_log_probs(head, memory, grid).cpu().numpy())
+                          lambda: column_log_probs(head, memory, grid).cpu().numpy(),
+                          lambda: logits.float().softmax(-1).cpu().numpy())
     if not found:
         return logits, lengths
     rows = {b: torch.from_numpy(reading_as_logits(c, p, logits.shape[-1], eos)) for b, (c, p) in found.items()}

@@ -2,6 +2,7 @@
 
     python benchmarks/train_step.py --preset tiny --batch-size 64 --precision fp32 bf16
     python benchmarks/train_step.py --preset tiny --set clip.vision_cfg.patch_size=[8,8]
+    python benchmarks/train_step.py --preset tiny --batch-size 2 --adamw fused loop
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from clip4str import create_model
+from clip4str.train.system import build_optimizer
 
 
 def parse_set(items: list[str]) -> dict:
@@ -33,7 +35,7 @@ def parse_set(items: list[str]) -> dict:
 
 
 def time_train_step(model: torch.nn.Module, batch_size: int, precision: str, steps: int = 5,
-                    attention: str = "math") -> float:
+                    attention: str = "math", fused: bool = True) -> float:
     """Median seconds of one training step (forward, loss, backward, AdamW) on random images."""
     model.train()
     h, w = model.config.image_size
@@ -41,7 +43,7 @@ def time_train_step(model: torch.nn.Module, batch_size: int, precision: str, ste
     labels = ["".join(rng.choice(string.ascii_letters) for _ in range(rng.randint(3, 10)))
               for _ in range(batch_size)]
     images = torch.randn(batch_size, 3, h, w)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    opt = build_optimizer(model, 1e-4, 1.0, 0.05, fused=fused)
     kernel = sdpa_kernel([SDPBackend.MATH]) if attention == "math" else contextlib.nullcontext()
     times = []
     with kernel:
@@ -67,6 +69,8 @@ def main() -> None:
     ap.add_argument("--set", nargs="*", default=[], help="config overrides, key.sub=JSON")
     ap.add_argument("--attention", choices=["math", "default"], default="math",
                     help="SDPA kernel: math (what clip4str train uses on CPU) or PyTorch's default choice")
+    ap.add_argument("--adamw", nargs="+", choices=["fused", "loop"], default=["fused"],
+                    help="AdamW as clip4str train runs it (fused) or PyTorch's per-parameter loop")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     model = create_model(args.preset, **parse_set(args.set))
@@ -77,8 +81,9 @@ def main() -> None:
     print(f"preset={args.preset} overrides={args.set} params={total / 1e6:.2f}M trainable={trainable / 1e6:.2f}M "
           f"input={h}x{w} tokens={tokens} batch={args.batch_size} threads={args.threads}")
     for precision in args.precision:
-        med = time_train_step(model, args.batch_size, precision, args.steps, args.attention)
-        print(f"  {precision}: {med * 1000:.0f} ms/step, {args.batch_size / med:.1f} images/s")
+        for adamw in args.adamw:  # side by side, so a noisy CPU affects both alike
+            med = time_train_step(model, args.batch_size, precision, args.steps, args.attention, adamw == "fused")
+            print(f"  {precision}, AdamW {adamw}: {med * 1000:.0f} ms/step, {args.batch_size / med:.1f} images/s")
 
 
 if __name__ == "__main__":

@@ -72,7 +72,7 @@ def read_authors_state(path: str | Path) -> dict[str, torch.Tensor]:
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"checkpoint {str(p)!r} does not exist")
-    raw, _ = read_tensors(p)
+    raw, _ = read_tensors(p, kind="authors' checkpoint")
     state = {k: v for k, v in raw.items() if isinstance(v, torch.Tensor)}
     if not any(k.startswith("visual_decoder.") for k in state):
         if "visual.conv1.weight" in state or "clip_model.visual.conv1.weight" in state:
@@ -81,7 +81,7 @@ def read_authors_state(path: str | Path) -> dict[str, torch.Tensor]:
             kind = "a PARSeq checkpoint, not CLIP4STR"
         else:
             kind = "not a CLIP4STR checkpoint"
-        raise ValueError(f"{p} holds no visual_decoder.* weights: {kind}")
+        raise ValueError(f"authors' checkpoint {str(p)!r} holds no visual_decoder.* weights: {kind}")
     return state
 
 

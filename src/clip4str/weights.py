@@ -15,6 +15,7 @@ from safetensors.torch import load_file, save_file
 
 from clip4str.model.clip4str import CLIP4STR
 from clip4str.model.config import ModelConfig
+from clip4str.untrusted import load_untrusted
 
 CONFIG_NAME, WEIGHTS_NAME = "config.json", "model.safetensors"
 FORMAT = "clip4str-checkpoint-v1"
@@ -109,21 +110,23 @@ def _is_torchscript(path: Path) -> bool:
         return any(n.endswith("constants.pkl") or "/code/" in n for n in z.namelist())
 
 
-def read_tensors(path: Path) -> tuple[dict[str, Any], bool]:
-    """(state dict, came from a TorchScript archive)."""
+def read_tensors(path: Path, kind: str = "CLIP checkpoint") -> tuple[dict[str, Any], bool]:
+    """(state dict, came from a TorchScript archive) of an external file, read without running code from it
+    (`clip4str.untrusted`); `kind` names the file in errors as what the caller asked for."""
     try:
         if path.suffix == ".safetensors":
             return load_file(str(path)), False
-        if _is_torchscript(path):
+        if _is_torchscript(path):  # OpenAI's CLIP releases: TorchScript, deserialised by PyTorch, no pickled code
             return dict(torch.jit.load(str(path), map_location="cpu").state_dict()), True
-        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+        obj = load_untrusted(path)
     except Exception as e:  # torch/safetensors raise many types for a damaged file
-        raise ValueError(f"CLIP checkpoint {str(path)!r} could not be read: {e}. The file is truncated or not a "
-                         "PyTorch (.pt/.bin), TorchScript or safetensors file") from e
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"{kind} {str(path)!r} could not be read ({reason}); the file is truncated or not a "
+                         "PyTorch (.pt/.bin/.ckpt), TorchScript or safetensors file") from e
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
-        obj = obj["state_dict"]  # open_clip training checkpoints
+        obj = obj["state_dict"]  # Lightning and open_clip training checkpoints
     if not isinstance(obj, dict):
-        raise ValueError(f"CLIP checkpoint {str(path)!r} holds a {type(obj).__name__}, not a state dict")
+        raise ValueError(f"{kind} {str(path)!r} holds a {type(obj).__name__}, not a state dict")
     return obj, False
 
 

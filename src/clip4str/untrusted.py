@@ -1,0 +1,87 @@
+"""Reading checkpoints made elsewhere (the authors' Lightning `.ckpt` files, CLIP `.pt`/`.bin` files) without
+running code from them and without the packages that made them.
+
+A Lightning checkpoint of the authors' training holds, beside its tensors, Hydra/OmegaConf hyper-parameters
+(`omegaconf.listconfig.ListConfig`, `DictConfig`), Lightning's loop and callback states and scheduler entries
+that reference methods. PyTorch's weights-only unpickler refuses every such global. Here each global the file
+names that PyTorch's weights-only loader does not allow is replaced by an inert stand-in class of that name:
+building one only records its arguments and state, so nothing the pickle names is imported or called (an
+`os.system` in a hostile file becomes a stand-in too), while tensors are rebuilt by PyTorch's allow-listed
+functions.
+"""
+
+from __future__ import annotations
+
+import _compat_pickle
+import functools
+import pickle
+import types
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+class Inert:
+    """Stand-in for a global of an untrusted pickle: keeps its call arguments, items and state, does nothing."""
+
+    qualified_name = "?"
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.args, self.kwargs, self.items, self.state = args, kwargs, [], None
+
+    def __setstate__(self, state: Any) -> None:
+        self.state = state
+
+    # A stand-in made by NEWOBJ (__new__ without __init__) has no attributes yet: hence the setdefault.
+    def append(self, item: Any) -> None:  # a list subclass's APPENDS
+        self.__dict__.setdefault("items", []).append(item)
+
+    def extend(self, items: Any) -> None:
+        self.__dict__.setdefault("items", []).extend(items)
+
+    def __setitem__(self, key: Any, value: Any) -> None:  # a dict subclass's SETITEMS
+        self.__dict__.setdefault("items", []).append((key, value))
+
+    def __repr__(self) -> str:
+        return f"<inert {self.qualified_name}>"
+
+
+@functools.cache
+def _stand_in(name: str) -> type[Inert]:
+    return type(name.rsplit(".", 1)[-1], (Inert,), {"qualified_name": name})
+
+
+@functools.cache
+def _allowed() -> dict[str, Any]:
+    """The globals PyTorch's weights-only loader allows (tensor and storage rebuilding, dtypes, plain
+    containers): they are what a checkpoint's tensors need, and calling them runs no code from the file."""
+    from torch import _weights_only_unpickler
+
+    return dict(_weights_only_unpickler._get_allowed_globals())
+
+
+class _Unpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        # torch.save writes protocol 2, which names Python 2 modules (__builtin__.set); those names never occur
+        # in Python 3 pickles, so mapping them always is what pickle's own fix_imports does.
+        if (module, name) in _compat_pickle.NAME_MAPPING:
+            module, name = _compat_pickle.NAME_MAPPING[(module, name)]
+        elif module in _compat_pickle.IMPORT_MAPPING:
+            module = _compat_pickle.IMPORT_MAPPING[module]
+        key = f"{module}.{name}"
+        return _allowed().get(key) or _stand_in(key)
+
+
+# torch.load takes the unpickler from a "pickle module" (and adds its own handling of tensor storages).
+_restricted_pickle = types.ModuleType("clip4str_restricted_pickle")
+_restricted_pickle.Unpickler = _Unpickler
+_restricted_pickle.load = lambda file, **kwargs: _Unpickler(file, **kwargs).load()
+
+
+def load_untrusted(path: str | Path) -> Any:
+    """The object a `torch.save` file (zip or legacy format) holds, with tensors, plain containers and inert
+    stand-ins for every other global. Raises what `torch.load` raises for a file that is no PyTorch checkpoint."""
+    # weights_only=False only hands the pickle to our unpickler instead of PyTorch's: every global still
+    # goes through _Unpickler.find_class.
+    return torch.load(str(path), map_location="cpu", weights_only=False, pickle_module=_restricted_pickle)

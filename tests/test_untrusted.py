@@ -1,0 +1,142 @@
+"""External checkpoints are read without running code from them and without the packages that made them: the
+authors' Lightning checkpoints with Hydra/OmegaConf hyper-parameters, and hostile pickles."""
+
+import os
+import sys
+import types
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from clip4str.cli import main
+from clip4str.convert import read_authors_state
+from clip4str.inference import Recognizer
+from clip4str.untrusted import Inert, load_untrusted
+from clip4str.weights import load_model, read_clip_checkpoint
+
+ABSENT = ["omegaconf", "omegaconf.listconfig", "omegaconf.dictconfig", "strhub", "strhub.models",
+          "strhub.models.utils"]
+
+
+class ListConfig(list):
+    """Shaped like omegaconf's: a list subclass with metadata (pickled with APPENDS and BUILD)."""
+
+    def __init__(self, content):
+        super().__init__(content)
+        self._metadata = {"ref_type": "typing.Any", "optional": True}
+
+
+class DictConfig:
+    def __init__(self, content):
+        self._content, self._parent = content, None
+
+
+class WarmupCosine:
+    """A scheduler helper of the authors' package; Lightning stored a reference to one of its methods."""
+
+    def anneal(self, start, end, pct):
+        return end + (start - end) / 2 * pct
+
+
+class RunsCode:
+    """A hostile object: unpickling it would call os.system."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+@pytest.fixture
+def made_elsewhere():
+    """Registers the packages an authors' checkpoint names while it is written, and removes them after, so
+    loading happens where omegaconf and the authors' package do not exist."""
+    placed = {"omegaconf.listconfig": {"ListConfig": ListConfig}, "omegaconf.dictconfig": {"DictConfig": DictConfig},
+              "strhub.models.utils": {"WarmupCosine": WarmupCosine}}
+    for name in ABSENT:
+        module = types.ModuleType(name)
+        for attr, obj in placed.get(name, {}).items():
+            setattr(module, attr, obj)
+            obj.__module__, obj.__qualname__ = name, attr
+        sys.modules[name] = module
+    yield
+    for name in ABSENT:
+        sys.modules.pop(name, None)
+
+
+def _authors_ckpt(state, path, extra=None):
+    """A checkpoint laid out as the authors' Lightning 1.6 training saves it."""
+    doc = {"epoch": 9, "global_step": 165_000, "pytorch-lightning_version": "1.6.5",
+           "state_dict": state,
+           "hyper_parameters": {"img_size": ListConfig([224, 224]), "charset_train": "0123456789abc",
+                                "clip_pretrained": DictConfig({"name": "ViT-B-16"}), "max_label_length": 25},
+           "loops": {"fit_loop": {"state_dict": {}, "epoch_progress": {"total": {"ready": 10}}}},
+           "callbacks": {"ModelCheckpoint{'monitor': 'val_accuracy'}": {"best_model_score": torch.tensor(96.1)}},
+           "optimizer_states": [{"state": {0: {"step": torch.tensor(5.0), "exp_avg": torch.zeros(3)}},
+                                 "param_groups": [{"lr": 1e-4, "params": [0]}]}],
+           "lr_schedulers": [{"anneal_func": WarmupCosine().anneal, "total_steps": 165_000}],
+           **(extra or {})}
+    torch.save(doc, path)
+    return path
+
+
+def test_an_authors_lightning_checkpoint_converts_and_reads_as_the_fixture(parity_dir, tmp_path, made_elsewhere):
+    state = load_file(str(parity_dir / "weights.safetensors"))
+    ckpt = _authors_ckpt(state, tmp_path / "clip4str_base16x16_d70bde1f2d.ckpt")
+    for name in ABSENT:
+        sys.modules.pop(name)
+    assert main(["convert", str(ckpt), str(tmp_path / "ours")]) == 0
+    assert not any(name in sys.modules for name in ABSENT)  # nothing the file names was imported
+    inputs = load_file(str(parity_dir / "inputs.safetensors"))
+    outputs = load_file(str(parity_dir / "outputs.safetensors"))
+    for model in (load_model(tmp_path / "ours"), Recognizer.from_pretrained(ckpt).model):
+        with torch.inference_mode():
+            logits = model.eval().decode(inputs["pixel_values"]).logits
+        torch.testing.assert_close(logits, outputs["final_logits_bs1"], atol=1e-5, rtol=0)
+
+
+def test_what_else_the_checkpoint_holds_comes_back_inert(tmp_path, made_elsewhere):
+    path = _authors_ckpt({"visual_decoder.head.weight": torch.ones(2, 2)}, tmp_path / "x.ckpt")
+    legacy = tmp_path / "legacy.ckpt"
+    torch.save(torch.load(path, weights_only=False), legacy, _use_new_zipfile_serialization=False)
+    for name in ABSENT:
+        sys.modules.pop(name)
+    for f in (path, legacy):
+        doc = load_untrusted(f)
+        torch.testing.assert_close(doc["state_dict"]["visual_decoder.head.weight"], torch.ones(2, 2))
+        img_size = doc["hyper_parameters"]["img_size"]
+        assert isinstance(img_size, Inert) and img_size.qualified_name == "omegaconf.listconfig.ListConfig"
+        assert img_size.items == [224, 224]
+        assert isinstance(doc["lr_schedulers"][0]["anneal_func"], Inert)  # getattr(...) was not called
+        assert doc["callbacks"]["ModelCheckpoint{'monitor': 'val_accuracy'}"]["best_model_score"].item() == \
+            pytest.approx(96.1)
+
+
+@pytest.mark.parametrize("kind", ["authors", "clip"])
+def test_a_pickle_that_would_run_a_command_does_not(tmp_path, kind):
+    marker = tmp_path / "ran"
+    path = tmp_path / ("model.ckpt" if kind == "authors" else "clip.bin")
+    torch.save({"state_dict": {"visual_decoder.head.weight": torch.zeros(1)}, "x": RunsCode(marker),
+                "y": [RunsCode(marker)]}, path)
+    with pytest.raises(ValueError):
+        if kind == "authors":
+            Recognizer.from_pretrained(path)
+        else:
+            read_clip_checkpoint(path)
+    assert not marker.exists()
+    assert isinstance(load_untrusted(path)["x"], Inert) and not marker.exists()
+
+
+def test_errors_name_the_file_as_what_was_asked_for(tmp_path):
+    torch.save({"state_dict": {"visual_decoder.head.weight": torch.zeros(8, 8)}}, tmp_path / "x.ckpt")
+    (tmp_path / "cut.ckpt").write_bytes((tmp_path / "x.ckpt").read_bytes()[:300])
+    with pytest.raises(ValueError) as err:
+        read_authors_state(tmp_path / "cut.ckpt")
+    assert str(err.value).startswith("authors' checkpoint") and "truncated" in str(err.value)
+    assert "\n" not in str(err.value)
+    (tmp_path / "cut.bin").write_bytes((tmp_path / "x.ckpt").read_bytes()[:300])
+    with pytest.raises(ValueError) as err:
+        read_clip_checkpoint(tmp_path / "cut.bin")
+    assert str(err.value).startswith("CLIP checkpoint") and "\n" not in str(err.value)

@@ -163,6 +163,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-batch", type=positive_int, default=32, help="images per model batch (across requests)")
     serve.add_argument("--max-upload-mb", type=float, default=10.0)
     serve.add_argument("--max-images", type=positive_int, default=64, help="images per request")
+    serve.add_argument("--max-windows", type=positive_int, default=24,
+                       help="windows of model work per image (a long crop is read in overlapping windows)")
+    serve.add_argument("--max-request-windows", type=positive_int, default=256, help="windows per request")
+    serve.add_argument("--max-queue-windows", type=positive_int, default=512,
+                       help="windows waiting for the model before requests get 503")
     serve.set_defaults(func=commands.cmd_serve)
     conv = sub.add_parser("convert", help="the authors' .ckpt/.pt checkpoint -> clip4str checkpoint folder")
     conv.add_argument("src", type=Path)

@@ -147,7 +147,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from clip4str.serve.app import create_app
 
     app = create_app(_recognizer(args), max_batch=args.max_batch, max_upload_mb=args.max_upload_mb,
-                     max_images=args.max_images)
+                     max_images=args.max_images, max_windows=args.max_windows,
+                     max_request_windows=args.max_request_windows, max_queue_windows=args.max_queue_windows)
     uvicorn.run(app, host=args.host, port=args.port, workers=1, log_level="warning")
     return 0
 

@@ -29,15 +29,32 @@ def overlap_length(left: str, right: str) -> int:
     return 0
 
 
+def _window_geometry(width: int, height: int, window_aspect: float, overlap: float) -> tuple[int, int] | None:
+    """(window width, step) of a crop read in windows, or None when it is read whole."""
+    win = max(1, int(round(window_aspect * height)))
+    if width <= win * 1.5:
+        return None
+    return win, max(1, int(win * (1 - overlap)))
+
+
+def window_count(width: int, height: int, window_aspect: float, overlap: float = 0.25) -> int:
+    """How many windows `split_long` cuts from an image of this size (from its header alone: a server counts
+    the model work of a request before decoding any pixels)."""
+    geometry = _window_geometry(width, height, window_aspect, overlap)
+    if geometry is None:
+        return 1
+    win, step = geometry
+    return len(range(0, width - win, step)) + 1
+
+
 def split_long(image: Image.Image, window_aspect: float, overlap: float = 0.25) -> list[Image.Image]:
     """Overlapping crops of width `window_aspect` x height covering a wide image (one crop if it fits)."""
     w, h = image.size
-    win = max(1, int(round(window_aspect * h)))
-    if w <= win * 1.5:
+    geometry = _window_geometry(w, h, window_aspect, overlap)
+    if geometry is None:
         return [image]
-    step = max(1, int(win * (1 - overlap)))
-    starts = list(range(0, w - win, step)) + [w - win]
-    return [image.crop((x, 0, x + win, h)) for x in starts]
+    win, step = geometry
+    return [image.crop((x, 0, x + win, h)) for x in [*range(0, w - win, step), w - win]]
 
 
 def _char_part(r: ReadResult) -> list[float]:

@@ -14,6 +14,9 @@ from clip4str.model.decoder import Decoder
 from clip4str.model.permutations import causal_masks
 
 PANEL_HEIGHT = 64
+# Each character's panel is the crop at PANEL_HEIGHT, at most this wide: a thin 4000x1 crop would otherwise be
+# 256,000 px wide per panel (gigabytes for one request).
+MAX_PANEL_WIDTH = 512
 
 
 def _heat(values: np.ndarray) -> np.ndarray:
@@ -67,7 +70,7 @@ def attention_strip(rec: Recognizer, image: ImageInput, out: str | Path) -> tupl
     """Draw each character's attention over the image (one row per decoder); returns (text, panels per row)."""
     img = load_image(image)
     text, maps = character_attention(rec, img)
-    w = max(32, round(img.width * PANEL_HEIGHT / img.height))
+    w = min(max(32, round(img.width * PANEL_HEIGHT / img.height)), MAX_PANEL_WIDTH)
     base = np.asarray(img.resize((w, PANEL_HEIGHT), Image.Resampling.BICUBIC), dtype=np.float32)
     font = ImageFont.load_default(size=16)
     panels = max(1, len(text))

@@ -15,10 +15,15 @@ from PIL import Image
 from pydantic import BaseModel
 
 from clip4str.data.transforms import ImageDecodeError, load_image
+from clip4str.reading import window_count
 from clip4str.serve.batching import Batcher, QueueFull
 
 MAX_PIXELS = 16_000_000  # per image: a word crop never needs more; larger ones are refused as bombs
 REQUEST_PIXELS = 64_000_000  # per request, so that many compressible images cannot exhaust memory either
+
+
+class ImageRefused(ValueError):
+    """An image or request over one of the server's limits (HTTP 413)."""
 
 
 class ReadItem(BaseModel):
@@ -54,7 +59,10 @@ def _error(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status)
 
 
-def _decode(name: str, data: bytes, budget: list[int]) -> Image.Image:
+def _decode(name: str, data: bytes, budget: list[int], windows: list[int], window_aspect: float,
+            max_windows: int) -> tuple[Image.Image, int]:
+    """The image and its windows of model work; refuses bombs and crops over the window limits before decoding
+    any pixels (a 20000x1 PNG is 101 bytes and 5,000 windows)."""
     if not data:
         raise ImageDecodeError(f"{name}: empty file")
     try:
@@ -66,18 +74,42 @@ def _decode(name: str, data: bytes, budget: list[int]) -> Image.Image:
         raise ImageDecodeError(f"{name}: could not be decoded as an image ({e.__class__.__name__})") from e
     if size[0] * size[1] > MAX_PIXELS:
         raise ImageDecodeError(f"{name}: {size[0]}x{size[1]} pixels is more than {MAX_PIXELS}; send a word crop")
+    n = window_count(size[0], size[1], window_aspect)
+    if n > max_windows:
+        raise ImageRefused(f"{name}: a {size[0]}x{size[1]} image is read in {n} windows; the server reads at most "
+                           f"{max_windows} per image (crop it to the text, or split it)")
     budget[0] -= size[0] * size[1]
+    windows[0] -= n
     if budget[0] < 0:
         raise ImageDecodeError(f"{name}: the images of this request hold more than {REQUEST_PIXELS} pixels")
+    if windows[0] < 0:
+        raise ImageRefused(f"{name}: the images of this request need more than the {windows[1]} windows of model "
+                           "work the server takes per request; send fewer or shorter crops")
     try:
-        return load_image(data)
+        return load_image(data), n
     except ImageDecodeError as e:
         raise ImageDecodeError(f"{name}: could not be decoded ({e})") from e
 
 
+async def _read_body(request: Request, limit: int) -> bytes | None:
+    """The request body, or None as soon as it passes `limit` bytes (also for chunked uploads, which carry no
+    Content-Length): nothing past the limit is buffered."""
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            return None
+        chunks.append(chunk)
+    body = b"".join(chunks)
+    request._body = body  # Starlette's cache: request.form() parses this instead of the consumed stream
+    return body
+
+
 def create_app(recognizer, max_batch: int = 32, max_upload_mb: float = 10.0, max_images: int = 64,
-               max_wait_ms: float = 5.0) -> FastAPI:
-    """The ASGI app around a Recognizer (PyTorch or ONNX backend)."""
+               max_wait_ms: float = 5.0, max_windows: int = 24, max_request_windows: int = 256,
+               max_queue_windows: int = 512) -> FastAPI:
+    """The ASGI app around a Recognizer (PyTorch or ONNX backend). Work is bounded in windows (a long crop is
+    read in several): per image, per request and in the queue."""
     app = FastAPI(title="clip4str", version="1", description="CLIP4STR scene text recognition")
     model_lock = threading.Lock()  # the batcher and attention maps share one model (and its recording flags)
 
@@ -85,7 +117,7 @@ def create_app(recognizer, max_batch: int = 32, max_upload_mb: float = 10.0, max
         with model_lock:
             return recognizer.read(images, batch_size=max_batch)
 
-    batcher = Batcher(read_batch, max_batch, max_wait_ms)
+    batcher = Batcher(read_batch, max_batch, max_wait_ms, max_queue_windows)
     limit = int(max_upload_mb * 2**20)
     app.state.batcher = batcher
 
@@ -112,15 +144,19 @@ def create_app(recognizer, max_batch: int = 32, max_upload_mb: float = 10.0, max
         return {"preset_towers": cfg["clip"], "charset": cfg["charset"], "image_size": cfg["clip"]["vision_cfg"]
                 ["image_size"], "decoding": {"mode": cfg["decode_mode"], "refine_iters": cfg["refine_iters"]},
                 "cross_branch": cfg["cross_branch"], "provenance": getattr(model, "provenance", {}),
-                "backend": getattr(recognizer, "device", "cpu").__str__(), "max_batch": max_batch}
+                "backend": getattr(recognizer, "device", "cpu").__str__(), "max_batch": max_batch,
+                "limits": {"upload_mb": max_upload_mb, "images_per_request": max_images,
+                           "windows_per_image": max_windows, "windows_per_request": max_request_windows,
+                           "queued_windows": max_queue_windows, "pixels_per_image": MAX_PIXELS,
+                           "pixels_per_request": REQUEST_PIXELS}}
 
     @app.post("/v1/read", response_model=ReadResponse,
               responses={400: {"model": ErrorResponse}, 413: {"model": ErrorResponse},
                          415: {"model": ErrorResponse}, 503: {"model": ErrorResponse}})
     async def read(request: Request, attention: bool = Query(False, description="add attention strips (PNG)")):
-        body = await request.body()
-        if len(body) > limit:
-            return _error(413, f"upload of {len(body)} bytes is over the {max_upload_mb:g} MB limit")
+        body = await _read_body(request, limit)
+        if body is None:
+            return _error(413, f"upload over the {max_upload_mb:g} MB limit")
         kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if not body:
             return _error(400, "no images in the request (empty body); send multipart files or JSON images")
@@ -132,13 +168,18 @@ def create_app(recognizer, max_batch: int = 32, max_upload_mb: float = 10.0, max
             return _error(400, "no images in the request; send multipart files or JSON {\"images\": [base64]}")
         if len(named) > max_images:
             return _error(413, f"{len(named)} images in one request; at most {max_images}")
-        budget = [REQUEST_PIXELS]
+        budget, windows = [REQUEST_PIXELS], [max_request_windows, max_request_windows]
+        aspect = recognizer.window_aspect
         try:  # decoding is CPU work: off the event loop
-            images = await asyncio.to_thread(lambda: [_decode(name, data, budget) for name, data in named])
+            decoded = await asyncio.to_thread(
+                lambda: [_decode(name, data, budget, windows, aspect, max_windows) for name, data in named])
+        except ImageRefused as e:
+            return _error(413, str(e))
         except ImageDecodeError as e:
             return _error(400, str(e))
+        images = [image for image, _ in decoded]
         try:
-            results = await batcher.submit(images)
+            results = await batcher.submit(images, [n for _, n in decoded])
         except QueueFull as e:
             return _error(503, f"server busy ({e}); retry shortly")
         items = []

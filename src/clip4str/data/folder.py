@@ -27,7 +27,8 @@ def read_label_file(path: str | Path) -> list[tuple[Path, str]]:
     if not path.is_file():
         raise FileNotFoundError(f"label file {str(path)!r} does not exist; a folder dataset needs {LABELS_NAME}")
     rows = []
-    lines = path.read_text(encoding="utf-8-sig").splitlines()
+    # Lines end at \n (\r\n too) only: str.splitlines() would also cut at U+2028, \x85, \x0c or \x1c inside a label.
+    lines = [line.removesuffix("\r") for line in path.read_text(encoding="utf-8-sig").split("\n")]
     for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue

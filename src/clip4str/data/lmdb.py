@@ -6,6 +6,7 @@ import io
 import os
 import shutil
 import sys
+import threading
 import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -41,13 +42,36 @@ def find_lmdbs(root: str | Path) -> list[Path]:
     return found
 
 
+_ENVIRONMENTS: dict[tuple[int, str], tuple[tuple[int, int], lmdb.Environment]] = {}
+_ENVIRONMENTS_LOCK = threading.Lock()
+
+
 def open_lmdb(path: Path) -> lmdb.Environment:
-    """Open read-only without a lock file (shared, read-only data folders)."""
+    """The process's one read-only environment of an LMDB folder (no lock file: shared, read-only data folders).
+
+    py-lmdb refuses to open one database twice in a process, so every dataset reading a path shares this
+    handle (a test set named twice, a training source that is also a validation set); a forked data worker
+    gets its own, as LMDB handles must not cross a fork, and a database rewritten since gets a new one.
+    """
+    key = (os.getpid(), str(Path(path).resolve()))
     try:
-        return lmdb.open(str(path), readonly=True, lock=False, readahead=False, meminit=False, max_readers=64)
-    except lmdb.Error as e:
-        raise ValueError(f"LMDB {str(path)!r} cannot be opened ({e}); the data.mdb is damaged or truncated: "
-                         "rebuild it with `clip4str data lmdb`") from e
+        st = (Path(path) / "data.mdb").stat()
+        stamp = (st.st_ino, st.st_mtime_ns)
+    except OSError:
+        stamp = (0, 0)  # lmdb.open below names what is missing
+    with _ENVIRONMENTS_LOCK:
+        cached = _ENVIRONMENTS.get(key)
+        if cached is not None and cached[0] == stamp:
+            return cached[1]
+        if cached is not None:
+            cached[1].close()
+        try:
+            env = lmdb.open(str(path), readonly=True, lock=False, readahead=False, meminit=False, max_readers=126)
+        except lmdb.Error as e:
+            raise ValueError(f"LMDB {str(path)!r} cannot be opened ({e}); the data.mdb is damaged or truncated: "
+                             "rebuild it with `clip4str data lmdb`") from e
+        _ENVIRONMENTS[key] = (stamp, env)
+        return env
 
 
 class LmdbDataset(Dataset):
@@ -86,8 +110,6 @@ class LmdbDataset(Dataset):
                     self.labels.append(text)
         except lmdb.Error as e:
             raise ValueError(f"LMDB {str(self.path)!r} is damaged ({e}); rebuild it with `clip4str data lmdb`") from e
-        finally:
-            env.close()
 
     def __len__(self) -> int:
         return len(self.keys)

@@ -63,8 +63,8 @@ def load_image(item: ImageInput) -> Image.Image:
     try:
         if isinstance(item, np.ndarray):
             return to_rgb(_array_to_pil(item))
-        if isinstance(item, Image.Image):
-            return to_rgb(item)
+        if isinstance(item, Image.Image):  # Image.open(path) keeps the EXIF orientation unapplied, as files do
+            return to_rgb(ImageOps.exif_transpose(item))
         if isinstance(item, (str, Path)):
             if not Path(item).is_file():
                 raise ImageDecodeError(f"image {str(item)!r} does not exist")

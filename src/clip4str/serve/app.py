@@ -13,6 +13,8 @@ from fastapi import FastAPI, Query, Request
 from fastapi.responses import HTMLResponse, JSONResponse
 from PIL import Image
 from pydantic import BaseModel
+from starlette.exceptions import HTTPException
+from starlette.formparsers import MultiPartException
 
 from clip4str.data.transforms import ImageDecodeError, load_image
 from clip4str.reading import window_count
@@ -24,6 +26,10 @@ REQUEST_PIXELS = 64_000_000  # per request, so that many compressible images can
 
 class ImageRefused(ValueError):
     """An image or request over one of the server's limits (HTTP 413)."""
+
+
+class UnsupportedType(ValueError):
+    """A request body of a content type the API does not take (HTTP 415)."""
 
 
 class ReadItem(BaseModel):
@@ -161,9 +167,13 @@ def create_app(recognizer, max_batch: int = 32, max_upload_mb: float = 10.0, max
         if not body:
             return _error(400, "no images in the request (empty body); send multipart files or JSON images")
         try:
-            named = await _images_of(request, kind, body)
+            named = await _images_of(request, kind, body, max_images)
+        except UnsupportedType as e:
+            return _error(415, str(e))
+        except ImageRefused as e:
+            return _error(413, str(e))
         except ValueError as e:
-            return _error(415 if "content type" in str(e) else 400, str(e))
+            return _error(400, str(e))
         if not named:
             return _error(400, "no images in the request; send multipart files or JSON {\"images\": [base64]}")
         if len(named) > max_images:
@@ -196,9 +206,13 @@ def create_app(recognizer, max_batch: int = 32, max_upload_mb: float = 10.0, max
     return app
 
 
-async def _images_of(request: Request, kind: str, body: bytes) -> list[tuple[str, bytes]]:
+async def _images_of(request: Request, kind: str, body: bytes, max_images: int) -> list[tuple[str, bytes]]:
     if kind == "multipart/form-data":
-        form = await request.form()
+        try:  # Starlette stops parsing past max_files with an HTTPException of its own ({"detail": ...})
+            form = await request.form(max_files=max_images + 1, max_fields=max_images + 16)
+        except (HTTPException, MultiPartException) as e:
+            reason = getattr(e, "detail", None) or getattr(e, "message", str(e))
+            raise ImageRefused(f"multipart body refused: {reason}; at most {max_images} images per request") from e
         return [(f.filename or f"image{i}", await f.read()) for i, f in enumerate(form.getlist("files"))
                 if hasattr(f, "read")]
     if kind == "application/json":
@@ -213,7 +227,7 @@ async def _images_of(request: Request, kind: str, body: bytes) -> list[tuple[str
             return [(n, base64.b64decode(d, validate=True)) for n, d in zip(names, payload.images, strict=True)]
         except (binascii.Error, ValueError) as e:
             raise ValueError(f"an image is not valid base64 ({e})") from e
-    raise ValueError(f"unsupported content type {kind or 'none'!r}: use multipart/form-data or application/json")
+    raise UnsupportedType(f"unsupported content type {kind or 'none'!r}: use multipart/form-data or application/json")
 
 
 def _attention(recognizer, image: Image.Image, lock: threading.Lock) -> str | None:

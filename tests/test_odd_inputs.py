@@ -74,3 +74,34 @@ def test_server_errors_are_error_bodies_with_the_status_of_their_kind(client):
     assert other.status_code == 415 and "unsupported content type" in other.json()["error"]
     ok = client.post("/v1/read", json={"images": [base64.b64encode(png).decode()]})
     assert ok.status_code == 200 and ok.json()["results"][0]["text"]
+
+
+@pytest.mark.parametrize(("left", "right", "merged"), [
+    ("counterrevolutilt", "revolutionaries", "counterrevolutionaries"),  # the windows disagree at the seam
+    ("hello", "llo world", "hello world"),
+    ("thequickbro", "ckbrownfox", "thequickbrownfox"),
+    ("abc", "xyz", "abcxyz"),                                           # nothing shared: both kept
+])
+def test_windows_join_where_their_texts_agree_best(left, right, merged):
+    from clip4str.reading import seam
+
+    keep, start = seam(left, right)
+    assert left[:keep] + right[start:] == merged
+
+
+@pytest.mark.parametrize(("text", "max_length"), [
+    ("the quick brown fox jumps over the lazy dog", 41),  # an exact-overlap merge read 52 characters
+    ("PACK MY BOX WITH FIVE DOZEN LIQUOR JUGS", 37),       # ... and 44
+])
+def test_a_rendered_sentence_read_in_windows_is_not_duplicated_at_the_seams(text, max_length):
+    from clip4str.inference import Recognizer
+    from clip4str.metrics import edit_distance
+
+    image = render_word(text, size=32)
+    rec = Recognizer.from_pretrained()
+    from clip4str.reading import window_count
+    assert window_count(*image.size, rec.window_aspect) >= 3
+    reading = rec.read([image])[0].text.lower()
+    truth = text.replace(" ", "").lower()
+    assert len(reading) <= max_length, reading
+    assert 1 - edit_distance(reading, truth) / max(len(reading), len(truth)) >= 0.7, reading

@@ -9,6 +9,7 @@ import numpy as np
 from PIL import Image
 
 from clip4str.data.transforms import ImageDecodeError, ImageInput, load_image
+from clip4str.metrics import edit_distance
 
 
 @dataclass
@@ -21,12 +22,36 @@ class ReadResult:
     error: str | None = None
 
 
+# At most this share of an overlap's characters may differ between two windows for it to count as one text.
+MAX_SEAM_ERROR = 0.34
+
+
 def overlap_length(left: str, right: str) -> int:
     """Length of the longest suffix of `left` that starts `right` (the text two windows share)."""
     for k in range(min(len(left), len(right)), 0, -1):
         if left.endswith(right[:k]):
             return k
     return 0
+
+
+def seam(left: str, right: str) -> tuple[int, int]:
+    """Where to join the readings of two overlapping windows: (characters of `left` to keep, first character of
+    `right` to keep). The shared text is found by edit distance, since windows often disagree where one of them
+    cuts a letter (`counterrevolutilt` + `revolutionaries`); each window then gives the half of the overlap
+    nearer its own middle. No overlap found: both are kept whole."""
+    best, where = 0, (len(left), 0)
+    for m1 in range(1, len(left) + 1):
+        for m2 in (m1, m1 - 1, m1 + 1):  # equal lengths first: they win ties
+            if not 1 <= m2 <= len(right):
+                continue
+            d = edit_distance(left[-m1:], right[:m2])
+            longer = max(m1, m2)
+            # Matched characters, less a penalty per edit, so that a long overlap with one slip beats a short
+            # exact one only when it explains more.
+            gain = longer - 2 * d
+            if d <= MAX_SEAM_ERROR * longer and gain > best:
+                best, where = gain, (len(left) - m1 + m1 // 2, m2 // 2)
+    return where
 
 
 def _window_geometry(width: int, height: int, window_aspect: float, overlap: float) -> tuple[int, int] | None:
@@ -63,11 +88,11 @@ def _char_part(r: ReadResult) -> list[float]:
 
 
 def merge_windows(parts: list[ReadResult]) -> ReadResult:
-    """One reading from the readings of overlapping windows, left to right."""
+    """One reading from the readings of overlapping windows, left to right (joined at `seam`)."""
     text, probs = parts[0].text, _char_part(parts[0])
     for p in parts[1:]:
-        k = overlap_length(text, p.text)
-        text, probs = text + p.text[k:], probs + _char_part(p)[k:]
+        keep, start = seam(text, p.text)
+        text, probs = text[:keep] + p.text[start:], probs[:keep] + _char_part(p)[start:]
     last = parts[-1]
     probs += last.char_probs[len(last.text):]  # the last window's EOS probability, if it has one
     return ReadResult(text, float(np.prod(probs)) if probs else 0.0, probs)

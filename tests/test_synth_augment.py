@@ -50,6 +50,34 @@ def test_word_sampler_mixes_kinds():
     assert all(0 < len(t) <= 25 for t in labels)
 
 
+def test_brand_like_compounds_and_codes_are_drawn_for_the_weak_sets():
+    s = WordSampler(CHARSETS["94"])
+    rng = np.random.default_rng(0)
+    compounds = [s._compound(rng, 25) for _ in range(200)]
+    codes = [s._code(rng, 25) for _ in range(200)]
+    assert sum(len(t) >= 10 for t in compounds if t) > 100  # longer than most dictionary words
+    assert all(set(t) <= set(CHARSETS["94"]) and len(t) <= 25 for t in compounds + codes)
+    assert all(any(c.isdigit() for c in t) and any(c.isalpha() for c in t) for t in codes)
+    assert s._compound(rng, 3) == "" and s._code(rng, 1) == ""
+
+
+def test_neighbouring_words_and_motion_blur(renderer):
+    from PIL import ImageFont
+
+    from clip4str.data.synth import _motion_blur
+
+    font = ImageFont.truetype(renderer.fonts[0].path, 28)
+    word = "Street"
+    plain = renderer._straight(word, font, 0, np.random.default_rng(0))
+    widths = [renderer._with_neighbours(word, font, np.random.default_rng(i), renderer.words).width
+              for i in range(20)]
+    assert max(widths) > plain.width  # parts of the neighbours are in the crop
+    assert min(widths) > 0.8 * plain.width  # and the word itself is never cut
+    img, _ = renderer[5]
+    blurred = _motion_blur(img, np.random.default_rng(1))
+    assert blurred.size == img.size and _bytes(blurred) != _bytes(img)
+
+
 def test_missing_font_folder_is_reported(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         WordRenderer(fonts=[tmp_path / "nope"])

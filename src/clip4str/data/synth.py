@@ -7,12 +7,9 @@ any position, and the same in every worker.
 from __future__ import annotations
 
 import functools
-import gzip
 import io
 import math
-import string
 from collections.abc import Iterator
-from importlib import resources
 from pathlib import Path
 
 import numpy as np
@@ -22,79 +19,9 @@ from torch.utils.data import IterableDataset, get_worker_info
 from clip4str.charset import CHARSETS
 from clip4str.data.fonts import FontInfo, discover_fonts, load_font, usable_fonts
 from clip4str.data.synth_background import Backgrounds
+from clip4str.data.words import WordSampler
 
-PUNCT_WRAP = ['"{}"', "({})", "{}.", "{},", "{}!", "{}?", "{}:", "#{}", "{}'s", "${}", "{}%", "-{}-", "{}&"]
-
-
-def _load_words() -> list[str]:
-    data = resources.files("clip4str.data").joinpath("resources/words.txt.gz").read_bytes()
-    return gzip.decompress(data).decode("utf-8").split()
-
-
-class WordSampler:
-    """Dictionary words (in several casings), random strings, numbers and punctuated words, as the charset allows."""
-
-    def __init__(self, charset: str = CHARSETS["94"], max_length: int = 25) -> None:
-        self.charset, self.max_length = charset, max_length
-        allowed = set(charset)
-        words = []
-        for w in _load_words():
-            if len(w) > max_length:
-                continue
-            for form in (w, w.lower(), w.upper(), w.capitalize()):
-                if set(form) <= allowed:
-                    words.append(form)
-                    break
-        self.words = words
-        lengths = np.array([len(w) for w in words], dtype=np.int64)
-        self._shortest_first = np.argsort(lengths, kind="stable")  # for length-capped draws
-        self._count_up_to = np.searchsorted(lengths[self._shortest_first], np.arange(max_length + 1), side="right")
-        self.digits = "".join(c for c in string.digits if c in allowed)
-        self.symbols = "".join(c for c in charset if not c.isalnum() and not c.isspace())
-        self.upper_ok = any(c.isupper() for c in charset)
-        self.lower_ok = any(c.islower() for c in charset)
-
-    def _case(self, word: str, rng: np.random.Generator) -> str:
-        r = rng.random()
-        if r < 0.45 or not self.lower_ok:
-            form = word.upper() if r > 0.3 or not self.lower_ok else word
-        elif r < 0.8:
-            form = word.lower()
-        else:
-            form = word.capitalize()
-        return form if set(form) <= set(self.charset) else word
-
-    def _word(self, rng: np.random.Generator, cap: int) -> str:
-        if cap >= self.max_length:
-            return self.words[rng.integers(len(self.words))]
-        count = int(self._count_up_to[max(cap, 1)]) or 1  # words of at most `cap` characters
-        return self.words[self._shortest_first[rng.integers(count)]]
-
-    def __call__(self, rng: np.random.Generator, max_chars: int | None = None) -> str:
-        """One label of at most `max_chars` (default: max_length) characters; never empty, all in the charset."""
-        cap = self.max_length if max_chars is None else max(1, min(max_chars, self.max_length))
-        r = rng.random()
-        text = ""
-        if self.words and r < 0.62:
-            text = self._case(self._word(rng, cap), rng)
-        elif self.digits and r < 0.74:
-            n = int(rng.integers(1, min(9, cap + 1)))
-            text = "".join(rng.choice(list(self.digits), n))
-            if self.symbols and rng.random() < 0.4:
-                sep = rng.choice([s for s in ".,:-/" if s in self.symbols] or list(self.symbols))
-                text = text[: max(1, n // 2)] + sep + text[max(1, n // 2):]
-        elif self.words and self.symbols and r < 0.84:
-            pattern = PUNCT_WRAP[rng.integers(len(PUNCT_WRAP))]
-            candidate = pattern.format(self._case(self._word(rng, cap - 2), rng))
-            text = candidate if set(candidate) <= set(self.charset) else ""
-        if not text:
-            n = int(rng.integers(1, min(13, cap + 1)))
-            pool = [c for c in self.charset if not c.isspace()]
-            if self.symbols and rng.random() < 0.7:  # mostly letters and digits, as in real scenes
-                pool = [c for c in pool if c.isalnum()] or pool
-            text = "".join(rng.choice(pool, n))
-        return text[:cap]
-
+__all__ = ["SyntheticStream", "WordRenderer", "WordSampler"]
 
 @functools.lru_cache(maxsize=65536)
 def _glyph(path: str, size: int, ch: str) -> tuple[Image.Image, float]:
@@ -114,6 +41,19 @@ def _perspective_coeffs(src: np.ndarray, dst: np.ndarray) -> list[float]:
         rows.append([x, y, 1, 0, 0, 0, -u * x, -u * y])
         rows.append([0, 0, 0, x, y, 1, -v * x, -v * y])
     return np.linalg.solve(np.array(rows, dtype=np.float64), src.reshape(8)).tolist()
+
+
+def _motion_blur(image: Image.Image, rng: np.random.Generator) -> Image.Image:
+    """The mean of the image shifted along a short line, mostly horizontal, as long as a tenth of its height."""
+    arr = np.asarray(image, dtype=np.float32)
+    steps = max(2, int(round(float(rng.uniform(0.05, 0.12)) * arr.shape[0] * 2)))
+    angle = float(rng.normal(0, 0.35))
+    padded = np.pad(arr, ((steps, steps), (steps, steps), (0, 0)), mode="edge")
+    out = np.zeros_like(arr)
+    for t in range(steps):
+        dx, dy = int(round(t * math.cos(angle))), int(round(t * math.sin(angle)))
+        out += padded[steps + dy:steps + dy + arr.shape[0], steps + dx:steps + dx + arr.shape[1]]
+    return Image.fromarray(np.clip(out / steps, 0, 255).astype(np.uint8))
 
 
 class WordRenderer:
@@ -145,8 +85,12 @@ class WordRenderer:
         size = int(rng.integers(*self.font_size)) // 2 * 2  # even sizes: half as many cached font objects
         font = load_font(font_info.path, size)
         stroke = int(rng.integers(1, max(2, size // 12) + 1)) if rng.random() < 0.12 * d else 0
-        mask = self._curved(text, font, rng) if len(text) > 2 and rng.random() < 0.12 * d else \
-            self._straight(text, font, stroke, rng)
+        if len(text) > 2 and rng.random() < 0.12 * d:
+            mask = self._curved(text, font, rng)
+        elif not stroke and rng.random() < 0.12 * d:  # street crops (IC15) often hold parts of the next words
+            mask = self._with_neighbours(text, font, rng, self.words)
+        else:
+            mask = self._straight(text, font, stroke, rng)
         mask = self._warp(mask, rng, d)
         image = self._compose(mask, rng, d)
         return self._degrade(image, rng, d), text
@@ -187,6 +131,30 @@ class WordRenderer:
             mask.paste(cell, (int(x), 0), cell)
             x += advance + spacing
         return mask
+
+    @staticmethod
+    def _with_neighbours(text: str, font, rng: np.random.Generator, words: WordSampler) -> Image.Image:
+        """The word with the ends of other words beside it, cut by the crop's border at a random place in them;
+        the label stays the word."""
+        ascent, descent = font.getmetrics()
+        covered = set(text)  # the font draws these: neighbours use them too
+        left = "".join(c for c in words(rng, 4) if c in covered) or text[-1]
+        right = "".join(c for c in words(rng, 4) if c in covered) or text[0]
+        gap = font.getlength(" ") * float(rng.uniform(0.8, 1.6)) + 2
+        widths = [font.getlength(t) for t in (left, text, right)]
+        sides = [rng.random() < 0.7, rng.random() < 0.7]
+        mask = Image.new("L", (int(sum(widths) + 2 * gap) + 8, ascent + descent + 4), 0)
+        draw = ImageDraw.Draw(mask)
+        x_text = 2 + widths[0] + gap
+        draw.text((x_text, 2), text, font=font, fill=255)
+        x0, x1 = x_text - 2, x_text + widths[1] + 2
+        if sides[0]:
+            draw.text((2, 2), left, font=font, fill=255)
+            x0 = 2 + widths[0] * float(rng.uniform(0.45, 0.9))  # the cut falls inside the neighbour
+        if sides[1]:
+            draw.text((x_text + widths[1] + gap, 2), right, font=font, fill=255)
+            x1 = x_text + widths[1] + gap + widths[2] * float(rng.uniform(0.1, 0.55))
+        return mask.crop((int(x0), 0, int(math.ceil(x1)), mask.height))
 
     @staticmethod
     def _curved(text: str, font, rng: np.random.Generator) -> Image.Image:
@@ -267,6 +235,8 @@ class WordRenderer:
             else:
                 draw.line([(0, int(rng.uniform(0, h))), (w, int(rng.uniform(0, h)))], fill=colour,
                           width=int(rng.integers(1, 3)))
+        if rng.random() < 0.12 * d:  # a moving camera or vehicle (IC15): the image smeared along a line
+            image = _motion_blur(image, rng)
         # Blur and downsampling scale with the image, so that small words stay legible.
         if rng.random() < 0.3 * d:
             image = image.filter(ImageFilter.GaussianBlur(float(rng.uniform(0.2, 1.0)) * max(1.0, h / 32)))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import glob
+import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -16,7 +17,7 @@ from clip4str.data.cli import add_data_commands
 from clip4str.evaluate import collect_benchmarks, format_table, run_benchmarks
 from clip4str.reading import BaseRecognizer
 
-# PyTorch is imported only by the commands that need it: `--backend onnx` runs without it.
+# PyTorch is imported only by the commands that need it: reading with the ONNX backend runs without it.
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 
@@ -39,14 +40,33 @@ def expand_inputs(specs: list[str]) -> list[str]:
     return out
 
 
-def recognizer(args: argparse.Namespace) -> BaseRecognizer:
-    """The model named by --model, else the built-in one."""
-    if getattr(args, "backend", "torch") == "onnx":
-        from clip4str.onnx_backend import OnnxRecognizer
+TORCH_EXTRA = "pip install 'clip4str[torch]'"
+# Packages of the [torch] extra: a command that imports one of them without it installed says what to install.
+TORCH_PACKAGES = {"torch", "torchvision", "open_clip", "lightning", "safetensors", "yaml", "matplotlib",
+                  "tensorboardX", "onnx", "onnxscript"}
 
-        if not args.model:
-            raise FileNotFoundError("--backend onnx needs --model EXPORTED_FOLDER (made by clip4str export onnx)")
-        return OnnxRecognizer(args.model)
+
+def torch_installed() -> bool:
+    """Whether PyTorch can be imported here (without importing it)."""
+    return importlib.util.find_spec("torch") is not None
+
+
+def recognizer(args: argparse.Namespace) -> BaseRecognizer:
+    """The model named by --model, else the built-in one; `--backend auto` reads with PyTorch where it is
+    installed and with ONNX Runtime (the built-in model's exported graphs) where it is not."""
+    backend = getattr(args, "backend", "auto")
+    if backend == "auto":
+        onnx_folder = args.model is not None and any(Path(args.model).glob("*.onnx"))
+        backend = "onnx" if onnx_folder or not torch_installed() else "torch"
+    if backend == "onnx":
+        from clip4str.onnx_backend import OnnxRecognizer, default_onnx_model_path
+
+        if args.model is not None and not any(Path(args.model).glob("*.onnx")) and Path(args.model).exists():
+            raise ValueError(f"{args.model} is not an ONNX export; reading it needs PyTorch ({TORCH_EXTRA}), or "
+                             "export it with `clip4str export onnx` where PyTorch is installed")
+        return OnnxRecognizer(args.model or default_onnx_model_path())
+    if not torch_installed():
+        raise ValueError(f"--backend torch needs PyTorch: {TORCH_EXTRA}, or read with --backend onnx")
     from clip4str.inference import Recognizer
 
     return Recognizer.from_pretrained(args.model, device=args.device, precision=args.precision)
@@ -114,8 +134,9 @@ def _model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32")
     p.add_argument("--batch-size", type=positive_int, default=32)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.add_argument("--backend", choices=["torch", "onnx"], default="torch",
-                   help="onnx: --model is a folder from `clip4str export onnx`; runs without PyTorch")
+    p.add_argument("--backend", choices=["auto", "torch", "onnx"], default="auto",
+                   help="onnx: ONNX Runtime, no PyTorch (--model: a folder from `clip4str export onnx`, default the "
+                   "built-in model's graphs); auto: torch where PyTorch is installed, else onnx")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -155,6 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
     onnx = export.add_parser("onnx", help="ONNX graphs + config for ONNX Runtime (no PyTorch needed to run)")
     onnx.add_argument("--model", type=Path, help="checkpoint folder (default: the built-in model)")
     onnx.add_argument("--out", type=Path, required=True)
+    onnx.add_argument("--fp16-weights", action="store_true",
+                      help="store weights as float16 in the files (half the size; ONNX Runtime computes in float32)")
     onnx.set_defaults(func=commands.cmd_export_onnx, backend="torch", device="cpu", precision="fp32")
     serve = sub.add_parser("serve", help="HTTP API (POST /v1/read) and a web page to try the recognizer")
     _model_options(serve)
@@ -207,6 +230,12 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except (FileNotFoundError, FileExistsError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as e:
+        if (e.name or "").split(".")[0] not in TORCH_PACKAGES:
+            raise
+        print(f"error: `clip4str {args.command}` needs {e.name}, which comes with PyTorch's extra: {TORCH_EXTRA}",
+              file=sys.stderr)
         return 2
 
 

@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import argparse
 import copy
+import hashlib
 
 
 def _recognizer(args: argparse.Namespace, torch_only: str | None = None):  # noqa: ANN202
     from clip4str.cli import recognizer
 
-    if torch_only and getattr(args, "backend", "torch") != "torch":
-        raise ValueError(f"{torch_only} needs the PyTorch model: use --backend torch with a checkpoint folder")
+    if torch_only:
+        if getattr(args, "backend", "torch") == "onnx":
+            raise ValueError(f"{torch_only} needs the PyTorch model: use --backend torch with a checkpoint folder")
+        args = copy.copy(args)
+        args.backend = "torch"
     return recognizer(args)
 
 
@@ -107,10 +111,13 @@ def cmd_export_onnx(args: argparse.Namespace) -> int:
 
     from clip4str.bench import word_image
     from clip4str.export import export_onnx
+    from clip4str.inference import default_model_path
     from clip4str.onnx_backend import OnnxRecognizer
 
     rec = _recognizer(args, "export")
-    out = export_onnx(rec.model, args.out)
+    source = (args.model or default_model_path()) / "model.safetensors"
+    digest = hashlib.sha256(source.read_bytes()).hexdigest() if source.is_file() else None
+    out = export_onnx(rec.model, args.out, fp16_weights=args.fp16_weights, source_sha256=digest)
     x = rec.preprocess([word_image()])
     ours = OnnxRecognizer(out)
     logits, _ = ours.decode(x.numpy())

@@ -84,10 +84,36 @@ def _export(module: nn.Module, args: tuple, path: Path, names: list[str], output
         torch.backends.mha.set_fastpath_enabled(fastpath)
 
 
+def store_weights_fp16(path: Path, min_size: int = 1024) -> None:
+    """Keep a graph's float32 weights as float16 in the file, each cast back to float32 by a Cast node that ONNX
+    Runtime folds when it loads the graph: half the file, the same float32 arithmetic. Lossless for weights that
+    were float16 to begin with (the built-in model's)."""
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    graph_model = onnx.load(str(path))
+    graph = graph_model.graph
+    casts = []
+    for init in graph.initializer:
+        if init.data_type != onnx.TensorProto.FLOAT or int(np.prod(init.dims)) < min_size:
+            continue
+        name = init.name
+        init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init).astype(np.float16), f"{name}__fp16"))
+        casts.append(onnx.helper.make_node("Cast", [f"{name}__fp16"], [name], to=onnx.TensorProto.FLOAT,
+                                           name=f"{name}__to_fp32"))
+    nodes = casts + list(graph.node)
+    del graph.node[:]
+    graph.node.extend(nodes)
+    onnx.save(graph_model, str(path))
+
+
 @torch.no_grad()
-def export_onnx(model: CLIP4STR, out_dir: str | Path) -> Path:
+def export_onnx(model: CLIP4STR, out_dir: str | Path, fp16_weights: bool = False, source_sha256: str | None = None
+                ) -> Path:
     """Write image_encoder.onnx, image_decoder.onnx, [cross_decoder.onnx, text_encoder.onnx], [ctc_head.onnx],
-    config.json."""
+    config.json. fp16_weights: store weights as float16 (`store_weights_fp16`); source_sha256: the hash of the
+    weights file exported, recorded so that a stale export can be told from a current one."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     model = model.float().eval()
@@ -118,7 +144,11 @@ def export_onnx(model: CLIP4STR, out_dir: str | Path) -> Path:
                 names, "logits", dynamic)
         shutil.copy(Path(open_clip.__file__).parent / VOCAB_NAME, out / VOCAB_NAME)
     tok = model.tokenizer
+    if fp16_weights:
+        for graph in out.glob("*.onnx"):
+            store_weights_fp16(graph)
     doc = {"format": ONNX_FORMAT, "model": cfg.to_dict(), "itos": list(tok.itos),
-           "eos_id": tok.eos_id, "bos_id": tok.bos_id, "pad_id": tok.pad_id}
+           "eos_id": tok.eos_id, "bos_id": tok.bos_id, "pad_id": tok.pad_id,
+           "provenance": getattr(model, "provenance", {}), "source_sha256": source_sha256}
     (out / "config.json").write_text(json.dumps(doc, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     return out

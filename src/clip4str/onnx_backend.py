@@ -23,6 +23,12 @@ from clip4str.runaway import apply_guard, softmax
 IMAGE_ENCODER, IMAGE_DECODER = "image_encoder.onnx", "image_decoder.onnx"
 TEXT_ENCODER, CROSS_DECODER = "text_encoder.onnx", "cross_decoder.onnx"
 CTC_HEAD = "ctc_head.onnx"  # only for models with a CTC head; exports made before it have no runaway guard
+BUILTIN_ONNX = "tiny-onnx"  # the built-in model's graphs, beside its PyTorch weights in clip4str/pretrained
+
+
+def default_onnx_model_path() -> Path:
+    """Folder of the built-in model's ONNX export shipped inside the package."""
+    return Path(__file__).parent / "pretrained" / BUILTIN_ONNX
 
 
 def _causal(n: int) -> np.ndarray:
@@ -32,10 +38,11 @@ def _causal(n: int) -> np.ndarray:
 class OnnxRecognizer(BaseRecognizer):
     """Reads text with an exported folder (`clip4str export onnx`) on ONNX Runtime."""
 
-    def __init__(self, folder: str | Path, providers: list[str] | None = None, threads: int | None = None) -> None:
+    def __init__(self, folder: str | Path | None = None, providers: list[str] | None = None,
+                 threads: int | None = None) -> None:
         import onnxruntime as ort
 
-        folder = Path(folder)
+        folder = Path(folder) if folder is not None else default_onnx_model_path()
         if not (folder / "config.json").is_file() or not (folder / IMAGE_ENCODER).is_file():
             raise FileNotFoundError(f"{str(folder)!r} is not an exported model (config.json + *.onnx); "
                                     "make one with `clip4str export onnx`")

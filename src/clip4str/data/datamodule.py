@@ -17,10 +17,11 @@ import lightning as L
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset, get_worker_info
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from clip4str.charset import LabelNormalizer
 from clip4str.data.augment import RandAugment
+from clip4str.data.compat import Dataset, Subset
 from clip4str.data.sources import open_labelled
 from clip4str.data.synth import WordRenderer
 from clip4str.data.transforms import preprocess

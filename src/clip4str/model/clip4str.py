@@ -157,9 +157,13 @@ class CLIP4STR(nn.Module):
         image_logits = self.image_decoder.forward_permutations(tgt_in, memory, content_masks, query_masks, padding)
         cross_logits = None
         if self.cross_decoder is not None:
-            # One text-encoder call for the captions of every permutation (B * P captions).
+            # One text-encoder call for the captions of every permutation (B * P captions), each distinct caption
+            # tokenized and encoded once: the permutations mostly agree, so that is about 1 / P of the work
+            # (the text tower treats rows alone, so results and gradients are the same).
             captions = self.captions(image_logits.flatten(0, 1))
-            text = self.encode_text(captions, images.device).to(memory.dtype)
+            distinct = {c: i for i, c in enumerate(dict.fromkeys(captions))}
+            rows = torch.tensor([distinct[c] for c in captions], device=images.device)
+            text = self.encode_text(list(distinct), images.device).to(memory.dtype)[rows]
             text = text.view(len(tgt), len(perms), *text.shape[1:])
             cross_logits = self.cross_decoder.forward_permutations(tgt_in, memory.detach(), content_masks,
                                                                    query_masks, padding, perm_memory=text)

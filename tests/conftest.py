@@ -21,6 +21,14 @@ def render_word(text: str, size: int = 28, fg: tuple = (20, 20, 20), bg: tuple =
     return img
 
 
+def labelled_folder(root: Path, words: list[str]) -> Path:
+    """A folder dataset of `words` rendered as images, with its labels.tsv."""
+    for i, w in enumerate(words):
+        render_word(w).save(root / f"{i}.png")
+    (root / "labels.tsv").write_text("".join(f"{i}.png\t{w}\n" for i, w in enumerate(words)))
+    return root
+
+
 @pytest.fixture
 def parity_dir() -> Path:
     """The authors' parity fixture; tests using it skip where ../shared is absent."""

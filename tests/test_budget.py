@@ -2,8 +2,6 @@
 across a stop and resume."""
 
 import csv
-import os
-import signal
 import subprocess
 import sys
 import time
@@ -14,7 +12,7 @@ import torch
 from clip4str.train.budget import DIV_FACTOR, FINAL_DIV_FACTOR, one_cycle
 from clip4str.train.config import load_config
 from clip4str.train.run import train
-from test_train import _config, folder  # noqa: F401 - the fixture is used by name
+from test_train import _config, folder, train_then_sigterm_the_group  # noqa: F401 - the fixture is used by name
 
 PEAK = 0.1 * 8 / 512  # base_lr x batch / 512 of test_train's config
 
@@ -66,14 +64,7 @@ def test_a_budgeted_run_anneals_to_zero_when_its_time_is_spent_and_exports(tmp_p
 def test_a_budget_carries_over_a_stop_and_resume(tmp_path, folder):  # noqa: F811
     cfg = _config(tmp_path, folder, "carry", max_steps=1_000_000, max_minutes=0.4, log_every_steps=2)
     cmd = [sys.executable, "-m", "clip4str.cli", "train", "--config", str(cfg)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
-    metrics = tmp_path / "carry" / "logs" / "run-0" / "metrics.csv"
-    deadline = time.time() + 120
-    while not metrics.exists() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.2)
-    time.sleep(3)
-    os.killpg(proc.pid, signal.SIGTERM)
-    _, err = proc.communicate(timeout=120)
+    proc, err = train_then_sigterm_the_group(cfg, tmp_path / "carry", after_seconds=3)
     assert proc.returncode == 0 and b"checkpoint saved" in err, err.decode()[-2000:]
     ckpt = torch.load(tmp_path / "carry" / "last.ckpt", weights_only=False)
     spent = next(v["elapsed"] for k, v in ckpt["callbacks"].items() if "TimeBudget" in k)

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import render_word
+from conftest import labelled_folder
+from test_train import _losses
 
 pytestmark = pytest.mark.slow
 
@@ -63,11 +64,7 @@ sys.exit(main(["train", "--config", sys.argv[1], *sys.argv[3:]]))
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
-    root = tmp_path_factory.mktemp("words")
-    for i, w in enumerate(WORDS):
-        render_word(w).save(root / f"{i}.png")
-    (root / "labels.tsv").write_text("".join(f"{i}.png\t{w}\n" for i, w in enumerate(WORDS)))
-    return root
+    return labelled_folder(tmp_path_factory.mktemp("words"), WORDS)
 
 
 def _run(tmp_path: Path, folder: Path, name: str, devices: int, *extra: str, env: dict | None = None,
@@ -89,16 +86,6 @@ def _run(tmp_path: Path, folder: Path, name: str, devices: int, *extra: str, env
     proc = subprocess.run([sys.executable, str(driver), str(cfg), str(record), *extra], capture_output=True,
                           text=True, timeout=600, env={**os.environ, **(env or {})}, cwd=tmp_path)
     return proc, record
-
-
-def _losses(out: Path) -> dict[int, float]:
-    losses = {}
-    for metrics in sorted(out.glob("logs/run-*/metrics.csv")):
-        with metrics.open() as f:
-            for row in csv.DictReader(f):
-                if row.get("loss"):
-                    losses[int(row["step"])] = float(row["loss"])
-    return losses
 
 
 def _samples(record: Path) -> dict[int, list[int]]:

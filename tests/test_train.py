@@ -14,7 +14,7 @@ import yaml
 
 from clip4str.train.config import load_config
 from clip4str.train.run import build_model, train
-from conftest import render_word
+from conftest import labelled_folder
 
 WORDS = ["hello", "World", "42", "cafe", "STOP", "x7Q", "Park", "ok"]
 SMALL = {"clip": {"embed_dim": 32, "vision_cfg": {"width": 64, "layers": 2, "head_width": 32},
@@ -23,11 +23,7 @@ SMALL = {"clip": {"embed_dim": 32, "vision_cfg": {"width": 64, "layers": 2, "hea
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
-    root = tmp_path_factory.mktemp("words")
-    for i, w in enumerate(WORDS):
-        render_word(w).save(root / f"{i}.png")
-    (root / "labels.tsv").write_text("".join(f"{i}.png\t{w}\n" for i, w in enumerate(WORDS)))
-    return root
+    return labelled_folder(tmp_path_factory.mktemp("words"), WORDS)
 
 
 def _config(tmp_path, folder, out="run", **train):
@@ -39,6 +35,21 @@ def _config(tmp_path, folder, out="run", **train):
     path = tmp_path / f"{out}.yaml"
     path.write_text(yaml.safe_dump(doc))
     return path
+
+
+def train_then_sigterm_the_group(cfg: Path, out: Path, after_seconds: float) -> tuple[subprocess.Popen, bytes]:
+    """Start `clip4str train` in a session of its own, SIGTERM the whole group `after_seconds` after its first
+    logged step, and return the process and its stderr once it has ended."""
+    cmd = [sys.executable, "-m", "clip4str.cli", "train", "--config", str(cfg)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    metrics = out / "logs" / "run-0" / "metrics.csv"
+    deadline = time.time() + 300
+    while not metrics.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    time.sleep(after_seconds)
+    os.killpg(proc.pid, signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    return proc, err
 
 
 def _losses(out: Path) -> dict[int, float]:
@@ -216,15 +227,7 @@ def test_sigterm_to_the_process_group_saves_a_checkpoint_and_resume_finishes(tmp
     doc = yaml.safe_load(cfg.read_text())
     doc["data"]["num_workers"] = 1  # workers leave the group: only the main process gets the signal
     cfg.write_text(yaml.safe_dump(doc))
-    cmd = [sys.executable, "-m", "clip4str.cli", "train", "--config", str(cfg)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
-    metrics = tmp_path / "term" / "logs" / "run-0" / "metrics.csv"
-    deadline = time.time() + 300
-    while not metrics.exists() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.2)
-    time.sleep(2)
-    os.killpg(proc.pid, signal.SIGTERM)
-    _, err = proc.communicate(timeout=120)
+    proc, err = train_then_sigterm_the_group(cfg, tmp_path / "term", after_seconds=2)
     assert proc.returncode == 0, err.decode()[-2000:]
     assert b"checkpoint saved" in err
     import torch

@@ -320,3 +320,20 @@ def test_a_script_that_raises_while_data_workers_run_exits(folder):
                           timeout=90)
     assert proc.returncode == 1
     assert b"raised with workers alive" in proc.stderr
+
+
+def test_gradients_are_clipped_before_the_fused_optimizer_steps():
+    import torch
+
+    from clip4str.train.system import STRSystem
+
+    cfg = load_config(None, ["train.grad_clip=0.5", "train.precision=bf16-mixed"])
+    cfg.model.overrides.update(SMALL)
+    system = STRSystem(build_model(cfg), cfg.train, 64, [])
+    opt = system.configure_optimizers()["optimizer"]
+    assert opt.defaults["fused"]  # bf16-mixed: fused, which Lightning would refuse to clip for
+    for p in system.parameters():
+        p.grad = torch.full_like(p, 3.0) if p.requires_grad else None
+    system.on_before_optimizer_step(opt)
+    norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in system.parameters() if p.grad is not None]))
+    assert float(norm) == pytest.approx(0.5, rel=1e-4)

@@ -147,7 +147,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path | None:
         callbacks.append(L.pytorch.callbacks.StochasticWeightAveraging(swa_lrs=t.swa_lr))
     trainer = L.Trainer(
         max_steps=t.max_steps, precision=t.precision, accelerator=t.accelerator, devices=t.devices,
-        num_nodes=t.num_nodes, strategy=t.strategy, gradient_clip_val=t.grad_clip,
+        num_nodes=t.num_nodes, strategy=t.strategy,  # gradients are clipped by STRSystem (fused AdamW)
         accumulate_grad_batches=t.accumulate_grad_batches, val_check_interval=t.val_every_steps,
         check_val_every_n_epoch=None, num_sanity_val_steps=0, log_every_n_steps=t.log_every_steps,
         enable_checkpointing=False, enable_progress_bar=sys.stderr.isatty(),  # no bar spam in nohup logs

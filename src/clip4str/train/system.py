@@ -90,6 +90,13 @@ class STRSystem(L.LightningModule):
         self.log("lr", self.optimizers().param_groups[0]["lr"], prog_bar=True)
         return out.loss
 
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        # Clipped here rather than by Lightning (Trainer.gradient_clip_val), which refuses to clip for a fused
+        # optimizer under any mixed precision; with bf16 nothing is scaled, and for fp16 (not fused) Lightning
+        # has unscaled the gradients before this hook.
+        if self.cfg.grad_clip:
+            torch.nn.utils.clip_grad_norm_([p for p in self.parameters() if p.grad is not None], self.cfg.grad_clip)
+
     def configure_optimizers(self) -> dict:
         # fp16's gradient scaler must unscale before clipping, which a fused AdamW (unscaling inside) does not allow.
         opt = build_optimizer(self.model, self.lr, self.cfg.decoder_lr_scale, self.cfg.weight_decay,

@@ -29,6 +29,10 @@ def test_one_lmdb_read_by_several_datasets_in_one_process(tmp_path, capsys):
     assert main(["test", str(tmp_path / "root" / "a"), str(tmp_path / "root" / "a")]) == 0
     assert main(["test", str(tmp_path / "root"), str(tmp_path / "root" / "a")]) == 0
     assert "damaged" not in capsys.readouterr().err
+    # forked data-loader workers read it too, although the parent holds it open
+    from torch.utils.data import DataLoader
+    loader = DataLoader(a, batch_size=2, num_workers=2, collate_fn=lambda items: [label for _, label in items])
+    assert sorted(label for batch in loader for label in batch) == ["cat", "dog"]
     # rewritten at the same path: the next dataset reads the new database, not a stale handle
     write_lmdb([("0", _png(render_word("sun")), "sun")], tmp_path / "root" / "a", force=True)
     assert len(LmdbDataset(tmp_path / "root" / "a")) == 1 and LmdbDataset(tmp_path / "root" / "a")[0][1] == "sun"

@@ -42,36 +42,42 @@ def find_lmdbs(root: str | Path) -> list[Path]:
     return found
 
 
-_ENVIRONMENTS: dict[tuple[int, str], tuple[tuple[int, int], lmdb.Environment]] = {}
+_ENVIRONMENTS: dict[str, lmdb.Environment] = {}
 _ENVIRONMENTS_LOCK = threading.Lock()
 
 
 def open_lmdb(path: Path) -> lmdb.Environment:
     """The process's one read-only environment of an LMDB folder (no lock file: shared, read-only data folders).
 
-    py-lmdb refuses to open one database twice in a process, so every dataset reading a path shares this
-    handle (a test set named twice, a training source that is also a validation set); a forked data worker
-    gets its own, as LMDB handles must not cross a fork, and a database rewritten since gets a new one.
+    py-lmdb refuses to open one database twice in a process, so every dataset reading a path shares this handle
+    (a test set named twice, a training source that is also a validation set).
     """
-    key = (os.getpid(), str(Path(path).resolve()))
-    try:
-        st = (Path(path) / "data.mdb").stat()
-        stamp = (st.st_ino, st.st_mtime_ns)
-    except OSError:
-        stamp = (0, 0)  # lmdb.open below names what is missing
+    key = str(Path(path).resolve())
     with _ENVIRONMENTS_LOCK:
-        cached = _ENVIRONMENTS.get(key)
-        if cached is not None and cached[0] == stamp:
-            return cached[1]
-        if cached is not None:
-            cached[1].close()
-        try:
-            env = lmdb.open(str(path), readonly=True, lock=False, readahead=False, meminit=False, max_readers=126)
-        except lmdb.Error as e:
-            raise ValueError(f"LMDB {str(path)!r} cannot be opened ({e}); the data.mdb is damaged or truncated: "
-                             "rebuild it with `clip4str data lmdb`") from e
-        _ENVIRONMENTS[key] = (stamp, env)
+        env = _ENVIRONMENTS.get(key)
+        if env is None:
+            try:
+                env = lmdb.open(str(path), readonly=True, lock=False, readahead=False, meminit=False,
+                                max_readers=126)
+            except lmdb.Error as e:
+                raise ValueError(f"LMDB {str(path)!r} cannot be opened ({e}); the data.mdb is damaged or "
+                                 "truncated: rebuild it with `clip4str data lmdb`") from e
+            _ENVIRONMENTS[key] = env
         return env
+
+
+def forget_lmdb(path: Path | None = None) -> None:
+    """Close the process's handle of `path` (all handles if None): a rewritten database is opened anew."""
+    with _ENVIRONMENTS_LOCK:
+        for key in [str(Path(path).resolve())] if path is not None else list(_ENVIRONMENTS):
+            env = _ENVIRONMENTS.pop(key, None)
+            if env is not None:
+                env.close()
+
+
+# A forked data-loader worker must not use its parent's handles (LMDB forbids it), and py-lmdb would refuse to
+# open the same databases again while they are registered: each child closes what it inherited.
+os.register_at_fork(after_in_child=forget_lmdb)
 
 
 class LmdbDataset(Dataset):
@@ -85,7 +91,6 @@ class LmdbDataset(Dataset):
                  transform: Callable[[Image.Image], Any] | None = None) -> None:
         self.path = Path(path)
         self.transform = transform
-        self._env: lmdb.Environment | None = None
         self.raw_count = 0
         self.keys: list[int] = []
         self.labels: list[str] = []
@@ -114,18 +119,11 @@ class LmdbDataset(Dataset):
     def __len__(self) -> int:
         return len(self.keys)
 
-    def __getstate__(self) -> dict[str, Any]:
-        state = self.__dict__.copy()
-        state["_env"] = None  # each worker opens its own handle
-        return state
-
     def read_bytes(self, index: int) -> bytes | None:
         """Encoded image bytes of sample `index`, or None (with a warning) if the entry cannot be read."""
-        if self._env is None:
-            self._env = open_lmdb(self.path)
         key = _image_key(self.keys[index])
         try:
-            with self._env.begin() as txn:
+            with open_lmdb(self.path).begin() as txn:
                 data = txn.get(key)
         except lmdb.Error as e:
             warnings.warn(f"{self.path}: {key.decode()} unreadable ({e}); skipped", stacklevel=2)
@@ -202,6 +200,7 @@ def write_lmdb(samples: Iterable[tuple[str | bytes, str, str]], out: str | Path,
     env.close()
     if out.exists():
         shutil.rmtree(out)
+    forget_lmdb(out)  # a handle of the database this replaces must not serve reads of the new one
     tmp.rename(out)
     return report
 

@@ -31,7 +31,8 @@ def test_one_lmdb_read_by_several_datasets_in_one_process(tmp_path, capsys):
     assert "damaged" not in capsys.readouterr().err
     # forked data-loader workers read it too, although the parent holds it open
     from torch.utils.data import DataLoader
-    loader = DataLoader(a, batch_size=2, num_workers=2, collate_fn=lambda items: [label for _, label in items])
+    unread = LmdbDataset(tmp_path / "root" / "a")  # opened by the parent, never read by it
+    loader = DataLoader(unread, batch_size=2, num_workers=2, collate_fn=lambda items: [item[1] for item in items])
     assert sorted(label for batch in loader for label in batch) == ["cat", "dog"]
     # rewritten at the same path: the next dataset reads the new database, not a stale handle
     write_lmdb([("0", _png(render_word("sun")), "sun")], tmp_path / "root" / "a", force=True)

@@ -113,7 +113,8 @@ def cmd_test(args: argparse.Namespace) -> int:
                                   guard=not args.no_guard)
     print(format_table(rows, charset, args.format))
     if args.format == "md":
-        print(f"\n{ms:.1f} ms/image (batch {args.batch_size}, {args.backend} backend, {args.device}, "
+        backend = "torch" if hasattr(rec, "model") else "onnx"  # what --backend auto chose
+        print(f"\n{ms:.1f} ms/image (batch {args.batch_size}, {backend} backend, {args.device}, "
               f"{rec.precision})")
     return 0
 

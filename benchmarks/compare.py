@@ -32,12 +32,16 @@ Reader = Callable[[Image.Image], str]
 HEADER = "| method | accuracy | 1 - NED | median ms/crop |\n|:--|--:|--:|--:|"
 
 
-def clip4str_reader(model: str | None) -> Reader:
-    """Batch-1 reading with the clip4str Recognizer (built-in model unless --model)."""
+def clip4str_reader(model: str | None, precision: str = "fp32", compiled: bool = False, rescore: bool = True
+                    ) -> Reader:
+    """Batch-1 reading with the clip4str Recognizer (built-in model unless --model); a compiled one is warmed up
+    on a rendered word first, so compilation is not timed."""
+    from clip4str.bench import word_image
     from clip4str.inference import Recognizer
 
-    rec = Recognizer.from_pretrained(model)
-    return lambda img: rec.read(img)[0].text
+    rec = Recognizer.from_pretrained(model, precision=precision, compiled=compiled)
+    rec.read(word_image())
+    return lambda img: rec.read(img, rescore=rescore)[0].text
 
 
 def tesseract_reader() -> Reader | None:
@@ -77,17 +81,24 @@ def main() -> None:
     ap.add_argument("--model", help="clip4str checkpoint folder (default: the built-in model)")
     ap.add_argument("--peers", nargs="+", default=["clip4str", "tesseract", "rapidocr"])
     ap.add_argument("--limit", type=int, help="at most N crops per dataset (evenly spaced)")
+    ap.add_argument("--clip4str-variants", nargs="+", default=["fp32"], metavar="PRECISION[-compiled][-norescore]",
+                    help="clip4str configurations, each a row: fp32, bf16 or fp16, optionally -compiled (the decoding "
+                    "step through torch.compile) and -norescore (no joint rescoring)")
     args = ap.parse_args()
     charset = CHARSETS["36"]
-    makers = {"clip4str": lambda: clip4str_reader(args.model), "tesseract": tesseract_reader,
-              "rapidocr": rapidocr_reader}
+    makers = {"tesseract": tesseract_reader, "rapidocr": rapidocr_reader}
+    for variant in args.clip4str_variants:
+        precision, *flags = variant.split("-")
+        makers[f"clip4str {variant}"] = lambda p=precision, f=flags: clip4str_reader(args.model, p, "compiled" in f,
+                                                                                    "norescore" not in f)
     readers: dict[str, Reader] = {}
-    for name in args.peers:
-        reader = makers[name]()
-        if reader is None:
-            print(f"note: {name} is not installed; skipped", file=sys.stderr)
-        else:
-            readers[name] = reader
+    for peer in args.peers:
+        for name in [m for m in makers if m.split()[0] == peer]:
+            reader = makers[name]()
+            if reader is None:
+                print(f"note: {name} is not installed; skipped", file=sys.stderr)
+            else:
+                readers[name] = reader
     benches = collect_benchmarks(args.data, charset, by_folder=True)
     totals = {name: (Scores(charset), []) for name in readers}
     for bench in benches:

@@ -3,6 +3,10 @@ and a candidate, compare them crop by crop (never the benchmark crops).
 
     python benchmarks/holdout.py --config configs/tiny-builtin-continue.yaml \\
         --models builtin runs/tiny-builtin-stage12/final [--csv-dir DIR]
+    python benchmarks/holdout.py --config configs/tiny-builtin-continue.yaml --models builtin@rescore=0 builtin
+
+A model may carry decoding options after '@' (comma-separated key=value, 0/1 for booleans), so one model's
+decoding choices are compared the same way.
 
 For each model: word accuracy on each held-out set and together (36-character protocol, as `clip4str test`),
 accuracy by label length, the confidence of right and wrong readings, and readings that repeat one character
@@ -37,8 +41,19 @@ def holdout_benchmarks(config: str, charset: str, max_length: int) -> list[Bench
     return out
 
 
-def read_all(model: str, config: str, csv_path: Path | None) -> list[dict]:
+def decode_options(spec: str) -> tuple[str, dict]:
+    """'MODEL@key=value,...' -> (MODEL, options); numbers become ints (0/1 for booleans)."""
+    model, _, opts = spec.partition("@")
+    options = {}
+    for item in filter(None, opts.split(",")):
+        key, _, value = item.partition("=")
+        options[key] = int(value) if value.lstrip("-").isdigit() else value
+    return model, options
+
+
+def read_all(spec: str, config: str, csv_path: Path | None) -> list[dict]:
     """One row per held-out crop: set, label, reading, confidence, right (an unreadable crop reads as wrong)."""
+    model, options = decode_options(spec)
     rec = Recognizer.from_pretrained(None if model == "builtin" else model)
     rows, images = [], []
     for bench in holdout_benchmarks(config, rec.config.charset, rec.config.max_label_length):
@@ -47,7 +62,7 @@ def read_all(model: str, config: str, csv_path: Path | None) -> list[dict]:
             rows.append({"set": bench.name, "index": i, "label": item[1] if item else label_at(bench.data, i)})
             images.append(item[0] if item else b"")
     scorer = Scores(CHARSETS["36"])
-    for row, r in zip(rows, rec.read(images, batch_size=32), strict=True):
+    for row, r in zip(rows, rec.read(images, batch_size=32, **options), strict=True):
         row.update(text=r.text, confidence=r.confidence,
                    right=scorer.update([r.text], [row["label"]], [r.confidence])[0])
     if csv_path:

@@ -84,7 +84,7 @@ def cmd_read(args: argparse.Namespace) -> int:
     bar = tqdm(total=len(paths), unit="img", file=sys.stderr, disable=len(paths) < 50 or args.quiet)
     failures = []
     results = rec.iter_read(paths, args.batch_size, mode=args.mode, refine_iters=args.refine_iters,
-                            guard=not args.no_guard)
+                            guard=not args.no_guard, rescore=not args.no_rescore)
     for path, r in zip(paths, results, strict=True):
         bar.update(1)
         if r.error:
@@ -113,7 +113,7 @@ def cmd_test(args: argparse.Namespace) -> int:
     total = sum(len(b.data) for b in benches)
     with tqdm(total=total, unit="img", file=sys.stderr, disable=args.quiet) as bar:
         rows, ms = run_benchmarks(rec, benches, charset, args.batch_size, args.csv, bar.update,
-                                  guard=not args.no_guard)
+                                  guard=not args.no_guard, rescore=not args.no_rescore)
     print(format_table(rows, charset, args.format))
     if args.format == "md":
         backend = "torch" if hasattr(rec, "model") else "onnx"  # what --backend auto chose
@@ -134,6 +134,8 @@ def _model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", type=Path, help="checkpoint folder (default: the built-in model)")
     p.add_argument("--no-guard", action="store_true", help="keep readings that run away (no EOS, or one character "
                    "5+ times) instead of reading those images with the CTC head")
+    p.add_argument("--no-rescore", action="store_true", help="keep the final reading where the image-branch or CTC "
+                   "reading differs, instead of giving the one both decoders and the CTC head score highest")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps")
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32")
     p.add_argument("--compile", action="store_true", help="decoding steps through torch.compile (PyTorch backend): "

@@ -95,6 +95,12 @@ def apply_guard(logits: np.ndarray, lengths: np.ndarray, eos: int,
     """Final (B, L, C) logits and lengths with runaway rows replaced (`find_runaways`; unchanged if none)."""
     found = find_runaways(logits.argmax(-1).tolist(), lengths.tolist(), eos, log_probs,
                           lambda: softmax(logits.astype(np.float64)))
+    return replace_rows(logits, lengths, found, eos)
+
+
+def replace_rows(logits: np.ndarray, lengths: np.ndarray, found: dict[int, tuple[list[int], list[float]]],
+                 eos: int) -> tuple[np.ndarray, np.ndarray]:
+    """(B, L, C) logits and lengths with rows replaced by readings (row -> (chars, probabilities with EOS's))."""
     if not found:
         return logits, lengths
     rows = {b: reading_as_logits(c, p, logits.shape[-1], eos) for b, (c, p) in found.items()}

@@ -200,14 +200,16 @@ class CLIP4STR(nn.Module):
     # -- decoding -------------------------------------------------------------------------------------
     def decode(self, images: torch.Tensor, mode: str | None = None, refine_iters: int | None = None,
                max_length: int | None = None, early_exit: bool = True, kv_cache: bool = True,
-               guard: bool = True, compiled: bool = False) -> DecodeOutput:
+               guard: bool = True, compiled: bool = False, rescore: bool = True) -> DecodeOutput:
         """Predict logits for preprocessed images; every row is decoded as if it were alone in the batch.
 
         mode: 'ar' (greedy autoregressive) or 'nar' (one pass); refine_iters: cloze refinement passes per
         branch; max_length caps the label length; early_exit stops AR decoding once every row emitted EOS;
         kv_cache=False recomputes the whole prefix at every AR step (the reference's way; for benchmarks/tests);
         guard: rows that run away are read by the CTC head instead, where the model has one (`ctc.guard_runaways`);
-        compiled: the AR step through `torch.compile` (`static_step.compiled_decoding_step`; same results).
+        compiled: the AR step through `torch.compile` (`static_step.compiled_decoding_step`; same results);
+        rescore: where the final, image-branch and CTC readings differ, give the one both decoders and the CTC
+        head score highest (`clip4str.rescore`; AR mode, models with a CTC head).
         """
         mode = self.config.decode_mode if mode is None else mode
         refine_iters = self.config.refine_iters if refine_iters is None else refine_iters
@@ -237,6 +239,10 @@ class CLIP4STR(nn.Module):
                 cross_logits, cross_len = self._refine(self.cross_decoder, cross_kv, cross_logits, cross_len, steps)
             img_len = img_len_new
         logits, lengths = (img_logits, img_len) if self.cross_decoder is None else (cross_logits, cross_len)
+        if rescore and self.ctc_head is not None and mode == "ar":
+            logits, lengths = ctc.joint_rescore((logits, lengths, img_logits, img_len), self.image_decoder, img_kv,
+                                                self.cross_decoder, cross_kv, self.ctc_head, memory,
+                                                self.clip.visual.grid_size, self.tokenizer)
         if guard and self.ctc_head is not None:
             logits, lengths = ctc.guard_runaways(logits, lengths, self.ctc_head, memory, self.clip.visual.grid_size,
                                                  self.tokenizer.eos_id)

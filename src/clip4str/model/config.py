@@ -29,7 +29,7 @@ class ModelConfig:
     caption_charset: str = CHARSETS["36"]
     cross_branch: bool = True
     cross_loss_weight: float = 1.0
-    ctc_weight: float = 0.0  # > 0: auxiliary CTC loss on the image tokens' columns (training aid, not decoding)
+    ctc_weight: float = 0.0  # > 0: a CTC head on the image tokens' columns (training loss; decoding: guard, rescoring)
     num_permutations: int = 6
     perm_forward: bool = True
     perm_mirrored: bool = True

@@ -118,3 +118,19 @@ def test_cloze_pass_equals_the_decoder_forward(tiny_overrides):
             fast = cloze_pass(decoder, ctx, query_mask[None] | padding[:, None], kv, step_tables(decoder, 26))
             ref = decoder(ctx, kv, None, padding, query_len=26, query_mask=query_mask)
             torch.testing.assert_close(fast, ref, atol=1e-5, rtol=0)
+
+
+def test_a_step_that_cannot_compile_decodes_eagerly_with_one_warning(tiny_overrides, monkeypatch):
+    from clip4str.model import static_step
+
+    def no_compiler(graph, example_inputs):
+        raise RuntimeError("no C++ compiler found")
+
+    monkeypatch.setattr(static_step, "BACKEND", no_compiler)
+    model = create_model("tiny", **tiny_overrides).eval()
+    images = _images(model, 2)
+    with pytest.warns(UserWarning, match="could not compile the decoding step") as caught, torch.inference_mode():
+        got = model.decode(images, compiled=True)
+    assert len([w for w in caught if "could not compile" in str(w.message)]) == 2  # once per decoder
+    with torch.inference_mode():
+        _assert_same(got, model.decode(images))

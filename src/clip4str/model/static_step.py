@@ -9,6 +9,7 @@ at batch 1 a step is bound by reading weights, and the tables remove three of it
 from __future__ import annotations
 
 import types
+import warnings
 import weakref
 from dataclasses import dataclass
 
@@ -124,17 +125,34 @@ def cloze_pass(decoder: Decoder, context: torch.Tensor, hidden: torch.Tensor, me
 
 
 _COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+BACKEND = "inductor"  # torch.compile's backend (tests substitute one that fails)
 
 
-def compiled_decoding_step(decoder: Decoder):  # noqa: ANN201 - a torch.compile wrapper of decoding_step
-    """`decoding_step` compiled for `decoder` (compiled at its first call, then reused).
+class _CompiledStep:
+    """`decoding_step` through torch.compile, falling back to eager (with one warning) if compiling fails, as it
+    does where no C++ compiler is installed: a long job then goes on instead of stopping at its first read."""
 
-    Why a copy of the function per decoder: torch.compile keeps its graphs per code object with a limit of 8,
-    which one process with several models, branches and batch sizes would exceed. The batch size becomes
-    dynamic at its first change, so a decoder needs one graph per dtype and at most two shapes.
-    """
+    def __init__(self) -> None:
+        # Why a copy of the function per decoder: torch.compile keeps its graphs per code object with a limit of
+        # 8, which one process with several models, branches and batch sizes would exceed. The batch size
+        # becomes dynamic at its first change, so a decoder needs one graph per dtype and at most two shapes.
+        fn = types.FunctionType(decoding_step.__code__.replace(), decoding_step.__globals__, decoding_step.__name__)
+        self.step = torch.compile(fn, fullgraph=True, backend=BACKEND)
+
+    def __call__(self, *args: object) -> tuple[torch.Tensor, list[KV]]:
+        try:
+            return self.step(*args)
+        except torch._dynamo.exc.BackendCompilerFailed as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            warnings.warn(f"torch.compile could not compile the decoding step ({first[:200]}); decoding eagerly "
+                          "(same results; install a C++ compiler such as g++ for compiled steps)", stacklevel=2)
+            self.step = decoding_step
+            return decoding_step(*args)
+
+
+def compiled_decoding_step(decoder: Decoder) -> _CompiledStep:
+    """`decoding_step` compiled for `decoder` (compiled at its first call, then reused)."""
     step = _COMPILED.get(decoder)
     if step is None:
-        fn = types.FunctionType(decoding_step.__code__.replace(), decoding_step.__globals__, decoding_step.__name__)
-        step = _COMPILED[decoder] = torch.compile(fn, fullgraph=True)
+        step = _COMPILED[decoder] = _CompiledStep()
     return step

@@ -13,12 +13,12 @@ from pathlib import Path
 
 import numpy as np
 
-from clip4str import rescore
 from clip4str.bpe import VOCAB_NAME, BPETokenizer
 from clip4str.charset import CharsetAdapter, Tokenizer, changed_rows
 from clip4str.data.transforms import ImageInput, preprocess_array
 from clip4str.reading import BaseRecognizer, ReadResult
-from clip4str.runaway import apply_guard, ctc_greedy, replace_rows, softmax
+from clip4str.rescore import rescore_rows
+from clip4str.runaway import apply_guard, replace_rows, softmax
 
 # The graph files of an export folder (written by clip4str.export, read here).
 IMAGE_ENCODER, IMAGE_DECODER = "image_encoder.onnx", "image_decoder.onnx"
@@ -167,39 +167,28 @@ class OnnxRecognizer(BaseRecognizer):
                 cross, cross_len = self._refine(self.cross_decoder, mem, cross, cross_len, steps)
             img_len = img_len_new
         logits, lengths = (cross, cross_len) if self.cross else (img, img_len)
-        ctc_log_probs = None
-        if rescore and self.ctc_head is not None and mode == "ar":
+        if self.ctc_head is not None and (guard or (rescore and mode == "ar")):
             ctc_log_probs = self.ctc_head.run(None, {"image_tokens": tokens})[0]
-            logits, lengths = self._rescore((logits, lengths, img, img_len), tokens, mem if self.cross else None,
-                                            ctc_log_probs)
-        if guard and self.ctc_head is not None:
-            logits, lengths = apply_guard(logits, lengths, self.tokenizer.eos_id, lambda: (
-                ctc_log_probs if ctc_log_probs is not None else self.ctc_head.run(None, {"image_tokens": tokens})[0]))
+            if rescore and mode == "ar":
+                found = rescore_rows((logits.argmax(-1), lengths), (img.argmax(-1), img_len), ctc_log_probs, limit,
+                                     self.tokenizer.bos_id, self.tokenizer.eos_id, self.tokenizer.pad_id,
+                                     lambda tgt, owner, padding: self._forced(tgt, owner, padding, tokens,
+                                                                              mem if self.cross else None))
+                logits, lengths = replace_rows(logits, lengths, found, self.tokenizer.eos_id)
+            if guard:
+                logits, lengths = apply_guard(logits, lengths, self.tokenizer.eos_id, lambda: ctc_log_probs)
         return logits, lengths
 
-    def _rescore(self, out: tuple[np.ndarray, ...], tokens: np.ndarray, cross_memory: np.ndarray | None,
-                 ctc_log_probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """As `clip4str.model.ctc.joint_rescore`."""
-        logits, lengths, image_logits, image_lengths = out
-        tok = self.tokenizer
-        cands = rescore.candidates(rescore.readings(logits.argmax(-1).tolist(), lengths.tolist(), tok.eos_id),
-                                   rescore.readings(image_logits.argmax(-1).tolist(), image_lengths.tolist(),
-                                                    tok.eos_id),
-                                   [chars for chars, _ in ctc_greedy(ctc_log_probs, tok.eos_id)],
-                                   self.cfg["max_label_length"])
-        if not cands.owner:
-            return logits, lengths
-        tgt_in, targets = cands.teacher_forcing(tok.bos_id, tok.eos_id, tok.pad_id)
-        length, owner = tgt_in.shape[1], np.array(cands.owner)
-        padding = (tgt_in == tok.pad_id) | (tgt_in == tok.eos_id)
+    def _forced(self, tgt_in: np.ndarray, owner: np.ndarray, padding: np.ndarray, tokens: np.ndarray,
+                cross_memory: np.ndarray | None) -> tuple[np.ndarray, np.ndarray | None]:
+        """Teacher-forced logits of both decoders (`clip4str.rescore.ForcedPass`)."""
+        length = tgt_in.shape[1]
 
         def forced(decoder, memory: np.ndarray) -> np.ndarray:  # noqa: ANN001
             return self._step(decoder, tgt_in, memory[owner], np.arange(length), _causal(length), padding)
 
-        image = forced(self.image_decoder, tokens)
-        cross = forced(self.cross_decoder, cross_memory) if cross_memory is not None else None
-        found = rescore.choose(cands, image, cross, ctc_log_probs, targets, tok.eos_id, tok.pad_id)
-        return replace_rows(logits, lengths, found, tok.eos_id)
+        return forced(self.image_decoder, tokens), \
+            forced(self.cross_decoder, cross_memory) if cross_memory is not None else None
 
     def decode_tensors(self, x: np.ndarray, **options: object) -> list[ReadResult]:
         """Preprocessed images -> results."""

@@ -6,18 +6,24 @@ no PyTorch); the backends run the decoder passes.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
+from clip4str.runaway import ctc_greedy
 
-def readings(ids: Sequence[Sequence[int]], lengths: Sequence[int], eos: int) -> list[list[int]]:
-    """Greedy ids of each row cut at its length and at its first EOS."""
+# (decoder input (N, L), the memory row of each input, padding mask (N, L)) -> the image decoder's and the
+# cross-modal decoder's (None without one) teacher-forced logits (N, L, C), as NumPy arrays
+ForcedPass = Callable[[np.ndarray, np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray | None]]
+
+
+def readings(ids: Sequence[Sequence[int]], lengths: Sequence[int], eos: int) -> list[list[int] | None]:
+    """Greedy ids of each row up to its first EOS within its length; None where it has no EOS (a runaway)."""
     out = []
     for row, n in zip(ids, lengths, strict=True):
         row = list(row[:n])
-        out.append(row[:row.index(eos)] if eos in row else row)
+        out.append(row[:row.index(eos)] if eos in row else None)
     return out
 
 
@@ -37,14 +43,15 @@ class Candidates:
         return tgt[:, :-1], tgt[:, 1:]
 
 
-def candidates(finals: list[list[int]], images: list[list[int]], ctcs: list[list[int]], max_chars: int
-               ) -> Candidates:
-    """The rows where the three readings do not all agree. A final reading that is empty or longer than
-    `max_chars` (it never ended: the runaway guard's case) is left as it is; other readings that long are
-    not candidates."""
+def candidates(finals: list[list[int] | None], images: list[list[int] | None], ctcs: list[list[int]],
+               max_chars: int) -> Candidates:
+    """The rows where the three readings do not all agree. A final reading that is empty or never ended (None:
+    the runaway guard's case) is left as it is; readings that never ended or are longer than `max_chars` are not
+    candidates."""
     owner, chars = [], []
     for b, readings_b in enumerate(zip(finals, images, ctcs, strict=True)):
-        distinct = [list(r) for r in dict.fromkeys(tuple(r) for r in readings_b if 0 < len(r) <= max_chars)]
+        kept = (tuple(r) for r in readings_b if r is not None and 0 < len(r) <= max_chars)
+        distinct = [list(r) for r in dict.fromkeys(kept)]
         if len(distinct) > 1 and distinct[0] == finals[b]:
             owner += [b] * len(distinct)
             chars += distinct
@@ -98,3 +105,18 @@ def choose(cands: Candidates, image_logits: np.ndarray, cross_logits: np.ndarray
             length = len(cands.chars[best]) + 1
             found[b] = (cands.chars[best], np.exp(parts[-1][best, :length]).tolist())
     return found
+
+
+def rescore_rows(final: tuple[np.ndarray, np.ndarray], image: tuple[np.ndarray, np.ndarray],
+                 ctc_log_probs: np.ndarray, max_chars: int, bos: int, eos: int, pad: int, forced: ForcedPass
+                 ) -> dict[int, tuple[list[int], list[float]]]:
+    """The whole rescoring of a batch: (greedy ids, lengths) of the final and image-branch readings, the CTC
+    head's (B, W, C) log-probabilities and the backend's teacher-forced pass -> rows to replace (`choose`)."""
+    cands = candidates(readings(final[0].tolist(), final[1].tolist(), eos),
+                       readings(image[0].tolist(), image[1].tolist(), eos),
+                       [chars for chars, _ in ctc_greedy(ctc_log_probs, eos)], max_chars)
+    if not cands.owner:
+        return {}
+    tgt_in, targets = cands.teacher_forcing(bos, eos, pad)
+    image_logits, cross_logits = forced(tgt_in, np.array(cands.owner), (tgt_in == pad) | (tgt_in == eos))
+    return choose(cands, image_logits, cross_logits, ctc_log_probs, targets, eos, pad)

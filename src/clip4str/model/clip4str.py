@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -13,6 +14,7 @@ from clip4str.charset import CharsetAdapter, DecodedText, Tokenizer, changed_row
 from clip4str.model import ctc
 from clip4str.model.config import DECODE_MODES, ModelConfig
 from clip4str.model.decoder import Decoder
+from clip4str.model.greedy import cached_greedy, recomputing_greedy
 from clip4str.model.peft import build_peft
 from clip4str.model.permutations import (
     causal_masks,
@@ -20,13 +22,7 @@ from clip4str.model.permutations import (
     generate_permutations,
     permutation_masks,
 )
-from clip4str.model.static_step import (
-    cloze_pass,
-    compiled_decoding_step,
-    decoding_step,
-    empty_caches,
-    step_tables,
-)
+from clip4str.model.static_step import cloze_pass, step_tables
 from clip4str.model.towers import (
     build_clip,
     clip_bpe_tokenizer,
@@ -205,9 +201,11 @@ class CLIP4STR(nn.Module):
 
         mode: 'ar' (greedy autoregressive) or 'nar' (one pass); refine_iters: cloze refinement passes per
         branch; max_length caps the label length; early_exit stops AR decoding once every row emitted EOS;
-        kv_cache=False recomputes the whole prefix at every AR step (the reference's way; for benchmarks/tests);
+        kv_cache=False recomputes the whole prefix at every AR step and refines without the step tables (the
+        reference's way; for benchmarks/tests);
         guard: rows that run away are read by the CTC head instead, where the model has one (`ctc.guard_runaways`);
-        compiled: the AR step through `torch.compile` (`static_step.compiled_decoding_step`; same results);
+        compiled: the AR step through `torch.compile` (`static_step.compiled_decoding_step`; the same readings,
+        logits within rounding);
         rescore: where the final, image-branch and CTC readings differ, give the one both decoders and the CTC
         head score highest (`clip4str.rescore`; AR mode, models with a CTC head).
         """
@@ -230,22 +228,26 @@ class CLIP4STR(nn.Module):
             cross_logits, cross_len = self._first_pass(self.cross_decoder, cross_kv, steps, mode, early_exit,
                                                        img_len, kv_cache, compiled)
         for _ in range(refine_iters):
-            img_logits, img_len_new = self._refine(self.image_decoder, img_kv, img_logits, img_len, steps)
+            img_logits, img_len_new = self._refine(self.image_decoder, img_kv, img_logits, img_len, steps, kv_cache)
             if self.cross_decoder is not None:
                 previous, captions = captions, self.captions(img_logits)
                 new_mem = self.cross_memory(memory, captions, (previous, cross_mem))
                 if new_mem is not cross_mem:
                     cross_mem, cross_kv = new_mem, self.cross_decoder.memory_kv(new_mem)
-                cross_logits, cross_len = self._refine(self.cross_decoder, cross_kv, cross_logits, cross_len, steps)
+                cross_logits, cross_len = self._refine(self.cross_decoder, cross_kv, cross_logits, cross_len, steps,
+                                                       kv_cache)
             img_len = img_len_new
         logits, lengths = (img_logits, img_len) if self.cross_decoder is None else (cross_logits, cross_len)
-        if rescore and self.ctc_head is not None and mode == "ar":
-            logits, lengths = ctc.joint_rescore((logits, lengths, img_logits, img_len), self.image_decoder, img_kv,
-                                                self.cross_decoder, cross_kv, self.ctc_head, memory,
-                                                self.clip.visual.grid_size, self.tokenizer)
-        if guard and self.ctc_head is not None:
-            logits, lengths = ctc.guard_runaways(logits, lengths, self.ctc_head, memory, self.clip.visual.grid_size,
-                                                 self.tokenizer.eos_id)
+        rescore = rescore and mode == "ar"
+        if self.ctc_head is not None and (guard or rescore):
+            log_probs = ctc.column_log_probs(self.ctc_head, memory, self.clip.visual.grid_size).detach().cpu().numpy()
+            if rescore:
+                cross = None if cross_kv is None else (self.cross_decoder, cross_kv)
+                decoders = [(self.image_decoder, img_kv), cross]
+                logits, lengths = ctc.joint_rescore((logits, lengths, img_logits, img_len), decoders, log_probs, limit,
+                                                    self.tokenizer)
+            if guard:
+                logits, lengths = ctc.guard_runaways(logits, lengths, lambda: log_probs, self.tokenizer.eos_id)
         return DecodeOutput(logits, lengths, img_logits, img_len)
 
     def _first_pass(self, decoder: Decoder, memory: torch.Tensor | list, steps: int, mode: str, early_exit: bool,
@@ -261,10 +263,8 @@ class CLIP4STR(nn.Module):
         # The cross branch decodes as many steps as the image branch took for that row (the reference).
         stops_at_eos = budget is None
         budget = torch.full((b,), steps, device=device) if budget is None else budget
-        if kv_cache:
-            logits = self._cached_pass(decoder, kv, steps, early_exit, budget, compiled)
-        else:
-            logits = self._recomputing_pass(decoder, kv, steps, early_exit, budget)
+        greedy = functools.partial(cached_greedy, compiled=compiled) if kv_cache else recomputing_greedy
+        logits = greedy(decoder, kv, steps, early_exit, budget, self.tokenizer)
         lengths = budget.clamp(max=logits.shape[1])
         if early_exit and stops_at_eos:
             # A row alone stops right after its first EOS: that is its length.
@@ -273,53 +273,8 @@ class CLIP4STR(nn.Module):
             lengths = torch.minimum(lengths, first)
         return logits, lengths
 
-    def _cached_pass(self, decoder: Decoder, kv: list, steps: int, early_exit: bool, budget: torch.Tensor,
-                     compiled: bool) -> torch.Tensor:
-        """Greedy steps with the static step (`static_step`): logits (B, steps taken, C)."""
-        b, device, tok = budget.shape[0], budget.device, self.tokenizer
-        step = compiled_decoding_step(decoder) if compiled else decoding_step
-        tables = step_tables(decoder, steps)
-        caches = empty_caches(decoder, b, steps, kv[0][0])
-        positions = torch.arange(steps, device=device)
-        tokens = torch.full((b,), tok.bos_id, dtype=torch.long, device=device)
-        done, finished, logits = budget <= 0, [], []
-        # Stopping is checked on the host every few steps only where that costs a device sync.
-        check_every = 1 if device.type == "cpu" else 4
-        for i in range(int(budget.max())):
-            out, caches = step(decoder, tokens, positions[i], kv, caches, tables)
-            logits.append(out)
-            tokens = out.argmax(-1)
-            if early_exit:
-                done = done | (tokens == tok.eos_id) | (budget <= i + 1)
-                finished.append(done.all())
-                if (i + 1) % check_every == 0 and bool(finished[-1]):
-                    break
-        logits = torch.stack(logits, dim=1)
-        if early_exit and check_every > 1:  # cut the steps taken after every row was done
-            finished = torch.stack(finished)
-            logits = logits[:, : int(finished.int().argmax()) + 1 if bool(finished.any()) else len(finished)]
-        return logits
-
-    def _recomputing_pass(self, decoder: Decoder, kv: list, steps: int, early_exit: bool, budget: torch.Tensor
-                          ) -> torch.Tensor:
-        """The reference's loop: the whole prefix recomputed at every step (for benchmarks and tests)."""
-        b, tok = budget.shape[0], self.tokenizer
-        tgt = torch.full((b, steps), tok.pad_id, dtype=torch.long, device=budget.device)
-        tgt[:, 0] = tok.bos_id
-        mask, _ = causal_masks(steps, budget.device)
-        logits = []
-        for i in range(int(budget.max())):
-            j = i + 1
-            out = decoder(tgt[:, :j], kv, mask[:j, :j], query_start=i, query_len=1, query_mask=mask[i:j, :j])
-            logits.append(out)
-            if j < steps:
-                tgt[:, j] = out.squeeze(1).argmax(-1)
-                if early_exit and ((tgt == tok.eos_id).any(-1) | (budget <= j)).all():
-                    break
-        return torch.cat(logits, dim=1)
-
     def _refine(self, decoder: Decoder, memory_kv: list, logits: torch.Tensor, lengths: torch.Tensor,
-                steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+                steps: int, tables: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         tok = self.tokenizer
         b, length = logits.shape[:2]
         bos = torch.full((b, 1), tok.bos_id, dtype=torch.long, device=logits.device)
@@ -327,7 +282,7 @@ class CLIP4STR(nn.Module):
         positions = torch.arange(length, device=logits.device)
         padding = ((ctx == tok.eos_id).cumsum(-1) > 0) | (positions[None] >= lengths[:, None])
         query_mask = cloze_query_mask(steps, length, logits.device)
-        if len(decoder.layers) == 1:  # the content stream is never updated: layer 0's tables serve
+        if tables and len(decoder.layers) == 1:  # the content stream is never updated: layer 0's tables serve
             out = cloze_pass(decoder, ctx, query_mask[None] | padding[:, None], memory_kv, step_tables(decoder, steps))
         else:
             content_mask, _ = causal_masks(length, logits.device)

@@ -3,6 +3,9 @@ rescoring (`clip4str.runaway`, `clip4str.rescore`)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -10,7 +13,7 @@ from torch import nn
 from clip4str import rescore
 from clip4str.charset import Tokenizer
 from clip4str.model.permutations import causal_masks
-from clip4str.runaway import ctc_greedy, find_runaways, reading_as_logits
+from clip4str.runaway import find_runaways, reading_as_logits
 
 
 def column_log_probs(head: nn.Linear, memory: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
@@ -32,11 +35,10 @@ def ctc_loss(log_probs: torch.Tensor, tgt: torch.Tensor, tokenizer: Tokenizer) -
 
 
 @torch.no_grad()
-def guard_runaways(logits: torch.Tensor, lengths: torch.Tensor, head: nn.Linear, memory: torch.Tensor,
-                   grid: tuple[int, int], eos: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """`clip4str.runaway.apply_guard` on tensors: runaway rows read by the CTC head instead."""
-    found = find_runaways(logits.argmax(-1).tolist(), lengths.tolist(), eos,
-                          lambda: column_log_probs(head, memory, grid).cpu().numpy(),
+def guard_runaways(logits: torch.Tensor, lengths: torch.Tensor, log_probs: Callable[[], np.ndarray], eos: int
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """`clip4str.runaway.apply_guard` on tensors: runaway rows read by the CTC head (`log_probs()`) instead."""
+    found = find_runaways(logits.argmax(-1).tolist(), lengths.tolist(), eos, log_probs,
                           lambda: logits.float().softmax(-1).cpu().numpy())
     return replace_rows(logits, lengths, found, eos)
 
@@ -56,34 +58,22 @@ def replace_rows(logits: torch.Tensor, lengths: torch.Tensor, found: dict[int, t
     return logits, lengths
 
 
-def teacher_forced_logits(decoder: nn.Module, memory_kv: list, owner: list[int], tgt_in: torch.Tensor,
-                          tokenizer: Tokenizer) -> torch.Tensor:
-    """Left-to-right teacher-forced logits (N, L, C) of decoder inputs `tgt_in`, row n over memory row owner[n]."""
-    index = torch.tensor(owner, device=tgt_in.device)
-    mask, _ = causal_masks(tgt_in.shape[1], tgt_in.device)
-    padding = (tgt_in == tokenizer.pad_id) | (tgt_in == tokenizer.eos_id)
-    kv = [(k[index], v[index]) for k, v in memory_kv]
-    return decoder(tgt_in, kv, mask, padding, query_mask=mask)
-
-
 @torch.no_grad()
-def joint_rescore(out: tuple[torch.Tensor, ...], image_decoder: nn.Module, image_kv: list,
-                  cross_decoder: nn.Module | None, cross_kv: list | None, head: nn.Linear, memory: torch.Tensor,
-                  grid: tuple[int, int], tokenizer: Tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
-    """`clip4str.rescore` on tensors: out = (final logits, lengths, image-branch logits, lengths)."""
+def joint_rescore(out: tuple[torch.Tensor, ...], decoders: list[tuple[nn.Module, list] | None],
+                  log_probs: np.ndarray, max_chars: int, tokenizer: Tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
+    """`clip4str.rescore.rescore_rows` on tensors: out = (final logits, lengths, image-branch logits, lengths);
+    decoders = [(image decoder, its memory keys/values), (cross decoder, its) or None]."""
     logits, lengths, image_logits, image_lengths = out
-    eos = tokenizer.eos_id
-    log_probs = column_log_probs(head, memory, grid).cpu().numpy()
-    max_chars = image_decoder.pos_queries.shape[1] - 1  # the position queries bound a teacher-forced input
-    cands = rescore.candidates(rescore.readings(logits.argmax(-1).tolist(), lengths.tolist(), eos),
-                               rescore.readings(image_logits.argmax(-1).tolist(), image_lengths.tolist(), eos),
-                               [chars for chars, _ in ctc_greedy(log_probs, eos)], max_chars)
-    if not cands.owner:
-        return logits, lengths
-    tgt_in, targets = cands.teacher_forcing(tokenizer.bos_id, eos, tokenizer.pad_id)
-    tgt_in = torch.from_numpy(tgt_in).to(memory.device)
-    image = teacher_forced_logits(image_decoder, image_kv, cands.owner, tgt_in, tokenizer).float().cpu().numpy()
-    cross = None if cross_decoder is None else \
-        teacher_forced_logits(cross_decoder, cross_kv, cands.owner, tgt_in, tokenizer).float().cpu().numpy()
-    found = rescore.choose(cands, image, cross, log_probs, targets, eos, tokenizer.pad_id)
-    return replace_rows(logits, lengths, found, eos)
+
+    def forced(tgt_in: np.ndarray, owner: np.ndarray, padding: np.ndarray) -> tuple:
+        device = logits.device
+        tgt, pad = torch.from_numpy(tgt_in).to(device), torch.from_numpy(padding).to(device)
+        index = torch.from_numpy(owner).to(device)
+        mask, _ = causal_masks(tgt.shape[1], device)
+        return tuple(None if d is None else d[0](tgt, [(k[index], v[index]) for k, v in d[1]], mask, pad,
+                                                  query_mask=mask).float().cpu().numpy() for d in decoders)
+
+    found = rescore.rescore_rows((logits.argmax(-1).cpu().numpy(), lengths.cpu().numpy()),
+                                 (image_logits.argmax(-1).cpu().numpy(), image_lengths.cpu().numpy()), log_probs,
+                                 max_chars, tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id, forced)
+    return replace_rows(logits, lengths, found, tokenizer.eos_id)

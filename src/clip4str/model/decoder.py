@@ -57,8 +57,8 @@ class Attention(nn.Module):
         # Explicit softmax when the weights are wanted (attention maps), and for one query at inference, where
         # the fused kernel's fixed cost (60 us on CPU for 65 keys) is many times the arithmetic.
         if self.record or (q.shape[2] == 1 and not self.training):
-            scores = q @ k.transpose(-1, -2) * self.scale
-            weights = (scores + mask if mask is not None else scores).softmax(-1)
+            scores = (q * self.scale) @ k.transpose(-1, -2)  # scaled first and softmax in fp32, as SDPA does
+            weights = (scores + mask if mask is not None else scores).softmax(-1, dtype=torch.float32).to(v.dtype)
             if self.record:
                 self.weights = weights.mean(1).detach()
             out = weights @ v
@@ -125,6 +125,11 @@ def additive_mask(blocked: torch.Tensor | None, padding: torch.Tensor | None) ->
     return torch.zeros(hidden.shape, device=hidden.device).masked_fill_(hidden, float("-inf"))
 
 
+def _forget_step_tables(module: nn.Module, *_: object) -> None:
+    # `static_step.step_tables` caches tables computed from the weights in the module's __dict__.
+    module.__dict__.pop("_step_tables", None)
+
+
 class Decoder(nn.Module):
     """Decoder stack with position queries, token embedding, final norm and classification head."""
 
@@ -138,6 +143,12 @@ class Decoder(nn.Module):
         self.head = nn.Linear(dim, num_classes)
         self.dropout = nn.Dropout(dropout)
         self._init_weights()
+        self.register_load_state_dict_post_hook(_forget_step_tables)
+
+    def train(self, mode: bool = True) -> Decoder:
+        """Set train/eval mode; decoding's step tables are computed again afterwards."""
+        _forget_step_tables(self)
+        return super().train(mode)
 
     def _init_weights(self) -> None:
         nn.init.trunc_normal_(self.pos_queries, std=0.02)

@@ -39,7 +39,8 @@ def _weights_key(decoder: Decoder, length: int, device: torch.device) -> tuple:
     layer = decoder.layers[0]
     params = (decoder.text_embed.embedding.weight, decoder.pos_queries, layer.norm_c.weight, layer.norm_c.bias,
               layer.norm_q.weight, layer.norm_q.bias, layer.self_attn.in_proj_weight, layer.self_attn.in_proj_bias)
-    # The version counter changes with every in-place update (optimizer steps, load_state_dict).
+    # The version counter changes with every in-place update (optimizer steps, load_state_dict); writes through
+    # `.data` bypass it, so the decoder also drops its tables on load_state_dict and train().
     versions = tuple((p.data_ptr(), p.dtype, p._version if not p.is_inference() else -1) for p in params)
     autocast = torch.is_autocast_enabled(device.type) and torch.get_autocast_dtype(device.type)
     return (length, str(device), autocast, versions)

@@ -134,3 +134,15 @@ def test_a_step_that_cannot_compile_decodes_eagerly_with_one_warning(tiny_overri
     assert len([w for w in caught if "could not compile" in str(w.message)]) == 2  # once per decoder
     with torch.inference_mode():
         _assert_same(got, model.decode(images))
+
+
+@pytest.mark.slow
+def test_serve_with_compile_compiles_before_the_first_request(monkeypatch, capsys):
+    import uvicorn
+
+    from clip4str.cli import main
+
+    started = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: started.append(app))
+    assert main(["serve", "--compile", "--backend", "torch"]) == 0
+    assert started and "compiled the decoding step in" in capsys.readouterr().err

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import copy
 import hashlib
+import sys
 
 
 def _recognizer(args: argparse.Namespace, torch_only: str | None = None):  # noqa: ANN202
@@ -155,7 +156,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from clip4str.serve.app import create_app
 
-    app = create_app(_recognizer(args), max_batch=args.max_batch, max_upload_mb=args.max_upload_mb,
+    rec = _recognizer(args)
+    if getattr(rec, "compiled", False):  # compile before the first request, for one image and for batches
+        import time
+
+        from clip4str.bench import word_image
+
+        t0 = time.perf_counter()
+        rec.read([word_image()])
+        rec.read([word_image()] * 2)
+        print(f"compiled the decoding step in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
+    app = create_app(rec, max_batch=args.max_batch, max_upload_mb=args.max_upload_mb,
                      max_images=args.max_images, max_windows=args.max_windows,
                      max_request_windows=args.max_request_windows, max_queue_windows=args.max_queue_windows)
     uvicorn.run(app, host=args.host, port=args.port, workers=1, log_level="warning")

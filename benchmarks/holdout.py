@@ -47,7 +47,7 @@ def decode_options(spec: str) -> tuple[str, dict]:
     options = {}
     for item in filter(None, opts.split(",")):
         key, _, value = item.partition("=")
-        options[key] = int(value) if value.lstrip("-").isdigit() else value
+        options[key] = int(value) if value.lstrip("-").isdigit() else None if value == "None" else value
     return model, options
 
 

@@ -122,7 +122,8 @@ class BaseRecognizer:
              ) -> list[ReadResult]:
         """Read one image or a list (paths, bytes, PIL images, arrays; any mix); one result per image.
 
-        Options are the decoding options: mode ('ar'|'nar'), refine_iters, max_length, early_exit, guard.
+        Options are the decoding options: mode ('ar'|'nar'), refine_iters, max_length, early_exit, guard, rescore
+        (both backends), compiled (PyTorch).
         """
         items = list(images) if isinstance(images, (list, tuple)) else [images]
         return list(self.iter_read(items, batch_size, **options))

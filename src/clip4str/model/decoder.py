@@ -159,6 +159,12 @@ class Decoder(nn.Module):
             elif isinstance(m, nn.Embedding):
                 nn.init.trunc_normal_(m.weight, std=0.02)
 
+    def content(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Content stream input of `tokens` at content `positions` (broadcast): BOS at 0 is the null context,
+        only the characters after it get a position."""
+        pos = self.pos_queries[0]
+        return self.text_embed(tokens) + torch.cat([torch.zeros_like(pos[:1]), pos[:-1]])[positions]
+
     def memory_kv(self, memory: torch.Tensor) -> list[KV]:
         """Keys and values of the memory for every layer, computed once for many decoding steps."""
         return [layer.cross_attn.project_kv(memory) for layer in self.layers]
@@ -181,10 +187,7 @@ class Decoder(nn.Module):
             query_mask: torch.Tensor | None = None, memory_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Logits for explicit position queries (1 or B, Lq, D); masks as in `forward`."""
         b, length = tgt_in.shape
-        # BOS is the null context: only the characters after it get a position.
-        content = torch.cat([self.text_embed(tgt_in[:, :1]),
-                             self.pos_queries[:, : length - 1] + self.text_embed(tgt_in[:, 1:])], dim=1)
-        content = self.dropout(content)
+        content = self.dropout(self.content(tgt_in, torch.arange(length, device=tgt_in.device)))
         query = self.dropout(query.expand(b, -1, -1))
         q_mask = additive_mask(query_mask, padding_mask)
         c_mask = additive_mask(content_mask, padding_mask) if len(self.layers) > 1 else None

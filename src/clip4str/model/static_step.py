@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from clip4str.model.decoder import KV, Decoder
+from clip4str.model.decoder import KV, Decoder, additive_mask
 
 
 @dataclass
@@ -26,13 +26,6 @@ class StepTables:
     keys: torch.Tensor     # (tokens, T, D)
     values: torch.Tensor   # (tokens, T, D)
     queries: torch.Tensor  # (T, D): the query stream's projected queries
-
-
-def content_embedding(decoder: Decoder, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """Content stream input of `tokens` at `positions` (broadcast): BOS at 0 carries no position."""
-    pos = decoder.pos_queries[0]
-    content_pos = torch.cat([torch.zeros_like(pos[:1]), pos[:-1]])
-    return decoder.text_embed(tokens) + content_pos[positions]
 
 
 def _weights_key(decoder: Decoder, length: int, device: torch.device) -> tuple:
@@ -57,7 +50,7 @@ def step_tables(decoder: Decoder, length: int) -> StepTables:
     layer = decoder.layers[0]
     tokens = torch.arange(decoder.text_embed.embedding.num_embeddings, device=device)
     positions = torch.arange(length, device=device)
-    content = content_embedding(decoder, tokens[:, None], positions[None])
+    content = decoder.content(tokens[:, None], positions[None])
     k, v = (x.transpose(1, 2).flatten(2) for x in layer.self_attn.project_kv(layer.norm_c(content)))
     # clone: a view of a parameter as a module input trips module hooks under inference_mode (FlopCounterMode)
     q = layer.self_attn.query_heads(layer.norm_q(decoder.pos_queries[:, :length].clone()))
@@ -83,10 +76,10 @@ def decoding_step(decoder: Decoder, tokens: torch.Tensor, position: torch.Tensor
     """
     batch, length = tokens.shape[0], caches[0][0].shape[2]
     hidden = torch.arange(length, device=tokens.device) > position
-    mask = torch.zeros(hidden.shape, device=tokens.device).masked_fill(hidden, float("-inf")).view(1, 1, 1, -1)
+    mask = additive_mask(hidden[None], None)
     at = position.view(1)
     query = decoder.pos_queries[0, position].view(1, 1, -1).expand(batch, 1, -1)
-    content = content_embedding(decoder, tokens[:, None], position) if len(decoder.layers) > 1 else None
+    content = decoder.content(tokens[:, None], position) if len(decoder.layers) > 1 else None
     last = len(decoder.layers) - 1
     new_caches = []
     for i, layer in enumerate(decoder.layers):
@@ -95,13 +88,15 @@ def decoding_step(decoder: Decoder, tokens: torch.Tensor, position: torch.Tensor
             k, v = (attn._heads(t[tokens, position].unsqueeze(1)) for t in (tables.keys, tables.values))
             q = attn._heads(tables.queries[position].view(1, 1, -1)).expand(batch, -1, -1, -1)
         else:
-            k, v = attn.project_kv(layer.norm_c(content))
+            content_norm = layer.norm_c(content)
+            k, v = attn.project_kv(content_norm)
             q = attn.query_heads(layer.norm_q(query))
         k_cache, v_cache = caches[i][0].index_copy(2, at, k.to(caches[i][0].dtype)), \
             caches[i][1].index_copy(2, at, v.to(caches[i][1].dtype))
         new_caches.append((k_cache, v_cache))
         if i < last:
-            content_norm = layer.norm_c(content)
+            if i == 0:  # layer 0's keys and values came from the tables
+                content_norm = layer.norm_c(content)
             content = layer.finish(content + attn(content_norm, (k_cache, v_cache), mask), memory[i])
         query = layer.finish(query + attn.attend(q, k_cache, v_cache, mask), memory[i])
     return decoder.head(decoder.norm(query))[:, 0], new_caches

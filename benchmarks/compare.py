@@ -32,8 +32,8 @@ Reader = Callable[[Image.Image], str]
 HEADER = "| method | accuracy | 1 - NED | median ms/crop |\n|:--|--:|--:|--:|"
 
 
-def clip4str_reader(model: str | None, precision: str = "fp32", compiled: bool = False, rescore: bool = True
-                    ) -> Reader:
+def clip4str_reader(model: str | None, precision: str = "fp32", compiled: bool = False, rescore: bool = True,
+                    draft: bool = True) -> Reader:
     """Batch-1 reading with the clip4str Recognizer (built-in model unless --model); a compiled one is warmed up
     on a rendered word first, so compilation is not timed."""
     from clip4str.bench import word_image
@@ -41,7 +41,7 @@ def clip4str_reader(model: str | None, precision: str = "fp32", compiled: bool =
 
     rec = Recognizer.from_pretrained(model, precision=precision, compiled=compiled)
     rec.read(word_image())
-    return lambda img: rec.read(img, rescore=rescore)[0].text
+    return lambda img: rec.read(img, rescore=rescore, draft=draft)[0].text
 
 
 def tesseract_reader() -> Reader | None:
@@ -81,16 +81,18 @@ def main() -> None:
     ap.add_argument("--model", help="clip4str checkpoint folder (default: the built-in model)")
     ap.add_argument("--peers", nargs="+", default=["clip4str", "tesseract", "rapidocr"])
     ap.add_argument("--limit", type=int, help="at most N crops per dataset (evenly spaced)")
-    ap.add_argument("--clip4str-variants", nargs="+", default=["fp32"], metavar="PRECISION[-compiled][-norescore]",
+    ap.add_argument("--clip4str-variants", nargs="+", default=["fp32"],
+                    metavar="PRECISION[-compiled][-norescore][-nodraft]",
                     help="clip4str configurations, each a row: fp32, bf16 or fp16, optionally -compiled (the decoding "
-                    "step through torch.compile) and -norescore (no joint rescoring)")
+                    "step through torch.compile), -norescore (no joint rescoring) and -nodraft (a step per character "
+                    "instead of checking a draft)")
     args = ap.parse_args()
     charset = CHARSETS["36"]
     makers = {"tesseract": tesseract_reader, "rapidocr": rapidocr_reader}
     for variant in args.clip4str_variants:
         precision, *flags = variant.split("-")
-        makers[f"clip4str {variant}"] = lambda p=precision, f=flags: clip4str_reader(args.model, p, "compiled" in f,
-                                                                                    "norescore" not in f)
+        makers[f"clip4str {variant}"] = lambda p=precision, f=flags: clip4str_reader(
+            args.model, p, "compiled" in f, "norescore" not in f, "nodraft" not in f)
     readers: dict[str, Reader] = {}
     for peer in args.peers:
         for name in [m for m in makers if m.split()[0] == peer]:

@@ -9,6 +9,11 @@ With --before, each source tree is measured in its own child process, alternatin
 shows medians. Step time = (26-step decode - 6-step decode) / 40 with refinement off (both branches step);
 random weights never emit EOS, so every step is taken. "5-letter read" = max_length 5 with the model's
 refinement; "full decode / encoder" = the default 26-step decoding over the image encoder's time alone.
+
+    python benchmarks/decoding.py --presets builtin --crops ../shared/realdata --before ../old/src
+
+"builtin" measures the built-in model of each tree as users run it (default decoding, fp32 and bf16): whole
+batch-1 reads of examples/hello.png and the median batch-1 read over --limit real crops.
 """
 
 from __future__ import annotations
@@ -68,6 +73,34 @@ def child(preset: str, threads: int, repeats: int) -> dict:
     return out
 
 
+def child_builtin(threads: int, repeats: int, crops: str | None, limit: int) -> dict:
+    """The built-in model of the clip4str on sys.path: encoder and whole batch-1 reads of examples/hello.png,
+    and the median batch-1 read over `limit` crops of a labels.tsv folder (fp32 and bf16)."""
+    import torch
+    from PIL import Image
+
+    from clip4str.inference import Recognizer
+
+    torch.set_num_threads(threads)
+    hello = Image.open(Path(__file__).resolve().parents[1] / "examples" / "hello.png").convert("RGB")
+    paths = []
+    if crops:
+        rows = [line.split("\t")[0] for line in (Path(crops) / "labels.tsv").read_text().splitlines()[1:]]
+        paths = [Path(crops) / rows[int(i * len(rows) / limit)] for i in range(min(limit, len(rows)))]
+    out = {}
+    for precision in ("fp32", "bf16"):
+        rec = Recognizer.from_pretrained(precision=precision)
+        x = rec.preprocess([hello])
+        with torch.inference_mode(), rec.autocast():
+            out[f"{precision}: encoder ms"] = _median_ms(lambda r=rec, x=x: r.model.encode_image(x), repeats)
+        out[f"{precision}: hello read ms"] = _median_ms(lambda r=rec, x=x: r.decode_tensors(x), repeats)
+        if paths:
+            inputs = [rec.preprocess([Image.open(p).convert("RGB")]) for p in paths]
+            out[f"{precision}: real crop median ms"] = statistics.median(
+                _median_ms(lambda r=rec, c=c: r.decode_tensors(c), 1) for c in inputs)
+    return out
+
+
 def main() -> None:
     """Print the table."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -76,10 +109,14 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--rounds", type=int, default=3, help="alternating child runs per source tree")
     ap.add_argument("--before", type=Path, help="an older checkout's src/ folder, measured in the same run")
+    ap.add_argument("--crops", help="with preset 'builtin': a labels.tsv folder of real crops to time reads on")
+    ap.add_argument("--limit", type=int, default=300, help="crops of --crops timed (evenly spaced)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        print(json.dumps(child(args.child, args.threads, args.repeats)))
+        result = child_builtin(args.threads, args.repeats, args.crops, args.limit) if args.child == "builtin" \
+            else child(args.child, args.threads, args.repeats)
+        print(json.dumps(result))
         return
     trees = {"now": Path(__file__).resolve().parents[1] / "src"}
     if args.before:
@@ -91,9 +128,10 @@ def main() -> None:
         for _ in range(args.rounds):
             for tree, src in trees.items():
                 env = {**os.environ, "PYTHONPATH": str(src)}
+                crops = ["--crops", args.crops, "--limit", str(args.limit)] if args.crops else []
                 done = subprocess.run([sys.executable, __file__, "--child", preset, "--threads", str(args.threads),
-                                       "--repeats", str(args.repeats)], env=env, capture_output=True, text=True,
-                                      check=True)
+                                       "--repeats", str(args.repeats), *crops], env=env, capture_output=True,
+                                      text=True, check=True)
                 runs[tree].append(json.loads(done.stdout.strip().splitlines()[-1]))
         keys = list(dict.fromkeys(k for r in runs.values() for k in r[0]))
         for key in keys:

@@ -29,6 +29,25 @@ def labelled_folder(root: Path, words: list[str]) -> Path:
     return root
 
 
+def reading_stops(logits: torch.Tensor, lengths: torch.Tensor, eos: int) -> list[int]:
+    """Where each row's reading ends: its first EOS within its length (included), else its length."""
+    is_eos = logits.argmax(-1) == eos
+    first = torch.where(is_eos.any(-1), is_eos.int().argmax(-1) + 1, logits.shape[1])
+    return torch.minimum(first, lengths.to(first)).tolist()
+
+
+def assert_same_decoding(a, b, eos: int, atol: float = 1e-4) -> None:  # noqa: ANN001 - two DecodeOutputs
+    """Two decodings give the same readings: for the final and the image branch's logits, each row ends at the
+    same position and its logits agree up to there (positions after a reading's end are never read)."""
+    for (la, na), (lb, nb) in [((a.logits, a.lengths), (b.logits, b.lengths)),
+                               ((a.image_logits, a.image_lengths), (b.image_logits, b.image_lengths))]:
+        stops = reading_stops(la, na, eos)
+        assert stops == reading_stops(lb, nb, eos)
+        for row, stop in enumerate(stops):
+            assert la[row, :stop].argmax(-1).tolist() == lb[row, :stop].argmax(-1).tolist()
+            torch.testing.assert_close(la[row, :stop], lb[row, :stop], atol=atol, rtol=0)
+
+
 @pytest.fixture
 def parity_dir() -> Path:
     """The authors' parity fixture; tests using it skip where ../shared is absent."""

@@ -67,14 +67,21 @@ def test_clip_tokenizer_and_text_features(fixture):
 
 
 def test_final_logits_each_image_alone_and_batched(fixture):
+    """The final logits up to each reading's end (refinement skips the queries past every reading's EOS; the
+    full-width logits are compared in the fixed-length test below)."""
+    from conftest import reading_stops
+
     model, inputs, out, expected, _ = fixture
-    x = inputs["pixel_values"]
+    x, theirs = inputs["pixel_values"], out["final_logits_bs1"]
+    stops = reading_stops(theirs, torch.full((len(x),), theirs.shape[1]), model.tokenizer.eos_id)
     with torch.inference_mode():
         batch = model.decode(x)
-        for i in range(len(x)):
+        assert reading_stops(batch.logits, batch.lengths, model.tokenizer.eos_id) == stops
+        for i, stop in enumerate(stops):
             alone = model.decode(x[i:i + 1])
-            torch.testing.assert_close(alone.logits[0], out["final_logits_bs1"][i], atol=ATOL, rtol=0)
-        torch.testing.assert_close(batch.logits, out["final_logits_bs1"], atol=ATOL, rtol=0)
+            assert reading_stops(alone.logits, alone.lengths, model.tokenizer.eos_id) == [stop]
+            torch.testing.assert_close(alone.logits[0, :stop], theirs[i, :stop], atol=ATOL, rtol=0)
+            torch.testing.assert_close(batch.logits[i, :stop], theirs[i, :stop], atol=ATOL, rtol=0)
         texts = [r.text for r in model.read(x)]
     assert texts == expected["final_strings_bs1"]
 

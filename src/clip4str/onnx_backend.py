@@ -16,6 +16,7 @@ import numpy as np
 from clip4str.bpe import VOCAB_NAME, BPETokenizer
 from clip4str.charset import CharsetAdapter, Tokenizer, changed_rows
 from clip4str.data.transforms import ImageInput, preprocess_array
+from clip4str.draft import ctc_drafts, settle
 from clip4str.reading import BaseRecognizer, ReadResult
 from clip4str.rescore import rescore_rows
 from clip4str.runaway import apply_guard, replace_rows, softmax
@@ -105,7 +106,7 @@ class OnnxRecognizer(BaseRecognizer):
 
     # -- decoding (mirrors CLIP4STR.decode) ------------------------------------------------------------------
     def _first_pass(self, decoder, memory: np.ndarray, steps: int, mode: str, early_exit: bool,
-                    budget: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+                    budget: np.ndarray | None, draft: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         b, tok = memory.shape[0], self.tokenizer
         if mode == "nar":
             bos = np.full((b, 1), tok.bos_id, dtype=np.int64)
@@ -116,8 +117,20 @@ class OnnxRecognizer(BaseRecognizer):
         tgt = np.full((b, steps), tok.pad_id, dtype=np.int64)
         tgt[:, 0] = tok.bos_id
         mask = _causal(steps)
-        logits = []
-        for i in range(int(budget.max())):
+        logits, start = [], 0
+        if draft is not None and early_exit and budget.max() > 0:  # `clip4str.draft`
+            draft = draft[:, :int(budget.max())]
+            n = draft.shape[1]
+            tgt[:, 1:n] = draft[:, :-1]
+            checked = self._step(decoder, tgt[:, :n], memory, np.arange(n), mask[:n, :n])
+            settled = settle(checked.argmax(-1), draft, budget, tok.eos_id)
+            start = settled.width
+            logits.append(checked[:, :start])
+            tgt[:, 1:] = tok.pad_id  # the early exit below looks for EOS in all of tgt: no draft tokens left in it
+            tgt[:, 1:start + 1] = checked[:, :start].argmax(-1)[:, :steps - 1]
+            if settled.finished:
+                start = steps
+        for i in range(start, int(budget.max())):
             j = i + 1
             out = self._step(decoder, tgt[:, :j], memory, np.array([i]), mask[i:j, :j])
             logits.append(out)
@@ -142,23 +155,35 @@ class OnnxRecognizer(BaseRecognizer):
         query_mask = np.zeros((steps, length), dtype=bool)
         idx = np.arange(min(steps, length - 1))
         query_mask[idx, idx + 1] = True
-        return self._step(decoder, ctx, memory, np.arange(steps), query_mask, padding), np.full(b, steps)
+        # The queries past every row's first EOS are computed only if a row has none before them (as in torch).
+        width = min(steps, length + 1)
+        out = self._step(decoder, ctx, memory, np.arange(width), query_mask[:width], padding)
+        if width < steps and not (out.argmax(-1) == tok.eos_id).any(-1).all():
+            rest = self._step(decoder, ctx, memory, np.arange(width, steps), query_mask[width:], padding)
+            out = np.concatenate([out, rest], axis=1)
+        return out, np.full(b, out.shape[1])
 
     def decode(self, x: np.ndarray, mode: str | None = None, refine_iters: int | None = None,
-               max_length: int | None = None, early_exit: bool = True, guard: bool = True, rescore: bool = True
-               ) -> tuple[np.ndarray, np.ndarray]:
-        """Final logits and valid lengths for preprocessed images."""
+               max_length: int | None = None, early_exit: bool = True, guard: bool = True, rescore: bool = True,
+               draft: bool = True) -> tuple[np.ndarray, np.ndarray]:
+        """Final logits and valid lengths for preprocessed images (options as `CLIP4STR.decode`'s)."""
         mode = mode or self.cfg["decode_mode"]
         refine_iters = self.cfg["refine_iters"] if refine_iters is None else refine_iters
         limit = self.cfg["max_label_length"] if max_length is None else min(max_length, self.cfg["max_label_length"])
         steps = limit + 1
+        rescore, draft = rescore and mode == "ar", draft and mode == "ar"
         tokens = self.image_encoder.run(None, {"images": x.astype(np.float32)})[0]
-        img, img_len = self._first_pass(self.image_decoder, tokens, steps, mode, early_exit, None)
+        ctc_log_probs = None
+        if self.ctc_head is not None and (guard or rescore or draft):
+            ctc_log_probs = self.ctc_head.run(None, {"image_tokens": tokens})[0]
+        img_draft = ctc_drafts(ctc_log_probs, self.tokenizer.eos_id) if draft and ctc_log_probs is not None else None
+        img, img_len = self._first_pass(self.image_decoder, tokens, steps, mode, early_exit, None, img_draft)
         cross = cross_len = None
         if self.cross:
             captions = self._captions(img, img_len)
             mem = self._cross_memory(tokens, captions)
-            cross, cross_len = self._first_pass(self.cross_decoder, mem, steps, mode, early_exit, img_len)
+            cross, cross_len = self._first_pass(self.cross_decoder, mem, steps, mode, early_exit, img_len,
+                                                img.argmax(-1) if draft else None)
         for _ in range(refine_iters):
             img, img_len_new = self._refine(self.image_decoder, tokens, img, img_len, steps)
             if self.cross:
@@ -167,9 +192,8 @@ class OnnxRecognizer(BaseRecognizer):
                 cross, cross_len = self._refine(self.cross_decoder, mem, cross, cross_len, steps)
             img_len = img_len_new
         logits, lengths = (cross, cross_len) if self.cross else (img, img_len)
-        if self.ctc_head is not None and (guard or (rescore and mode == "ar")):
-            ctc_log_probs = self.ctc_head.run(None, {"image_tokens": tokens})[0]
-            if rescore and mode == "ar":
+        if ctc_log_probs is not None and (guard or rescore):
+            if rescore:
                 found = rescore_rows((logits.argmax(-1), lengths), (img.argmax(-1), img_len), ctc_log_probs, limit,
                                      self.tokenizer.bos_id, self.tokenizer.eos_id, self.tokenizer.pad_id,
                                      lambda tgt, owner, padding: self._forced(tgt, owner, padding, tokens,

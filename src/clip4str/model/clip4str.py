@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from clip4str.charset import CharsetAdapter, DecodedText, Tokenizer, changed_rows
+from clip4str.draft import ctc_drafts
 from clip4str.model import ctc
 from clip4str.model.config import DECODE_MODES, ModelConfig
 from clip4str.model.decoder import Decoder
@@ -196,7 +197,8 @@ class CLIP4STR(nn.Module):
     # -- decoding -------------------------------------------------------------------------------------
     def decode(self, images: torch.Tensor, mode: str | None = None, refine_iters: int | None = None,
                max_length: int | None = None, early_exit: bool = True, kv_cache: bool = True,
-               guard: bool = True, compiled: bool = False, rescore: bool = True) -> DecodeOutput:
+               guard: bool = True, compiled: bool = False, rescore: bool = True, draft: bool = True
+               ) -> DecodeOutput:
         """Predict logits for preprocessed images; every row is decoded as if it were alone in the batch.
 
         mode: 'ar' (greedy autoregressive) or 'nar' (one pass); refine_iters: cloze refinement passes per
@@ -207,7 +209,10 @@ class CLIP4STR(nn.Module):
         compiled: the AR step through `torch.compile` (`static_step.compiled_decoding_step`; the same readings,
         logits within rounding);
         rescore: where the final, image-branch and CTC readings differ, give the one both decoders and the CTC
-        head score highest (`clip4str.rescore`; AR mode, models with a CTC head).
+        head score highest (`clip4str.rescore`; AR mode, models with a CTC head);
+        draft: AR decoding of one-layer decoders checks a draft in one pass and steps only from where it is wrong
+        (the CTC reading for the image branch, the image branch's for the cross branch; `greedy.check_draft`):
+        the same readings, a pass instead of a step per character where the draft is right.
         """
         mode = self.config.decode_mode if mode is None else mode
         refine_iters = self.config.refine_iters if refine_iters is None else refine_iters
@@ -216,17 +221,26 @@ class CLIP4STR(nn.Module):
         limit = self.config.max_label_length if max_length is None else min(max_length, self.config.max_label_length)
         steps = limit + 1
         memory = self.encode_image(images)
+        rescore = rescore and mode == "ar"
+        draft = draft and mode == "ar" and kv_cache
+        log_probs = None
+        if self.ctc_head is not None and (guard or rescore or draft):
+            log_probs = ctc.column_log_probs(self.ctc_head, memory, self.clip.visual.grid_size).detach().cpu().numpy()
         # Keys and values of a memory are projected once per decoder and reused by its passes.
         img_kv = self.image_decoder.memory_kv(memory)
+        img_draft = None
+        if draft and log_probs is not None:
+            img_draft = torch.from_numpy(ctc_drafts(log_probs, self.tokenizer.eos_id)).to(memory.device)
         img_logits, img_len = self._first_pass(self.image_decoder, img_kv, steps, mode, early_exit, None, kv_cache,
-                                               compiled)
+                                               compiled, img_draft)
         cross_mem = cross_kv = cross_logits = cross_len = None
         if self.cross_decoder is not None:
             captions = self.captions(img_logits, img_len)
             cross_mem = self.cross_memory(memory, captions)
             cross_kv = self.cross_decoder.memory_kv(cross_mem)
             cross_logits, cross_len = self._first_pass(self.cross_decoder, cross_kv, steps, mode, early_exit,
-                                                       img_len, kv_cache, compiled)
+                                                       img_len, kv_cache, compiled,
+                                                       img_logits.argmax(-1) if draft else None)
         for _ in range(refine_iters):
             img_logits, img_len_new = self._refine(self.image_decoder, img_kv, img_logits, img_len, steps, kv_cache)
             if self.cross_decoder is not None:
@@ -238,9 +252,7 @@ class CLIP4STR(nn.Module):
                                                        kv_cache)
             img_len = img_len_new
         logits, lengths = (img_logits, img_len) if self.cross_decoder is None else (cross_logits, cross_len)
-        rescore = rescore and mode == "ar"
-        if self.ctc_head is not None and (guard or rescore):
-            log_probs = ctc.column_log_probs(self.ctc_head, memory, self.clip.visual.grid_size).detach().cpu().numpy()
+        if log_probs is not None and (guard or rescore):
             if rescore:
                 cross = None if cross_kv is None else (self.cross_decoder, cross_kv)
                 decoders = [(self.image_decoder, img_kv), cross]
@@ -251,9 +263,10 @@ class CLIP4STR(nn.Module):
         return DecodeOutput(logits, lengths, img_logits, img_len)
 
     def _first_pass(self, decoder: Decoder, memory: torch.Tensor | list, steps: int, mode: str, early_exit: bool,
-                    budget: torch.Tensor | None, kv_cache: bool = True, compiled: bool = False
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Greedy (AR) or one-pass (NAR) logits and lengths over `memory` (tokens, or `decoder.memory_kv`'s)."""
+                    budget: torch.Tensor | None, kv_cache: bool = True, compiled: bool = False,
+                    draft: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Greedy (AR) or one-pass (NAR) logits and lengths over `memory` (tokens, or `decoder.memory_kv`'s);
+        `draft` as `greedy.cached_greedy`'s."""
         kv = decoder.memory_kv(memory) if isinstance(memory, torch.Tensor) else memory
         b, device = kv[0][0].shape[0], kv[0][0].device
         tok = self.tokenizer
@@ -263,7 +276,7 @@ class CLIP4STR(nn.Module):
         # The cross branch decodes as many steps as the image branch took for that row (the reference).
         stops_at_eos = budget is None
         budget = torch.full((b,), steps, device=device) if budget is None else budget
-        greedy = functools.partial(cached_greedy, compiled=compiled) if kv_cache else recomputing_greedy
+        greedy = functools.partial(cached_greedy, compiled=compiled, draft=draft) if kv_cache else recomputing_greedy
         logits = greedy(decoder, kv, steps, early_exit, budget, self.tokenizer)
         lengths = budget.clamp(max=logits.shape[1])
         if early_exit and stops_at_eos:
@@ -283,11 +296,17 @@ class CLIP4STR(nn.Module):
         padding = ((ctx == tok.eos_id).cumsum(-1) > 0) | (positions[None] >= lengths[:, None])
         query_mask = cloze_query_mask(steps, length, logits.device)
         if tables and len(decoder.layers) == 1:  # the content stream is never updated: layer 0's tables serve
-            out = cloze_pass(decoder, ctx, query_mask[None] | padding[:, None], memory_kv, step_tables(decoder, steps))
+            hidden, tables = query_mask[None] | padding[:, None], step_tables(decoder, steps)
+            # Its queries are independent: those past every row's first EOS are computed only if a row has none
+            # before them (the positions after a reading's EOS are never read).
+            width = min(steps, length + 1)
+            out = cloze_pass(decoder, ctx, hidden[:, :width], memory_kv, tables)
+            if width < steps and not bool((out.argmax(-1) == tok.eos_id).any(-1).all()):
+                out = torch.cat([out, cloze_pass(decoder, ctx, hidden[:, width:], memory_kv, tables, width)], dim=1)
         else:
             content_mask, _ = causal_masks(length, logits.device)
             out = decoder(ctx, memory_kv, content_mask, padding, query_len=steps, query_mask=query_mask)
-        return out, torch.full((b,), steps, device=logits.device)
+        return out, torch.full((b,), out.shape[1], device=logits.device)
 
     @torch.inference_mode()
     def read(self, images: torch.Tensor, **decode_options: object) -> list[DecodedText]:

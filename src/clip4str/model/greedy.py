@@ -1,42 +1,91 @@
-"""Greedy autoregressive decoding loops of one decoder: the static step's (the default) and the reference's."""
+"""Greedy autoregressive decoding loops of one decoder: the static step's (the default, optionally starting from
+a checked draft) and the reference's."""
 
 from __future__ import annotations
 
 import torch
 
 from clip4str.charset import Tokenizer
-from clip4str.model.decoder import Decoder
+from clip4str.draft import Settled, settle
+from clip4str.model.decoder import KV, Decoder
 from clip4str.model.permutations import causal_masks
-from clip4str.model.static_step import compiled_decoding_step, decoding_step, empty_caches, step_tables
+from clip4str.model.static_step import (
+    StepTables,
+    cloze_pass,
+    compiled_decoding_step,
+    decoding_step,
+    empty_caches,
+    step_tables,
+)
+
+
+def check_draft(decoder: Decoder, kv: list[KV], draft: torch.Tensor, budget: torch.Tensor, tables: StepTables,
+                bos: int, eos: int) -> tuple[torch.Tensor, Settled]:
+    """Logits (B, width, C) of a draft (B, n) of next tokens scored in one pass, and what they settle
+    (`clip4str.draft.settle`)."""
+    b, n = draft.shape
+    context = torch.cat([torch.full((b, 1), bos, dtype=draft.dtype, device=draft.device), draft[:, :-1]], dim=1)
+    causal = torch.ones(n, n, dtype=torch.bool, device=draft.device).triu(1)
+    logits = cloze_pass(decoder, context, causal.expand(b, n, n), kv, tables)
+    settled = settle(logits.argmax(-1).cpu().numpy(), draft.cpu().numpy(), budget.cpu().numpy(), eos)
+    return logits[:, :settled.width], settled
+
+
+def _prefill(decoder: Decoder, caches: list[KV], draft: torch.Tensor, start: int, tables: StepTables, bos: int
+             ) -> list[KV]:
+    """A one-layer decoder's caches with the keys and values of content positions [0, start) of the draft."""
+    b = draft.shape[0]
+    context = torch.cat([torch.full((b, 1), bos, dtype=draft.dtype, device=draft.device), draft[:, :start - 1]], 1)
+    positions = torch.arange(start, device=draft.device)
+    attn = decoder.layers[0].self_attn
+    k, v = (attn._heads(t[context, positions]) for t in (tables.keys, tables.values))
+    (k_cache, v_cache), = caches
+    return [(k_cache.index_copy(2, positions, k.to(k_cache.dtype)), v_cache.index_copy(2, positions,
+                                                                                       v.to(v_cache.dtype)))]
 
 
 def cached_greedy(decoder: Decoder, kv: list, steps: int, early_exit: bool, budget: torch.Tensor,
-                  tokenizer: Tokenizer, compiled: bool = False) -> torch.Tensor:
+                  tokenizer: Tokenizer, compiled: bool = False, draft: torch.Tensor | None = None) -> torch.Tensor:
     """Greedy logits (B, steps taken, C) over memory keys/values `kv`, with the static step (`static_step`); row b
-    takes at most budget[b] steps."""
+    takes at most budget[b] steps.
+
+    draft (B, n): guessed next tokens (EOS-terminated). A one-layer decoder checks them in one pass
+    (`check_draft`, `clip4str.draft`) and steps only from the first position where a row was wrong; the logits
+    up to each row's stop are greedy decoding's (within rounding), those after it are unspecified.
+    """
     b, device, tok = budget.shape[0], budget.device, tokenizer
     step = compiled_decoding_step(decoder) if compiled else decoding_step
     tables = step_tables(decoder, steps)
     caches = empty_caches(decoder, b, steps, kv[0][0])
     positions = torch.arange(steps, device=device)
     tokens = torch.full((b,), tok.bos_id, dtype=torch.long, device=device)
-    done, finished, logits = budget <= 0, [], []
+    done, start, settled = budget <= 0, 0, None
+    limit = int(budget.max())
+    if draft is not None and early_exit and len(decoder.layers) == 1 and limit > 0:
+        draft = draft[:, :limit].to(device)
+        settled, checked = check_draft(decoder, kv, draft, budget, tables, tok.bos_id, tok.eos_id)
+        if checked.finished:
+            return settled
+        start, done = checked.width, torch.from_numpy(checked.done).to(device)
+        caches = _prefill(decoder, caches, draft, start, tables, tok.bos_id)
+        tokens = settled[:, -1].argmax(-1)
+    finished, logits = [], []
     # Stopping is checked on the host every few steps only where that costs a device sync.
     check_every = 1 if device.type == "cpu" else 4
-    for i in range(int(budget.max())):
+    for i in range(start, limit):
         out, caches = step(decoder, tokens, positions[i], kv, caches, tables)
         logits.append(out)
         tokens = out.argmax(-1)
         if early_exit:
             done = done | (tokens == tok.eos_id) | (budget <= i + 1)
             finished.append(done.all())
-            if (i + 1) % check_every == 0 and bool(finished[-1]):
+            if (i + 1 - start) % check_every == 0 and bool(finished[-1]):
                 break
     logits = torch.stack(logits, dim=1)
     if early_exit and check_every > 1:  # cut the steps taken after every row was done
         finished = torch.stack(finished)
         logits = logits[:, : int(finished.int().argmax()) + 1 if bool(finished.any()) else len(finished)]
-    return logits
+    return logits if settled is None else torch.cat([settled.to(logits.dtype), logits], dim=1)
 
 
 def recomputing_greedy(decoder: Decoder, kv: list, steps: int, early_exit: bool, budget: torch.Tensor,

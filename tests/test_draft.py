@@ -1,0 +1,135 @@
+"""Drafted greedy decoding: a draft checked in one pass gives greedy decoding's logits, right or wrong."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from clip4str import create_model
+from clip4str.inference import Recognizer
+from clip4str.model import greedy
+from clip4str.model.greedy import cached_greedy
+from conftest import reading_stops
+
+HELLO = Path(__file__).parents[1] / "examples" / "hello.png"
+STEP = greedy.decoding_step
+
+
+def _setup(tiny_overrides):
+    model = create_model("tiny", **tiny_overrides).eval()
+    decoder = model.image_decoder
+    images = torch.randn(4, 3, *model.config.image_size, generator=torch.Generator().manual_seed(1))
+    kv = decoder.memory_kv(model.encode_image(images))
+    return model, decoder, kv
+
+
+def _drafts(reference, eos):
+    classes = reference.shape[-1]
+    assert eos == 0, "other characters are 1 .. classes - 1 below"
+
+    def other_char(x, k):
+        return 1 + (x + k - 1) % (classes - 1)
+
+    right = reference.argmax(-1)
+    wrong_early = right.clone()
+    wrong_early[:, 1] = other_char(wrong_early[:, 1], 1)
+    wrong_late = right.clone()
+    wrong_late[0, -2] = other_char(wrong_late[0, -2], 3)
+    empty = torch.full((right.shape[0], 1), eos)
+    longer = torch.cat([right, torch.randint(1, classes, (right.shape[0], 9))], dim=1)
+    return {"right": right, "wrong at 1": wrong_early, "wrong late in row 0": wrong_late, "empty": empty,
+            "longer": longer}
+
+
+def test_a_draft_gives_greedy_logits_up_to_each_rows_stop(tiny_overrides, monkeypatch):
+    model, decoder, kv = _setup(tiny_overrides)
+    tok, steps = model.tokenizer, 26
+    budget = torch.tensor([26, 4, 11, 26])
+    calls = []
+
+    def counting_step(*args):
+        calls.append(1)
+        return STEP(*args)
+
+    monkeypatch.setattr(greedy, "decoding_step", counting_step)
+    with torch.inference_mode():
+        reference = cached_greedy(decoder, kv, steps, True, budget, tok)
+        sequential_steps = len(calls)
+        stops = reading_stops(reference, budget, tok.eos_id)
+        ended = (reference.argmax(-1) == tok.eos_id).any(-1).tolist()
+        assert stops == [7, 4, 7, 26] and ended == [True, False, True, False], "rows that end by EOS and by budget"
+        for name, draft in _drafts(reference, tok.eos_id).items():
+            calls.clear()
+            out = cached_greedy(decoder, kv, steps, True, budget, tok, draft=draft)
+            assert out.shape == reference.shape, name
+            for b, stop in enumerate(stops):
+                assert out[b, :stop].argmax(-1).tolist() == reference[b, :stop].argmax(-1).tolist(), name
+                torch.testing.assert_close(out[b, :stop], reference[b, :stop], atol=1e-5, rtol=0, msg=name)
+            if name in ("right", "longer"):
+                assert calls == [], f"{name}: a right draft needs no step"
+            if name == "wrong at 1":
+                assert 0 < len(calls) <= sequential_steps - 1, name
+
+
+def test_drafts_are_ignored_where_they_cannot_apply(tiny_overrides):
+    model = create_model("tiny", decoder_depth=2, **tiny_overrides).eval()
+    images = torch.randn(2, 3, *model.config.image_size, generator=torch.Generator().manual_seed(2))
+    with torch.inference_mode():
+        for options in ({}, {"early_exit": False, "max_length": 6}, {"mode": "nar"}):
+            on, off = model.decode(images, **options), model.decode(images, draft=False, **options)
+            torch.testing.assert_close(on.logits, off.logits, atol=0, rtol=0)
+
+
+@pytest.mark.slow
+def test_builtin_model_reads_the_same_with_and_without_drafts():
+    from PIL import Image
+
+    from clip4str.bench import word_image
+
+    rec = Recognizer.from_pretrained()
+    images = [Image.open(HELLO).convert("RGB"), word_image("Street"), word_image("CLIP4STR 2026"),
+              word_image("a"), word_image("MISSISSIPPI")]
+    for batch in (images[:1], images):
+        x = rec.preprocess(batch)
+        with torch.inference_mode():
+            for options in ({}, {"refine_iters": 0}, {"rescore": False, "guard": False}, {"compiled": True}):
+                on, off = rec.model.decode(x, **options), rec.model.decode(x, draft=False, **options)
+                assert torch.equal(on.lengths, off.lengths) and torch.equal(on.image_lengths, off.image_lengths)
+                for b, n in enumerate(on.lengths.tolist()):
+                    torch.testing.assert_close(on.logits[b, :n], off.logits[b, :n], atol=1e-4, rtol=0)
+                for b, n in enumerate(on.image_lengths.tolist()):
+                    torch.testing.assert_close(on.image_logits[b, :n], off.image_logits[b, :n], atol=1e-4, rtol=0)
+    assert [r.text for r in rec.read(images)] == [r.text for r in rec.read(images, draft=False)]
+
+
+@pytest.mark.slow
+def test_builtin_onnx_model_reads_the_same_with_and_without_drafts_in_fewer_passes(monkeypatch):
+    import numpy as np
+    from PIL import Image
+
+    from clip4str.bench import word_image
+    from clip4str.onnx_backend import OnnxRecognizer
+
+    rec = OnnxRecognizer()
+    images = [Image.open(HELLO).convert("RGB"), word_image("Street"), word_image("CLIP4STR 2026"), word_image("a")]
+    x = rec.preprocess(images)
+    passes = {}
+    step = OnnxRecognizer._step
+    for draft in (True, False):
+        calls = []
+
+        def counting(self, *args, calls=calls, **kwargs):
+            calls.append(1)
+            return step(self, *args, **kwargs)
+
+        monkeypatch.setattr(OnnxRecognizer, "_step", counting)
+        passes[draft] = (rec.decode(x, draft=draft), len(calls))
+    (on, on_calls), (off, off_calls) = passes[True], passes[False]
+    assert np.array_equal(on[1], off[1])
+    eos = rec.tokenizer.eos_id
+    stops = reading_stops(torch.from_numpy(on[0]), torch.from_numpy(on[1]), eos)
+    assert stops == reading_stops(torch.from_numpy(off[0]), torch.from_numpy(off[1]), eos)
+    for b, stop in enumerate(stops):
+        assert np.abs(on[0][b, :stop] - off[0][b, :stop]).max() < 1e-4
+    assert on_calls < off_calls
+    assert [r.text for r in rec.read(images)] == [r.text for r in rec.read(images, draft=False)]

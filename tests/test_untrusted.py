@@ -92,9 +92,9 @@ def test_an_authors_lightning_checkpoint_converts_and_reads_as_the_fixture(parit
     inputs = load_file(str(parity_dir / "inputs.safetensors"))
     outputs = load_file(str(parity_dir / "outputs.safetensors"))
     for model in (load_model(tmp_path / "ours"), Recognizer.from_pretrained(ckpt).model):
-        with torch.inference_mode():
-            logits = model.eval().decode(inputs["pixel_values"]).logits
-        torch.testing.assert_close(logits, outputs["final_logits_bs1"], atol=1e-5, rtol=0)
+        with torch.inference_mode():  # the fixed-length path: every position of the refined logits is computed
+            logits = model.eval().decode(inputs["pixel_values"], max_length=25, early_exit=False).logits
+        torch.testing.assert_close(logits, outputs["final_logits_max_length25"], atol=1e-5, rtol=0)
 
 
 def test_what_else_the_checkpoint_holds_comes_back_inert(tmp_path, made_elsewhere):

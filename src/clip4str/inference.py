@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from clip4str.data.transforms import ImageInput, preprocess
-from clip4str.model import CLIP4STR
+from clip4str.model import CLIP4STR, onednn
 from clip4str.reading import BaseRecognizer, ReadResult
 from clip4str.weights import load_model
 
@@ -41,12 +41,14 @@ def store_matmul_weights_as(model: torch.nn.Module, dtype: torch.dtype) -> None:
 class Recognizer(BaseRecognizer):
     """Reads text from word crops with a CLIP4STR model on CPU, CUDA or MPS.
 
-    With precision bf16 or fp16 the model passed in is converted in place (see `store_matmul_weights_as`);
-    `compiled` decodes with the `torch.compile`d step (compiled on the first read; `CLIP4STR.decode`).
+    With precision bf16 or fp16 the model passed in is converted in place (see `store_matmul_weights_as`); in fp32
+    on CPU its linear layers go through oneDNN with packed weights unless `packed=False` (`model.onednn`; the same
+    parameters, products within rounding); `compiled` decodes with the `torch.compile`d step (compiled on the
+    first read; `CLIP4STR.decode`).
     """
 
     def __init__(self, model: CLIP4STR, device: str = "cpu", precision: str = "fp32",
-                 window_aspect: float | None = None, compiled: bool = False) -> None:
+                 window_aspect: float | None = None, compiled: bool = False, packed: bool = True) -> None:
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
         if device.startswith("cuda") and not torch.cuda.is_available():
@@ -59,6 +61,8 @@ class Recognizer(BaseRecognizer):
         self.precision, self.compiled = precision, compiled
         if precision != "fp32":
             store_matmul_weights_as(self.model, LOW_PRECISION_DTYPES[precision])
+        elif packed and self.device.type == "cpu":
+            onednn.pack_linears(self.model)
         self.image_size = model.config.image_size
         self.window_aspect = window_aspect or self._default_window()
 

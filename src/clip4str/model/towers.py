@@ -13,6 +13,8 @@ from open_clip.model import CLIP
 from open_clip.tokenizer import SimpleTokenizer
 from torch import nn
 
+from clip4str.model import onednn
+
 
 class TowerAttention(nn.Module):
     """Self-attention with `nn.MultiheadAttention`'s parameters and call, on batch-first tensors with SDPA.
@@ -29,13 +31,17 @@ class TowerAttention(nn.Module):
         self.num_heads, self.dropout = mha.num_heads, mha.dropout
         self.in_proj_weight, self.in_proj_bias, self.out_proj = mha.in_proj_weight, mha.in_proj_bias, mha.out_proj
 
+    def packable_weights(self) -> list[torch.Tensor]:
+        """The weight its projection passes to `onednn.linear` (`onednn.pack_linears`)."""
+        return [self.in_proj_weight]
+
     def forward(self, query: torch.Tensor, key: torch.Tensor | None = None, value: torch.Tensor | None = None,
                 need_weights: bool = False, attn_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, None]:
         """(output, None) for self-attention over `query` (B, L, D); `attn_mask` is additive (L, L)."""
         if (key is not None and key is not query) or (value is not None and value is not query) or need_weights:
             raise ValueError("TowerAttention computes self-attention without weights only")
         b, n, d = query.shape
-        qkv = F.linear(query, self.in_proj_weight, self.in_proj_bias)
+        qkv = onednn.linear(query, self.in_proj_weight, self.in_proj_bias)
         q, k, v = qkv.view(b, n, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)
         mask = attn_mask.to(q.dtype) if attn_mask is not None else None
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,

@@ -4,7 +4,7 @@ Why: PyTorch's CPU `linear` calls MKL's sgemm, which on the AMD EPYC this projec
 the speed of oneDNN with a prepacked weight at the sizes of a read (65 image tokens x 256 -> 1024: 259 us against
 85 us; batch 32: 5.3 ms against 2.3 ms). A oneDNN call costs about 17 us however small, so products of fewer than
 `MIN_MACS` multiply-adds (a decoding step's, a caption's) stay with MKL. Only weights registered by `pack_linears`
-are packed; training, autograd, other dtypes and devices use `F.linear` unchanged.
+are packed; training, autograd, other dtypes and devices, torch.compile and ONNX export use `F.linear` unchanged.
 """
 
 from __future__ import annotations
@@ -28,6 +28,8 @@ def available() -> bool:
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """`F.linear`, through oneDNN where `weight` is registered and the call is fp32 CPU inference of several rows."""
+    if torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
+        return F.linear(x, weight, bias)  # graphs (torch.compile, ONNX export) record the plain product
     entry = _PACKED.get(weight)
     if entry is None or x.dtype != torch.float32 or x.device.type != "cpu" or weight.dtype != torch.float32 or \
             x.numel() * weight.shape[0] < MIN_MACS or \

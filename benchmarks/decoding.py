@@ -12,8 +12,9 @@ refinement; "full decode / encoder" = the default 26-step decoding over the imag
 
     python benchmarks/decoding.py --presets builtin --crops ../shared/realdata --before ../old/src
 
-"builtin" measures the built-in model of each tree as users run it (default decoding, fp32 and bf16): whole
-batch-1 reads of examples/hello.png and the median batch-1 read over --limit real crops.
+"builtin" measures the built-in model of each tree as users run it (default decoding; PyTorch fp32 and bf16, and
+the ONNX graphs of the light install): whole batch-1 reads of examples/hello.png and the median batch-1 read over
+--limit real crops.
 """
 
 from __future__ import annotations
@@ -75,7 +76,7 @@ def child(preset: str, threads: int, repeats: int) -> dict:
 
 def child_builtin(threads: int, repeats: int, crops: str | None, limit: int) -> dict:
     """The built-in model of the clip4str on sys.path: encoder and whole batch-1 reads of examples/hello.png,
-    and the median batch-1 read over `limit` crops of a labels.tsv folder (fp32 and bf16)."""
+    and the median batch-1 read over `limit` crops of a labels.tsv folder (PyTorch fp32 and bf16, ONNX)."""
     import torch
     from PIL import Image
 
@@ -87,16 +88,20 @@ def child_builtin(threads: int, repeats: int, crops: str | None, limit: int) -> 
     if crops:
         rows = [line.split("\t")[0] for line in (Path(crops) / "labels.tsv").read_text().splitlines()[1:]]
         paths = [Path(crops) / rows[int(i * len(rows) / limit)] for i in range(min(limit, len(rows)))]
+    from clip4str.onnx_backend import OnnxRecognizer
+
     out = {}
-    for precision in ("fp32", "bf16"):
-        rec = Recognizer.from_pretrained(precision=precision)
+    recognizers = {p: Recognizer.from_pretrained(precision=p) for p in ("fp32", "bf16")}
+    recognizers["onnx"] = OnnxRecognizer()
+    for name, rec in recognizers.items():
         x = rec.preprocess([hello])
-        with torch.inference_mode(), rec.autocast():
-            out[f"{precision}: encoder ms"] = _median_ms(lambda r=rec, x=x: r.model.encode_image(x), repeats)
-        out[f"{precision}: hello read ms"] = _median_ms(lambda r=rec, x=x: r.decode_tensors(x), repeats)
+        if name != "onnx":
+            with torch.inference_mode(), rec.autocast():
+                out[f"{name}: encoder ms"] = _median_ms(lambda r=rec, x=x: r.model.encode_image(x), repeats)
+        out[f"{name}: hello read ms"] = _median_ms(lambda r=rec, x=x: r.decode_tensors(x), repeats)
         if paths:
             inputs = [rec.preprocess([Image.open(p).convert("RGB")]) for p in paths]
-            out[f"{precision}: real crop median ms"] = statistics.median(
+            out[f"{name}: real crop median ms"] = statistics.median(
                 _median_ms(lambda r=rec, c=c: r.decode_tensors(c), 1) for c in inputs)
     return out
 

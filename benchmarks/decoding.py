@@ -87,7 +87,8 @@ def child_builtin(threads: int, repeats: int, crops: str | None, limit: int) -> 
     paths = []
     if crops:
         rows = [line.split("\t")[0] for line in (Path(crops) / "labels.tsv").read_text().splitlines()[1:]]
-        paths = [Path(crops) / rows[int(i * len(rows) / limit)] for i in range(min(limit, len(rows)))]
+        n = min(limit, len(rows))
+        paths = [Path(crops) / rows[int(i * len(rows) / n)] for i in range(n)]
     from clip4str.onnx_backend import OnnxRecognizer
 
     out = {}

@@ -33,11 +33,11 @@ def _drafts(reference, eos):
     right = reference.argmax(-1)
     wrong_early = right.clone()
     wrong_early[:, 1] = other_char(wrong_early[:, 1], 1)
-    wrong_late = right.clone()
-    wrong_late[0, -2] = other_char(wrong_late[0, -2], 3)
+    wrong_late = right.clone()  # the last row wrong at 5 while the others end inside the checked pass
+    wrong_late[-1, 5] = other_char(wrong_late[-1, 5], 3)
     empty = torch.full((right.shape[0], 1), eos)
     longer = torch.cat([right, torch.randint(1, classes, (right.shape[0], 9))], dim=1)
-    return {"right": right, "wrong at 1": wrong_early, "wrong late in row 0": wrong_late, "empty": empty,
+    return {"right": right, "wrong at 1": wrong_early, "wrong at 5 in the last row": wrong_late, "empty": empty,
             "longer": longer}
 
 
@@ -69,6 +69,8 @@ def test_a_draft_gives_greedy_logits_up_to_each_rows_stop(tiny_overrides, monkey
                 assert calls == [], f"{name}: a right draft needs no step"
             if name == "wrong at 1":
                 assert 0 < len(calls) <= sequential_steps - 1, name
+            if name == "wrong at 5 in the last row":  # rows 0-2 settled by the pass, the last steps from 6
+                assert len(calls) == 26 - 6, name
 
 
 def test_drafts_are_ignored_where_they_cannot_apply(tiny_overrides):

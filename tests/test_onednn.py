@@ -47,7 +47,7 @@ def test_small_products_unregistered_weights_and_training_stay_plain(monkeypatch
     assert calls == [1]
 
 
-def test_an_in_place_update_repacks_the_weight():
+def test_an_in_place_update_or_new_data_repacks_the_weight():
     weight, x = _weight(), torch.randn(65, 256)
     onednn.register(weight)
     with torch.inference_mode():
@@ -56,6 +56,22 @@ def test_an_in_place_update_repacks_the_weight():
         weight.mul_(-2.0)
     with torch.inference_mode():
         torch.testing.assert_close(onednn.linear(x, weight), F.linear(x, weight), atol=1e-4, rtol=1e-5)
+    weight.data = torch.randn(1024, 256)  # bypasses the version counter
+    with torch.inference_mode():
+        torch.testing.assert_close(onednn.linear(x, weight), F.linear(x, weight), atol=1e-4, rtol=1e-5)
+
+
+def test_autocast_and_flop_counting_see_the_plain_product():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    weight, x = _weight(), torch.randn(65, 256)
+    onednn.register(weight)
+    with torch.inference_mode():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert onednn.linear(x, weight).dtype == F.linear(x, weight).dtype == torch.bfloat16
+        with FlopCounterMode(display=False) as counter:
+            onednn.linear(x, weight)
+    assert counter.get_total_flops() == 2 * 65 * 256 * 1024
 
 
 def test_builtin_model_reads_the_same_packed_and_plain():

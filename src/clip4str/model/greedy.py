@@ -31,12 +31,13 @@ def check_draft(decoder: Decoder, kv: list[KV], draft: torch.Tensor, budget: tor
     return logits[:, :settled.width], settled
 
 
-def _prefill(decoder: Decoder, caches: list[KV], draft: torch.Tensor, start: int, tables: StepTables, bos: int
+def _prefill(decoder: Decoder, caches: list[KV], predicted: torch.Tensor, start: int, tables: StepTables, bos: int
              ) -> list[KV]:
-    """A one-layer decoder's caches with the keys and values of content positions [0, start) of the draft."""
-    b = draft.shape[0]
-    context = torch.cat([torch.full((b, 1), bos, dtype=draft.dtype, device=draft.device), draft[:, :start - 1]], 1)
-    positions = torch.arange(start, device=draft.device)
+    """A one-layer decoder's caches with the keys and values of content positions [0, start): BOS, then the
+    tokens `predicted` (B, >= start - 1) at positions 0 .. start - 2."""
+    b, device = predicted.shape[0], predicted.device
+    context = torch.cat([torch.full((b, 1), bos, dtype=predicted.dtype, device=device), predicted[:, :start - 1]], 1)
+    positions = torch.arange(start, device=device)
     attn = decoder.layers[0].self_attn
     k, v = (attn._heads(t[context, positions]) for t in (tables.keys, tables.values))
     (k_cache, v_cache), = caches
@@ -67,8 +68,10 @@ def cached_greedy(decoder: Decoder, kv: list, steps: int, early_exit: bool, budg
         if checked.finished:
             return settled
         start, done = checked.width, torch.from_numpy(checked.done).to(device)
-        caches = _prefill(decoder, caches, draft, start, tables, tok.bos_id)
-        tokens = settled[:, -1].argmax(-1)
+        # Greedy's own tokens (the draft's where it held): rows already finished go on as the step loop would.
+        predicted = settled.argmax(-1)
+        caches = _prefill(decoder, caches, predicted, start, tables, tok.bos_id)
+        tokens = predicted[:, -1]
     finished, logits = [], []
     # Stopping is checked on the host every few steps only where that costs a device sync.
     check_every = 1 if device.type == "cpu" else 4

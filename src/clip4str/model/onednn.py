@@ -4,7 +4,8 @@ Why: PyTorch's CPU `linear` calls MKL's sgemm, which on the AMD EPYC this projec
 the speed of oneDNN with a prepacked weight at the sizes of a read (65 image tokens x 256 -> 1024: 259 us against
 85 us; batch 32: 5.3 ms against 2.3 ms). A oneDNN call costs about 17 us however small, so products of fewer than
 `MIN_MACS` multiply-adds (a decoding step's, a caption's) stay with MKL. Only weights registered by `pack_linears`
-are packed; training, autograd, other dtypes and devices, torch.compile and ONNX export use `F.linear` unchanged.
+are packed; training, autograd, autocast, other dtypes and devices, torch.compile, ONNX export and dispatch modes
+(FLOP counting) use `F.linear` unchanged.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 from torch.utils.weak import WeakIdKeyDictionary
 
 MIN_MACS = 2**20  # where oneDNN's fixed cost stops losing to MKL here (256- and 128-wide layers, 4-65 rows)
@@ -28,17 +30,20 @@ def available() -> bool:
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """`F.linear`, through oneDNN where `weight` is registered and the call is fp32 CPU inference of several rows."""
-    if torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
-        return F.linear(x, weight, bias)  # graphs (torch.compile, ONNX export) record the plain product
+    if torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or \
+            _get_current_dispatch_mode() is not None or torch.is_autocast_enabled("cpu"):
+        # Graphs (torch.compile, ONNX export) record the plain product; dispatch modes (FLOP counting) and
+        # autocast see the operator they know.
+        return F.linear(x, weight, bias)
     entry = _PACKED.get(weight)
     if entry is None or x.dtype != torch.float32 or x.device.type != "cpu" or weight.dtype != torch.float32 or \
             x.numel() * weight.shape[0] < MIN_MACS or \
             (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)):
         return F.linear(x, weight, bias)
-    version, packed = entry
-    if packed is None or version != _version(weight):  # packed lazily, again after any in-place update
+    key, packed = entry
+    if packed is None or key != _key(weight):  # packed lazily, again after any change of the weight's data
         packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 64)
-        _PACKED[weight] = (_version(weight), packed)
+        _PACKED[weight] = (_key(weight), packed)
     return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
 
 
@@ -49,14 +54,16 @@ class PackedLinear(nn.Linear):
         return linear(x, self.weight, self.bias)
 
 
-def _version(weight: torch.Tensor) -> int:
-    return -1 if weight.is_inference() else weight._version  # inference tensors cannot change in place
+def _key(weight: torch.Tensor) -> tuple:
+    """What identifies a weight's values: in-place updates bump the version, `.data = ...` changes the storage."""
+    version = -1 if weight.is_inference() else weight._version  # inference tensors have no version counter
+    return weight.data_ptr(), weight.dtype, tuple(weight.shape), version
 
 
 def register(weight: torch.Tensor) -> None:
     """Let `linear` pack `weight` (at its first use in fp32 CPU inference)."""
     if weight not in _PACKED:
-        _PACKED[weight] = (_version(weight), None)
+        _PACKED[weight] = (_key(weight), None)
 
 
 def pack_linears(model: nn.Module) -> int:

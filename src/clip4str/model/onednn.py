@@ -30,15 +30,14 @@ def available() -> bool:
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """`F.linear`, through oneDNN where `weight` is registered and the call is fp32 CPU inference of several rows."""
-    if torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or \
-            _get_current_dispatch_mode() is not None or torch.is_autocast_enabled("cpu"):
-        # Graphs (torch.compile, ONNX export) record the plain product; dispatch modes (FLOP counting) and
-        # autocast see the operator they know.
-        return F.linear(x, weight, bias)
-    entry = _PACKED.get(weight)
+    entry = None if torch.compiler.is_compiling() else _PACKED.get(weight)  # dynamo must not trace the registry
     if entry is None or x.dtype != torch.float32 or x.device.type != "cpu" or weight.dtype != torch.float32 or \
             x.numel() * weight.shape[0] < MIN_MACS or \
-            (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)):
+            (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)) or \
+            torch.jit.is_tracing() or _get_current_dispatch_mode() is not None or torch.is_autocast_enabled("cpu") or \
+            torch.onnx.is_in_onnx_export():
+        # Graphs (torch.compile, ONNX export) record the plain product; dispatch modes (FLOP counting) and
+        # autocast see the operator they know. The cheap tests come first: most calls are small products.
         return F.linear(x, weight, bias)
     key, packed = entry
     if packed is None or key != _key(weight):  # packed lazily, again after any change of the weight's data

@@ -19,7 +19,7 @@ from torch.utils._python_dispatch import _get_current_dispatch_mode
 from torch.utils.weak import WeakIdKeyDictionary
 
 MIN_MACS = 2**20  # where oneDNN's fixed cost stops losing to MKL here (256- and 128-wide layers, 4-65 rows)
-_PACKED: WeakIdKeyDictionary = WeakIdKeyDictionary()  # weight -> (its version when packed, packed weight)
+_PACKED: WeakIdKeyDictionary = WeakIdKeyDictionary()  # weight -> (`_key` of its data when packed, packed weight)
 
 
 def available() -> bool:

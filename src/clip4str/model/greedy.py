@@ -19,12 +19,17 @@ from clip4str.model.static_step import (
 )
 
 
+def _after_bos(tokens: torch.Tensor, bos: int) -> torch.Tensor:
+    """Decoder input (B, 1 + L): BOS, then `tokens` (B, L)."""
+    return torch.cat([torch.full((tokens.shape[0], 1), bos, dtype=tokens.dtype, device=tokens.device), tokens], 1)
+
+
 def check_draft(decoder: Decoder, kv: list[KV], draft: torch.Tensor, budget: torch.Tensor, tables: StepTables,
                 bos: int, eos: int) -> tuple[torch.Tensor, Settled]:
     """Logits (B, width, C) of a draft (B, n) of next tokens scored in one pass, and what they settle
     (`clip4str.draft.settle`)."""
     b, n = draft.shape
-    context = torch.cat([torch.full((b, 1), bos, dtype=draft.dtype, device=draft.device), draft[:, :-1]], dim=1)
+    context = _after_bos(draft[:, :-1], bos)
     causal = torch.ones(n, n, dtype=torch.bool, device=draft.device).triu(1)
     logits = cloze_pass(decoder, context, causal.expand(b, n, n), kv, tables)
     settled = settle(logits.argmax(-1).cpu().numpy(), draft.cpu().numpy(), budget.cpu().numpy(), eos)
@@ -35,9 +40,8 @@ def _prefill(decoder: Decoder, caches: list[KV], predicted: torch.Tensor, start:
              ) -> list[KV]:
     """A one-layer decoder's caches with the keys and values of content positions [0, start): BOS, then the
     tokens `predicted` (B, >= start - 1) at positions 0 .. start - 2."""
-    b, device = predicted.shape[0], predicted.device
-    context = torch.cat([torch.full((b, 1), bos, dtype=predicted.dtype, device=device), predicted[:, :start - 1]], 1)
-    positions = torch.arange(start, device=device)
+    context = _after_bos(predicted[:, :start - 1], bos)
+    positions = torch.arange(start, device=predicted.device)
     attn = decoder.layers[0].self_attn
     k, v = (attn._heads(t[context, positions]) for t in (tables.keys, tables.values))
     (k_cache, v_cache), = caches

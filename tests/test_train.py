@@ -281,6 +281,40 @@ def test_init_from_a_clip4str_checkpoint(tmp_path, folder):
         train(missing)
 
 
+def test_a_checkpoint_starts_a_run_at_another_input_size(tmp_path, folder):
+    import torch
+
+    from clip4str.factory import create_model
+    from clip4str.weights import save_checkpoint
+    source = create_model("tiny", **SMALL)
+    save_checkpoint(source, tmp_path / "start")
+    h, w = source.config.image_size
+    cfg = load_config(_config(tmp_path, folder), [f"model.init=checkpoint:{tmp_path / 'start'}",
+                                                  f"model.clip.vision_cfg.image_size=[{h}, {w + 32}]"])
+    model = build_model(cfg)
+    assert model.config.image_size == (h, w + 32)
+    patch = source.config.clip["vision_cfg"]["patch_size"]
+    rows, cols = h // patch[0], w // patch[1]
+    old = source.clip.visual.positional_embedding.detach()
+    new = model.clip.visual.positional_embedding.detach()
+    assert new.shape == (1 + rows * (cols + 4), old.shape[1])
+    torch.testing.assert_close(new[0], old[0])  # the class token's position is kept
+    # Resampled along the columns only: the first row's embeddings are the old first row's, interpolated.
+    expected = torch.nn.functional.interpolate(old[1:].reshape(1, rows, cols, -1).permute(0, 3, 1, 2),
+                                               size=(rows, cols + 4), mode="bicubic", align_corners=False)
+    torch.testing.assert_close(new[1:], expected.permute(0, 2, 3, 1).reshape(rows * (cols + 4), -1))
+    for name, value in source.state_dict().items():  # every other weight as it was
+        if name != "clip.visual.positional_embedding":
+            torch.testing.assert_close(model.state_dict()[name], value)
+    with torch.no_grad():
+        assert torch.isfinite(model.encode_image(torch.zeros(1, 3, h, w + 32))).all()
+    # Other patches cannot be fitted: the error names the setting.
+    patches = load_config(_config(tmp_path, folder), [f"model.init=checkpoint:{tmp_path / 'start'}",
+                                                      "model.clip.vision_cfg.patch_size=[4, 4]"])
+    with pytest.raises(ValueError, match="patch_size"):
+        build_model(patches)
+
+
 def test_a_run_from_a_checkpoint_records_that_checkpoints_provenance(tmp_path, folder):
     import json
 

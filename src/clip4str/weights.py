@@ -250,12 +250,16 @@ def read_imagenet_vit(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[s
     return state, cfg
 
 
-def fit_positions(pos: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-    """Resize a (1 + H*W, D) positional embedding of a square grid to `grid` (bicubic), class token kept."""
+def fit_positions(pos: torch.Tensor, grid: tuple[int, int], source: tuple[int, int] | None = None) -> torch.Tensor:
+    """Resize a (1 + H*W, D) positional embedding from grid `source` (square if None) to `grid` (bicubic),
+    class token kept."""
     n = pos.shape[0] - 1
-    side = round(n ** 0.5)
-    if (side, side) == tuple(grid):
+    source = tuple(source) if source is not None else (round(n ** 0.5),) * 2
+    if source[0] * source[1] != n:
+        raise ValueError(f"a positional embedding of {n} patches does not fit a {source[0]}x{source[1]} grid")
+    if source == tuple(grid):
         return pos
-    patches = pos[1:].reshape(1, side, side, -1).permute(0, 3, 1, 2)
-    patches = torch.nn.functional.interpolate(patches, size=grid, mode="bicubic", align_corners=False)
+    patches = pos[1:].reshape(1, source[0], source[1], -1).permute(0, 3, 1, 2)
+    patches = torch.nn.functional.interpolate(patches.float(), size=grid, mode="bicubic", align_corners=False)
+    patches = patches.to(pos.dtype)
     return torch.cat([pos[:1], patches.permute(0, 2, 3, 1).reshape(grid[0] * grid[1], -1)])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import csv
 import json
 import sys
@@ -22,7 +23,7 @@ from clip4str.train.budget import TimeBudget
 from clip4str.train.callbacks import ResumableCheckpoint
 from clip4str.train.config import TrainConfig
 from clip4str.train.system import STRSystem
-from clip4str.weights import load_exact, read_checkpoint_config, read_tensors, save_checkpoint
+from clip4str.weights import fit_positions, load_exact, read_checkpoint_config, read_tensors, save_checkpoint
 
 # Settings that only shape training or are decoding options: a run may start from weights trained with others.
 TRAINING_ONLY_KEYS = {"dropout", "cross_loss_weight", "ctc_weight", "num_permutations", "perm_forward",
@@ -50,7 +51,8 @@ def build_model(cfg: TrainConfig, init: bool = True) -> CLIP4STR:
 def load_weights_into(model: CLIP4STR, folder: str | Path) -> None:
     """Start from a clip4str checkpoint's weights; the training-only CTC head may be on either side alone."""
     doc, weights = read_checkpoint_config(folder)
-    ours, theirs = model.config.to_dict(), ModelConfig.from_dict(doc["model"]).to_dict()
+    parent = ModelConfig.from_dict(doc["model"])
+    ours, theirs = _sizeless(model.config.to_dict()), _sizeless(parent.to_dict())
     differ = [f"{k}: checkpoint {theirs[k]!r}, config {ours[k]!r}" for k in ours
               if k not in TRAINING_ONLY_KEYS and ours[k] != theirs[k]]
     if differ:
@@ -58,10 +60,28 @@ def load_weights_into(model: CLIP4STR, folder: str | Path) -> None:
                          "set those model.* keys to the checkpoint's values or start from another checkpoint")
     state = read_tensors(weights)[0]
     own = model.state_dict()
+    # Another input size with the same patches: the image tokens' positions are resampled to the new grid.
+    key = "clip.visual.positional_embedding"
+    if key in state:
+        state[key] = fit_positions(state[key], _grid(model.config), _grid(parent))
     state = {k: v for k, v in state.items() if not k.startswith("ctc_head.") or k in own}
     state.update({k: v for k, v in own.items() if k.startswith("ctc_head.") and k not in state})
     load_exact(model, state, f"checkpoint {folder}")
     model.provenance = doc.get("provenance", {})  # the parent's, kept as the lineage of what this run makes
+
+
+def _grid(config: ModelConfig) -> tuple[int, int]:
+    """The image tokens' (rows, columns)."""
+    patch = config.clip["vision_cfg"]["patch_size"]
+    patch = (patch, patch) if isinstance(patch, int) else tuple(patch)
+    return config.image_size[0] // patch[0], config.image_size[1] // patch[1]
+
+
+def _sizeless(config: dict) -> dict:
+    """A model config without its input size, which a checkpoint's weights can be fitted to."""
+    config = copy.deepcopy(config)
+    config["clip"].get("vision_cfg", {}).pop("image_size", None)
+    return config
 
 
 STARTED_FROM = "started_from.json"

@@ -53,14 +53,14 @@ def test_a_draft_gives_greedy_logits_up_to_each_rows_stop(tiny_overrides, monkey
 
     monkeypatch.setattr(greedy, "decoding_step", counting_step)
     with torch.inference_mode():
-        reference = cached_greedy(decoder, kv, steps, True, budget, tok)
+        reference, _ = cached_greedy(decoder, kv, steps, True, budget, tok)
         sequential_steps = len(calls)
         stops = reading_stops(reference, budget, tok.eos_id)
         ended = (reference.argmax(-1) == tok.eos_id).any(-1).tolist()
         assert stops == [7, 4, 7, 26] and ended == [True, False, True, False], "rows that end by EOS and by budget"
         for name, draft in _drafts(reference, tok.eos_id).items():
             calls.clear()
-            out = cached_greedy(decoder, kv, steps, True, budget, tok, draft=draft)
+            out, _ = cached_greedy(decoder, kv, steps, True, budget, tok, draft=draft)
             assert out.shape == reference.shape, name
             for b, stop in enumerate(stops):
                 assert out[b, :stop].argmax(-1).tolist() == reference[b, :stop].argmax(-1).tolist(), name
@@ -71,6 +71,40 @@ def test_a_draft_gives_greedy_logits_up_to_each_rows_stop(tiny_overrides, monkey
                 assert 0 < len(calls) <= sequential_steps - 1, name
             if name == "wrong at 5 in the last row":  # rows 0-2 settled by the pass, the last steps from 6
                 assert len(calls) == 26 - 6, name
+
+
+def test_a_right_draft_gives_its_first_refinement_in_the_checking_pass(tiny_overrides, monkeypatch):
+    from clip4str.model import refine
+    model, decoder, kv = _setup(tiny_overrides)
+    tok, steps = model.tokenizer, 26
+    passes = []
+    cloze = refine.cloze_pass
+    monkeypatch.setattr(refine, "cloze_pass", lambda *a, **k: passes.append(1) or cloze(*a, **k))
+    with torch.inference_mode():
+        plain, lengths, ahead = model._first_pass(decoder, kv, steps, "ar", True, None)
+        assert ahead is None
+        stops = reading_stops(plain, lengths, tok.eos_id)
+        assert len(set(stops)) > 1, "rows of several lengths: tokens after a row's EOS differ from the draft's"
+        expected, _ = model._refine(decoder, kv, plain, lengths, steps)
+        for name, draft in _drafts(plain, tok.eos_id).items():
+            logits, lengths_d, ahead = model._first_pass(decoder, kv, steps, "ar", True, None, draft=draft,
+                                                         refine_steps=steps)
+            assert torch.equal(lengths_d, lengths), name
+            assert (ahead is not None) == (name in ("right", "longer")), f"{name}: only a draft read as it is"
+            passes.clear()
+            out, _ = model._refine(decoder, kv, logits, lengths_d, steps, ahead=ahead)
+            assert passes == ([] if ahead is not None else [1]), f"{name}: the refinement was computed ahead"
+            assert out.shape == expected.shape, name
+            for b, stop in enumerate(stops):
+                torch.testing.assert_close(out[b, :stop], expected[b, :stop], atol=1e-5, rtol=0, msg=name)
+        # Computed ahead for another reading (here: the last row one token shorter), it does not hold.
+        _, _, ahead = model._first_pass(decoder, kv, steps, "ar", True, None, draft=plain.argmax(-1),
+                                        refine_steps=steps)
+        shorter = lengths.clone()
+        shorter[-1] -= 1
+        passes.clear()
+        out, _ = model._refine(decoder, kv, plain, shorter, steps, ahead=ahead)
+        assert passes == [1]
 
 
 def test_drafts_are_ignored_where_they_cannot_apply(tiny_overrides):

@@ -48,7 +48,7 @@ def test_image_tokens_and_image_branch_ar(fixture):
     with torch.inference_mode():
         tokens = model.encode_image(inputs["pixel_values"])
         torch.testing.assert_close(tokens, out["image_tokens"], atol=ATOL, rtol=0)
-        logits, _ = model._first_pass(model.image_decoder, tokens, 26, "ar", True, None)
+        logits, _, _ = model._first_pass(model.image_decoder, tokens, 26, "ar", True, None)
     assert logits.shape[1] == expected["ar_steps_taken"]
     torch.testing.assert_close(logits, out["visual_ar_logits"], atol=ATOL, rtol=0)
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -23,7 +22,8 @@ from clip4str.model.permutations import (
     generate_permutations,
     permutation_masks,
 )
-from clip4str.model.static_step import cloze_pass, step_tables
+from clip4str.model.refine import Refined, refine_context, table_refine
+from clip4str.model.static_step import step_tables
 from clip4str.model.towers import (
     build_clip,
     clip_bpe_tokenizer,
@@ -231,26 +231,29 @@ class CLIP4STR(nn.Module):
         img_draft = None
         if draft and log_probs is not None:
             img_draft = torch.from_numpy(ctc_drafts(log_probs, self.tokenizer.eos_id)).to(memory.device)
-        img_logits, img_len = self._first_pass(self.image_decoder, img_kv, steps, mode, early_exit, None, kv_cache,
-                                               compiled, img_draft)
-        cross_mem = cross_kv = cross_logits = cross_len = None
+        # A checked draft also gives its first refinement pass (`greedy.check_draft`), used where it holds.
+        ahead_steps = steps if refine_iters else 0
+        img_logits, img_len, img_ahead = self._first_pass(self.image_decoder, img_kv, steps, mode, early_exit, None,
+                                                          kv_cache, compiled, img_draft, ahead_steps)
+        cross_mem = cross_kv = cross_logits = cross_len = cross_ahead = None
         if self.cross_decoder is not None:
             captions = self.captions(img_logits, img_len)
             cross_mem = self.cross_memory(memory, captions)
             cross_kv = self.cross_decoder.memory_kv(cross_mem)
-            cross_logits, cross_len = self._first_pass(self.cross_decoder, cross_kv, steps, mode, early_exit,
-                                                       img_len, kv_cache, compiled,
-                                                       img_logits.argmax(-1) if draft else None)
+            cross_logits, cross_len, cross_ahead = self._first_pass(
+                self.cross_decoder, cross_kv, steps, mode, early_exit, img_len, kv_cache, compiled,
+                img_logits.argmax(-1) if draft else None, ahead_steps)
         for _ in range(refine_iters):
-            img_logits, img_len_new = self._refine(self.image_decoder, img_kv, img_logits, img_len, steps, kv_cache)
+            img_logits, img_len_new = self._refine(self.image_decoder, img_kv, img_logits, img_len, steps, kv_cache,
+                                                   img_ahead)
             if self.cross_decoder is not None:
                 previous, captions = captions, self.captions(img_logits)
                 new_mem = self.cross_memory(memory, captions, (previous, cross_mem))
-                if new_mem is not cross_mem:
-                    cross_mem, cross_kv = new_mem, self.cross_decoder.memory_kv(new_mem)
+                if new_mem is not cross_mem:  # a refinement computed ahead held for the old memory only
+                    cross_mem, cross_kv, cross_ahead = new_mem, self.cross_decoder.memory_kv(new_mem), None
                 cross_logits, cross_len = self._refine(self.cross_decoder, cross_kv, cross_logits, cross_len, steps,
-                                                       kv_cache)
-            img_len = img_len_new
+                                                       kv_cache, cross_ahead)
+            img_len, img_ahead, cross_ahead = img_len_new, None, None
         logits, lengths = (img_logits, img_len) if self.cross_decoder is None else (cross_logits, cross_len)
         if log_probs is not None and (guard or rescore):
             if rescore:
@@ -264,49 +267,44 @@ class CLIP4STR(nn.Module):
 
     def _first_pass(self, decoder: Decoder, memory: torch.Tensor | list, steps: int, mode: str, early_exit: bool,
                     budget: torch.Tensor | None, kv_cache: bool = True, compiled: bool = False,
-                    draft: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Greedy (AR) or one-pass (NAR) logits and lengths over `memory` (tokens, or `decoder.memory_kv`'s);
-        `draft` as `greedy.cached_greedy`'s."""
+                    draft: torch.Tensor | None = None, refine_steps: int = 0
+                    ) -> tuple[torch.Tensor, torch.Tensor, Refined | None]:
+        """Greedy (AR) or one-pass (NAR) logits and lengths over `memory` (tokens, or `decoder.memory_kv`'s), and
+        the first refinement computed ahead or None; `draft` and `refine_steps` as `greedy.cached_greedy`'s."""
         kv = decoder.memory_kv(memory) if isinstance(memory, torch.Tensor) else memory
         b, device = kv[0][0].shape[0], kv[0][0].device
         tok = self.tokenizer
         if mode == "nar":
             bos = torch.full((b, 1), tok.bos_id, dtype=torch.long, device=device)
-            return decoder(bos, kv, query_len=steps), torch.full((b,), steps, device=device)
+            return decoder(bos, kv, query_len=steps), torch.full((b,), steps, device=device), None
         # The cross branch decodes as many steps as the image branch took for that row (the reference).
         stops_at_eos = budget is None
         budget = torch.full((b,), steps, device=device) if budget is None else budget
-        greedy = functools.partial(cached_greedy, compiled=compiled, draft=draft) if kv_cache else recomputing_greedy
-        logits = greedy(decoder, kv, steps, early_exit, budget, self.tokenizer)
+        ahead = None
+        if kv_cache:
+            logits, ahead = cached_greedy(decoder, kv, steps, early_exit, budget, tok, compiled, draft, refine_steps)
+        else:
+            logits = recomputing_greedy(decoder, kv, steps, early_exit, budget, tok)
         lengths = budget.clamp(max=logits.shape[1])
         if early_exit and stops_at_eos:
             # A row alone stops right after its first EOS: that is its length.
             is_eos = logits.argmax(-1) == tok.eos_id
             first = torch.where(is_eos.any(-1), is_eos.float().argmax(-1) + 1, logits.shape[1])
             lengths = torch.minimum(lengths, first)
-        return logits, lengths
+        return logits, lengths, ahead
 
     def _refine(self, decoder: Decoder, memory_kv: list, logits: torch.Tensor, lengths: torch.Tensor,
-                steps: int, tables: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+                steps: int, tables: bool = True, ahead: Refined | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         tok = self.tokenizer
-        b, length = logits.shape[:2]
-        bos = torch.full((b, 1), tok.bos_id, dtype=torch.long, device=logits.device)
-        ctx = torch.cat([bos, logits[:, :-1].argmax(-1)], dim=1)
-        positions = torch.arange(length, device=logits.device)
-        padding = ((ctx == tok.eos_id).cumsum(-1) > 0) | (positions[None] >= lengths[:, None])
-        query_mask = cloze_query_mask(steps, length, logits.device)
+        ctx, padding = refine_context(logits.argmax(-1), lengths, tok.bos_id, tok.eos_id)
         if tables and len(decoder.layers) == 1:  # the content stream is never updated: layer 0's tables serve
-            hidden, tables = query_mask[None] | padding[:, None], step_tables(decoder, steps)
-            # Its queries are independent: those past every row's first EOS are computed only if a row has none
-            # before them (the positions after a reading's EOS are never read).
-            width = min(steps, length + 1)
-            out = cloze_pass(decoder, ctx, hidden[:, :width], memory_kv, tables)
-            if width < steps and not bool((out.argmax(-1) == tok.eos_id).any(-1).all()):
-                out = torch.cat([out, cloze_pass(decoder, ctx, hidden[:, width:], memory_kv, tables, width)], dim=1)
+            out = table_refine(decoder, memory_kv, ctx, padding, steps, tok.eos_id, step_tables(decoder, steps),
+                               ahead)
         else:
-            content_mask, _ = causal_masks(length, logits.device)
-            out = decoder(ctx, memory_kv, content_mask, padding, query_len=steps, query_mask=query_mask)
-        return out, torch.full((b,), out.shape[1], device=logits.device)
+            content_mask, _ = causal_masks(ctx.shape[1], logits.device)
+            out = decoder(ctx, memory_kv, content_mask, padding, query_len=steps,
+                          query_mask=cloze_query_mask(steps, ctx.shape[1], logits.device))
+        return out, torch.full((ctx.shape[0],), out.shape[1], device=logits.device)
 
     @torch.inference_mode()
     def read(self, images: torch.Tensor, **decode_options: object) -> list[DecodedText]:

@@ -9,6 +9,7 @@ from clip4str.charset import Tokenizer
 from clip4str.draft import Settled, settle
 from clip4str.model.decoder import KV, Decoder
 from clip4str.model.permutations import causal_masks
+from clip4str.model.refine import Refined, after_bos, refine_context, refine_queries
 from clip4str.model.static_step import (
     StepTables,
     cloze_pass,
@@ -19,28 +20,36 @@ from clip4str.model.static_step import (
 )
 
 
-def _after_bos(tokens: torch.Tensor, bos: int) -> torch.Tensor:
-    """Decoder input (B, 1 + L): BOS, then `tokens` (B, L)."""
-    return torch.cat([torch.full((tokens.shape[0], 1), bos, dtype=tokens.dtype, device=tokens.device), tokens], 1)
-
-
 def check_draft(decoder: Decoder, kv: list[KV], draft: torch.Tensor, budget: torch.Tensor, tables: StepTables,
-                bos: int, eos: int) -> tuple[torch.Tensor, Settled]:
-    """Logits (B, width, C) of a draft (B, n) of next tokens scored in one pass, and what they settle
-    (`clip4str.draft.settle`)."""
+                bos: int, eos: int, refine_steps: int = 0) -> tuple[torch.Tensor, Settled, Refined | None]:
+    """Logits (B, width, C) of a draft (B, n) of next tokens scored in one pass, what they settle
+    (`clip4str.draft.settle`) and, with refine_steps, the refinement of the draft read as the first pass's
+    reading, computed in the same pass (its queries join the check's over the same context)."""
     b, n = draft.shape
-    context = _after_bos(draft[:, :-1], bos)
-    causal = torch.ones(n, n, dtype=torch.bool, device=draft.device).triu(1)
-    logits = cloze_pass(decoder, context, causal.expand(b, n, n), kv, tables)
+    hidden = torch.ones(n, n, dtype=torch.bool, device=draft.device).triu(1).expand(b, n, n)
+    queries = torch.arange(n, device=draft.device)
+    if refine_steps:
+        # The first pass's lengths if it reads the draft: up to each row's first EOS, within its budget.
+        is_eos = draft == eos
+        lengths = torch.minimum(torch.where(is_eos.any(-1), is_eos.int().argmax(-1) + 1, n), budget)
+        context, padding = refine_context(draft, lengths, bos, eos)
+        width = min(refine_steps, n + 1)
+        hidden = torch.cat([hidden, refine_queries(padding, refine_steps, width)], dim=1)
+        queries = torch.cat([queries, torch.arange(width, device=draft.device)])
+    else:
+        context = after_bos(draft[:, :-1], bos)
+    logits = cloze_pass(decoder, context, hidden, kv, tables, queries)
+    ahead = Refined(context, padding, logits[:, n:]) if refine_steps else None
+    logits = logits[:, :n]
     settled = settle(logits.argmax(-1).cpu().numpy(), draft.cpu().numpy(), budget.cpu().numpy(), eos)
-    return logits[:, :settled.width], settled
+    return logits[:, :settled.width], settled, ahead
 
 
 def _prefill(decoder: Decoder, caches: list[KV], predicted: torch.Tensor, start: int, tables: StepTables, bos: int
              ) -> list[KV]:
     """A one-layer decoder's caches with the keys and values of content positions [0, start): BOS, then the
     tokens `predicted` (B, >= start - 1) at positions 0 .. start - 2."""
-    context = _after_bos(predicted[:, :start - 1], bos)
+    context = after_bos(predicted[:, :start - 1], bos)
     positions = torch.arange(start, device=predicted.device)
     attn = decoder.layers[0].self_attn
     k, v = (attn._heads(t[context, positions]) for t in (tables.keys, tables.values))
@@ -50,13 +59,15 @@ def _prefill(decoder: Decoder, caches: list[KV], predicted: torch.Tensor, start:
 
 
 def cached_greedy(decoder: Decoder, kv: list, steps: int, early_exit: bool, budget: torch.Tensor,
-                  tokenizer: Tokenizer, compiled: bool = False, draft: torch.Tensor | None = None) -> torch.Tensor:
+                  tokenizer: Tokenizer, compiled: bool = False, draft: torch.Tensor | None = None,
+                  refine_steps: int = 0) -> tuple[torch.Tensor, Refined | None]:
     """Greedy logits (B, steps taken, C) over memory keys/values `kv`, with the static step (`static_step`); row b
     takes at most budget[b] steps.
 
     draft (B, n): guessed next tokens (EOS-terminated). A one-layer decoder checks them in one pass
     (`check_draft`, `clip4str.draft`) and steps only from the first position where a row was wrong; the logits
-    up to each row's stop are greedy decoding's (within rounding), those after it are unspecified.
+    up to each row's stop are greedy decoding's (within rounding), those after it are unspecified. With
+    refine_steps, a checked draft that needs no step also gives its refinement (`check_draft`), else None.
     """
     b, device, tok = budget.shape[0], budget.device, tokenizer
     step = compiled_decoding_step(decoder) if compiled else decoding_step
@@ -68,9 +79,10 @@ def cached_greedy(decoder: Decoder, kv: list, steps: int, early_exit: bool, budg
     limit = int(budget.max())
     if draft is not None and early_exit and len(decoder.layers) == 1 and limit > 0:
         draft = draft[:, :limit].to(device)
-        settled, checked = check_draft(decoder, kv, draft, budget, tables, tok.bos_id, tok.eos_id)
+        settled, checked, ahead = check_draft(decoder, kv, draft, budget, tables, tok.bos_id, tok.eos_id,
+                                              refine_steps)
         if checked.finished:
-            return settled
+            return settled, ahead
         start, done = checked.width, torch.from_numpy(checked.done).to(device)
         # Greedy's own tokens (the draft's where it held): rows already finished go on as the step loop would.
         predicted = settled.argmax(-1)
@@ -92,7 +104,7 @@ def cached_greedy(decoder: Decoder, kv: list, steps: int, early_exit: bool, budg
     if early_exit and check_every > 1:  # cut the steps taken after every row was done
         finished = torch.stack(finished)
         logits = logits[:, : int(finished.int().argmax()) + 1 if bool(finished.any()) else len(finished)]
-    return logits if settled is None else torch.cat([settled.to(logits.dtype), logits], dim=1)
+    return (logits if settled is None else torch.cat([settled.to(logits.dtype), logits], dim=1)), None
 
 
 def recomputing_greedy(decoder: Decoder, kv: list, steps: int, early_exit: bool, budget: torch.Tensor,

@@ -103,20 +103,22 @@ def decoding_step(decoder: Decoder, tokens: torch.Tensor, position: torch.Tensor
 
 
 def cloze_pass(decoder: Decoder, context: torch.Tensor, hidden: torch.Tensor, memory: list[KV],
-               tables: StepTables, first: int = 0) -> torch.Tensor:
-    """Refinement logits (B, Lq, C) of a one-layer decoder: position queries [first, first + Lq) over the whole
-    `context` (B, L) tokens, `hidden` (B, Lq, L) True where a query may not look; `Decoder.forward`'s result
-    with layer 0's projections looked up in `tables` (inference: no dropout). Queries are independent of each
-    other, so a pass may be split into ranges of queries."""
+               tables: StepTables, first: int | torch.Tensor = 0) -> torch.Tensor:
+    """Refinement logits (B, Lq, C) of a one-layer decoder: position queries [first, first + Lq) (or those at
+    the positions of `first`, an (Lq,) tensor) over the whole `context` (B, L) tokens, `hidden` (B, Lq, L) True
+    where a query may not look; `Decoder.forward`'s result with layer 0's projections looked up in `tables`
+    (inference: no dropout). Queries are independent of each other, so a pass may be split into sets of
+    queries, and passes over one context joined."""
     if len(decoder.layers) != 1:
         raise ValueError("cloze_pass is for one-layer decoders; use Decoder.forward")
     layer, (batch, length), queries = decoder.layers[0], context.shape, hidden.shape[1]
     attn = layer.self_attn
     positions = torch.arange(length, device=context.device)
     k, v = (attn._heads(t[context, positions]) for t in (tables.keys, tables.values))
-    q = attn._heads(tables.queries[None, first:first + queries]).expand(batch, -1, -1, -1)
+    at = first if isinstance(first, torch.Tensor) else slice(first, first + queries)
+    q = attn._heads(tables.queries[None, at]).expand(batch, -1, -1, -1)
     mask = torch.zeros(hidden.shape, device=hidden.device).masked_fill(hidden, float("-inf"))[:, None]
-    query = decoder.pos_queries[:, first:first + queries].expand(batch, -1, -1)
+    query = decoder.pos_queries[:, at].expand(batch, -1, -1)
     query = layer.finish(query + attn.attend(q, k, v, mask), memory[0])
     return decoder.head(decoder.norm(query))
 

@@ -139,6 +139,28 @@ def test_builtin_model_reads_the_same_with_and_without_drafts():
 
 
 @pytest.mark.slow
+def test_builtin_model_reads_hello_in_two_decoder_passes(monkeypatch):
+    """Both drafts right: one pass per branch checks the draft and refines it; no step, no other pass."""
+    from PIL import Image
+
+    from clip4str.model import refine, static_step
+    from clip4str.onnx_backend import OnnxRecognizer
+    hello = Image.open(HELLO).convert("RGB")
+    passes, steps = [], []
+    cloze = static_step.cloze_pass
+    for module in (greedy, refine):
+        monkeypatch.setattr(module, "cloze_pass", lambda *a, **k: passes.append(1) or cloze(*a, **k))
+    monkeypatch.setattr(greedy, "decoding_step", lambda *a: steps.append(1) or STEP(*a))
+    assert Recognizer.from_pretrained().read([hello])[0].text == "hello"
+    assert (len(passes), len(steps)) == (2, 0)
+    onnx_passes = []
+    run = OnnxRecognizer._step
+    monkeypatch.setattr(OnnxRecognizer, "_step", lambda self, *a, **k: onnx_passes.append(1) or run(self, *a, **k))
+    assert OnnxRecognizer().read([hello])[0].text == "hello"
+    assert len(onnx_passes) == 2
+
+
+@pytest.mark.slow
 def test_builtin_onnx_model_reads_the_same_with_and_without_drafts_in_fewer_passes(monkeypatch):
     import numpy as np
     from PIL import Image

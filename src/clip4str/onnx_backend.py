@@ -106,23 +106,35 @@ class OnnxRecognizer(BaseRecognizer):
 
     # -- decoding (mirrors CLIP4STR.decode) ------------------------------------------------------------------
     def _first_pass(self, decoder, memory: np.ndarray, steps: int, mode: str, early_exit: bool,
-                    budget: np.ndarray | None, draft: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+                    budget: np.ndarray | None, draft: np.ndarray | None = None, refine_steps: int = 0
+                    ) -> tuple[np.ndarray, np.ndarray, tuple | None]:
         b, tok = memory.shape[0], self.tokenizer
         if mode == "nar":
             bos = np.full((b, 1), tok.bos_id, dtype=np.int64)
             logits = self._step(decoder, bos, memory, np.arange(steps), np.zeros((steps, 1), dtype=bool))
-            return logits, np.full(b, steps)
+            return logits, np.full(b, steps), None
         stops_at_eos = budget is None
         budget = np.full(b, steps) if budget is None else budget
         tgt = np.full((b, steps), tok.pad_id, dtype=np.int64)
         tgt[:, 0] = tok.bos_id
         mask = _causal(steps)
-        logits, start = [], 0
+        logits, start, ahead = [], 0, None
         if draft is not None and early_exit and budget.max() > 0:  # `clip4str.draft`
             draft = draft[:, :int(budget.max())]
             n = draft.shape[1]
             tgt[:, 1:n] = draft[:, :-1]
-            checked = self._step(decoder, tgt[:, :n], memory, np.arange(n), mask[:n, :n])
+            queries, query_mask, padding = np.arange(n), mask[:n, :n], None
+            if refine_steps:  # the refinement of the draft's reading joins the check (`greedy.check_draft`)
+                is_eos = draft == tok.eos_id
+                lengths = np.minimum(np.where(is_eos.any(-1), is_eos.argmax(-1) + 1, n), budget)
+                context, padding, cloze = self._refine_inputs(draft, lengths, refine_steps)
+                width = min(refine_steps, n + 1)
+                # Padding hides only what follows a row's EOS in the draft, which its causal queries up to
+                # there never see: the check settles the same.
+                queries, query_mask = np.concatenate([queries, np.arange(width)]), np.vstack([query_mask,
+                                                                                             cloze[:width]])
+            out = self._step(decoder, tgt[:, :n], memory, queries, query_mask, padding)
+            checked = out[:, :n]
             settled = settle(checked.argmax(-1), draft, budget, tok.eos_id)
             start = settled.width
             logits.append(checked[:, :start])
@@ -130,6 +142,7 @@ class OnnxRecognizer(BaseRecognizer):
             tgt[:, 1:start + 1] = checked[:, :start].argmax(-1)[:, :steps - 1]
             if settled.finished:
                 start = steps
+                ahead = (context, padding, out[:, n:]) if refine_steps else None
         for i in range(start, int(budget.max())):
             j = i + 1
             out = self._step(decoder, tgt[:, :j], memory, np.array([i]), mask[i:j, :j])
@@ -144,20 +157,32 @@ class OnnxRecognizer(BaseRecognizer):
             is_eos = logits.argmax(-1) == tok.eos_id
             first = np.where(is_eos.any(-1), is_eos.argmax(-1) + 1, logits.shape[1])
             lengths = np.minimum(lengths, first)
-        return logits, lengths
+        return logits, lengths, ahead
 
-    def _refine(self, decoder, memory: np.ndarray, logits: np.ndarray, lengths: np.ndarray, steps: int
-                ) -> tuple[np.ndarray, np.ndarray]:
+    def _refine_inputs(self, ids: np.ndarray, lengths: np.ndarray, steps: int
+                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """`refine.refine_context`'s context and padding of greedy ids (B, L), and the cloze query mask (steps, L)."""
         tok = self.tokenizer
-        b, length = logits.shape[:2]
-        ctx = np.concatenate([np.full((b, 1), tok.bos_id, dtype=np.int64), logits[:, :-1].argmax(-1)], axis=1)
+        b, length = ids.shape
+        ctx = np.concatenate([np.full((b, 1), tok.bos_id, dtype=np.int64), ids[:, :-1]], axis=1)
         padding = (np.cumsum(ctx == tok.eos_id, -1) > 0) | (np.arange(length)[None] >= lengths[:, None])
         query_mask = np.zeros((steps, length), dtype=bool)
         idx = np.arange(min(steps, length - 1))
         query_mask[idx, idx + 1] = True
+        return ctx, padding, query_mask
+
+    def _refine(self, decoder, memory: np.ndarray, logits: np.ndarray, lengths: np.ndarray, steps: int,
+                ahead: tuple | None = None) -> tuple[np.ndarray, np.ndarray]:
+        tok = self.tokenizer
+        b, length = logits.shape[:2]
+        ctx, padding, query_mask = self._refine_inputs(logits.argmax(-1), lengths, steps)
         # The queries past every row's first EOS are computed only if a row has none before them (as in torch).
         width = min(steps, length + 1)
-        out = self._step(decoder, ctx, memory, np.arange(width), query_mask[:width], padding)
+        if ahead is not None and ahead[0].shape == ctx.shape and np.array_equal(ahead[1], padding) and \
+                np.array_equal(np.where(padding, 0, ahead[0]), np.where(padding, 0, ctx)):  # `refine.Refined.holds`
+            out = ahead[2]
+        else:
+            out = self._step(decoder, ctx, memory, np.arange(width), query_mask[:width], padding)
         if width < steps and not (out.argmax(-1) == tok.eos_id).any(-1).all():
             rest = self._step(decoder, ctx, memory, np.arange(width, steps), query_mask[width:], padding)
             out = np.concatenate([out, rest], axis=1)
@@ -177,20 +202,24 @@ class OnnxRecognizer(BaseRecognizer):
         if self.ctc_head is not None and (guard or rescore or draft):
             ctc_log_probs = self.ctc_head.run(None, {"image_tokens": tokens})[0]
         img_draft = ctc_drafts(ctc_log_probs, self.tokenizer.eos_id) if draft and ctc_log_probs is not None else None
-        img, img_len = self._first_pass(self.image_decoder, tokens, steps, mode, early_exit, None, img_draft)
-        cross = cross_len = None
+        ahead_steps = steps if refine_iters else 0
+        img, img_len, img_ahead = self._first_pass(self.image_decoder, tokens, steps, mode, early_exit, None,
+                                                   img_draft, ahead_steps)
+        cross = cross_len = cross_ahead = None
         if self.cross:
             captions = self._captions(img, img_len)
             mem = self._cross_memory(tokens, captions)
-            cross, cross_len = self._first_pass(self.cross_decoder, mem, steps, mode, early_exit, img_len,
-                                                img.argmax(-1) if draft else None)
+            cross, cross_len, cross_ahead = self._first_pass(self.cross_decoder, mem, steps, mode, early_exit,
+                                                             img_len, img.argmax(-1) if draft else None, ahead_steps)
         for _ in range(refine_iters):
-            img, img_len_new = self._refine(self.image_decoder, tokens, img, img_len, steps)
+            img, img_len_new = self._refine(self.image_decoder, tokens, img, img_len, steps, img_ahead)
             if self.cross:
                 previous, captions = captions, self._captions(img)
-                mem = self._cross_memory(tokens, captions, (previous, mem))
-                cross, cross_len = self._refine(self.cross_decoder, mem, cross, cross_len, steps)
-            img_len = img_len_new
+                new_mem = self._cross_memory(tokens, captions, (previous, mem))
+                if new_mem is not mem:  # computed ahead for the old memory only
+                    mem, cross_ahead = new_mem, None
+                cross, cross_len = self._refine(self.cross_decoder, mem, cross, cross_len, steps, cross_ahead)
+            img_len, img_ahead, cross_ahead = img_len_new, None, None
         logits, lengths = (cross, cross_len) if self.cross else (img, img_len)
         if ctc_log_probs is not None and (guard or rescore):
             if rescore:

@@ -153,3 +153,22 @@ def test_tower_attention_matches_multihead_attention():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         for a, b in zip(_outputs(ours.eval()), _outputs(reference.eval()), strict=True):
             torch.testing.assert_close(a.float(), b.float(), atol=0.1, rtol=0.05)
+
+
+def test_fit_positions_resamples_a_grid_of_any_shape():
+    from clip4str.weights import fit_positions
+    rows, cols, dim = 4, 16, 8
+    grid = torch.arange(rows * cols * dim, dtype=torch.float32).reshape(rows * cols, dim)
+    pos = torch.cat([torch.full((1, dim), -1.0), grid])
+    assert fit_positions(pos, (rows, cols), (rows, cols)) is pos
+    for target in ((4, 20), (4, 12), (8, 16), (2, 8)):  # wider, narrower, taller, smaller
+        out = fit_positions(pos, target, (rows, cols))
+        assert out.shape == (1 + target[0] * target[1], dim)
+        assert torch.equal(out[0], pos[0])  # the class token's position is kept
+        patches = out[1:].reshape(*target, dim)
+        # A linear ramp along the columns stays monotonic after bicubic resampling along them.
+        assert (patches[:, 1:, 0] > patches[:, :-1, 0]).all(), target
+    with pytest.raises(ValueError, match="does not fit a 3x16 grid"):
+        fit_positions(pos, (4, 20), (3, 16))
+    square = torch.randn(1 + 7 * 7, dim)
+    assert fit_positions(square, (4, 16)).shape == (1 + 64, dim)  # an ImageNet ViT's square grid by default

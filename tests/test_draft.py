@@ -88,7 +88,7 @@ def test_a_right_draft_gives_its_first_refinement_in_the_checking_pass(tiny_over
         expected, _ = model._refine(decoder, kv, plain, lengths, steps)
         for name, draft in _drafts(plain, tok.eos_id).items():
             logits, lengths_d, ahead = model._first_pass(decoder, kv, steps, "ar", True, None, draft=draft,
-                                                         refine_steps=steps)
+                                                         refine=True)
             assert torch.equal(lengths_d, lengths), name
             assert (ahead is not None) == (name in ("right", "longer")), f"{name}: only a draft read as it is"
             passes.clear()
@@ -99,7 +99,7 @@ def test_a_right_draft_gives_its_first_refinement_in_the_checking_pass(tiny_over
                 torch.testing.assert_close(out[b, :stop], expected[b, :stop], atol=1e-5, rtol=0, msg=name)
         # Computed ahead for another reading (here: the last row one token shorter), it does not hold.
         _, _, ahead = model._first_pass(decoder, kv, steps, "ar", True, None, draft=plain.argmax(-1),
-                                        refine_steps=steps)
+                                        refine=True)
         shorter = lengths.clone()
         shorter[-1] -= 1
         passes.clear()
@@ -128,7 +128,8 @@ def test_builtin_model_reads_the_same_with_and_without_drafts():
     for batch in (images[:1], images):
         x = rec.preprocess(batch)
         with torch.inference_mode():
-            for options in ({}, {"refine_iters": 0}, {"rescore": False, "guard": False}, {"compiled": True}):
+            for options in ({}, {"refine_iters": 0}, {"refine_iters": 2}, {"max_length": 3}, {"mode": "nar"},
+                            {"rescore": False, "guard": False}, {"compiled": True}):
                 on, off = rec.model.decode(x, **options), rec.model.decode(x, draft=False, **options)
                 assert torch.equal(on.lengths, off.lengths) and torch.equal(on.image_lengths, off.image_lengths)
                 for b, n in enumerate(on.lengths.tolist()):
@@ -136,6 +137,28 @@ def test_builtin_model_reads_the_same_with_and_without_drafts():
                 for b, n in enumerate(on.image_lengths.tolist()):
                     torch.testing.assert_close(on.image_logits[b, :n], off.image_logits[b, :n], atol=1e-4, rtol=0)
     assert [r.text for r in rec.read(images)] == [r.text for r in rec.read(images, draft=False)]
+
+
+@pytest.mark.slow
+def test_a_refinement_computed_ahead_is_dropped_when_the_captions_change(monkeypatch):
+    """The cross branch's refinement computed with its check holds for the first pass's memory only."""
+    from PIL import Image
+
+    from clip4str.model.clip4str import CLIP4STR
+    rec = Recognizer.from_pretrained()
+    x = rec.preprocess([Image.open(HELLO).convert("RGB")])
+    captions = CLIP4STR.captions
+
+    def changed_at_refinement(self, logits, lengths=None):  # the refinement's call passes no lengths
+        out = captions(self, logits, lengths)
+        return out if lengths is not None else [c + "s" for c in out]
+
+    monkeypatch.setattr(CLIP4STR, "captions", changed_at_refinement)
+    with torch.inference_mode():
+        on, off = rec.model.decode(x, rescore=False), rec.model.decode(x, draft=False, rescore=False)
+    n = int(on.lengths[0])
+    assert n == int(off.lengths[0])
+    torch.testing.assert_close(on.logits[0, :n], off.logits[0, :n], atol=1e-4, rtol=0)
 
 
 @pytest.mark.slow

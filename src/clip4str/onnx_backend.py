@@ -106,7 +106,7 @@ class OnnxRecognizer(BaseRecognizer):
 
     # -- decoding (mirrors CLIP4STR.decode) ------------------------------------------------------------------
     def _first_pass(self, decoder, memory: np.ndarray, steps: int, mode: str, early_exit: bool,
-                    budget: np.ndarray | None, draft: np.ndarray | None = None, refine_steps: int = 0
+                    budget: np.ndarray | None, draft: np.ndarray | None = None, refine: bool = False
                     ) -> tuple[np.ndarray, np.ndarray, tuple | None]:
         b, tok = memory.shape[0], self.tokenizer
         if mode == "nar":
@@ -124,13 +124,14 @@ class OnnxRecognizer(BaseRecognizer):
             n = draft.shape[1]
             tgt[:, 1:n] = draft[:, :-1]
             queries, query_mask, padding = np.arange(n), mask[:n, :n], None
-            if refine_steps:  # the refinement of the draft's reading joins the check (`greedy.check_draft`)
+            if refine:  # the refinement of the draft's reading joins the check (`greedy.check_draft`)
                 is_eos = draft == tok.eos_id
                 lengths = np.minimum(np.where(is_eos.any(-1), is_eos.argmax(-1) + 1, n), budget)
-                context, padding, cloze = self._refine_inputs(draft, lengths, refine_steps)
-                width = min(refine_steps, n + 1)
-                # Padding hides only what follows a row's EOS in the draft, which its causal queries up to
-                # there never see: the check settles the same.
+                context, padding, cloze = self._refine_inputs(draft, lengths, steps)
+                width = min(steps, n + 1)
+                # The graph takes one padding for all queries. It hides only positions from a row's length on,
+                # which its causal queries before there never see: the check settles the same (its logits
+                # past a row's stop differ from torch's, and are never read).
                 queries, query_mask = np.concatenate([queries, np.arange(width)]), np.vstack([query_mask,
                                                                                              cloze[:width]])
             out = self._step(decoder, tgt[:, :n], memory, queries, query_mask, padding)
@@ -142,7 +143,7 @@ class OnnxRecognizer(BaseRecognizer):
             tgt[:, 1:start + 1] = checked[:, :start].argmax(-1)[:, :steps - 1]
             if settled.finished:
                 start = steps
-                ahead = (context, padding, out[:, n:]) if refine_steps else None
+                ahead = (context, padding, out[:, n:]) if refine else None
         for i in range(start, int(budget.max())):
             j = i + 1
             out = self._step(decoder, tgt[:, :j], memory, np.array([i]), mask[i:j, :j])
@@ -178,7 +179,8 @@ class OnnxRecognizer(BaseRecognizer):
         ctx, padding, query_mask = self._refine_inputs(logits.argmax(-1), lengths, steps)
         # The queries past every row's first EOS are computed only if a row has none before them (as in torch).
         width = min(steps, length + 1)
-        if ahead is not None and ahead[0].shape == ctx.shape and np.array_equal(ahead[1], padding) and \
+        if ahead is not None and ahead[2].shape[1] == width and ahead[0].shape == ctx.shape and \
+                np.array_equal(ahead[1], padding) and \
                 np.array_equal(np.where(padding, 0, ahead[0]), np.where(padding, 0, ctx)):  # `refine.Refined.holds`
             out = ahead[2]
         else:
@@ -202,15 +204,15 @@ class OnnxRecognizer(BaseRecognizer):
         if self.ctc_head is not None and (guard or rescore or draft):
             ctc_log_probs = self.ctc_head.run(None, {"image_tokens": tokens})[0]
         img_draft = ctc_drafts(ctc_log_probs, self.tokenizer.eos_id) if draft and ctc_log_probs is not None else None
-        ahead_steps = steps if refine_iters else 0
+        refine = refine_iters > 0
         img, img_len, img_ahead = self._first_pass(self.image_decoder, tokens, steps, mode, early_exit, None,
-                                                   img_draft, ahead_steps)
+                                                   img_draft, refine)
         cross = cross_len = cross_ahead = None
         if self.cross:
             captions = self._captions(img, img_len)
             mem = self._cross_memory(tokens, captions)
             cross, cross_len, cross_ahead = self._first_pass(self.cross_decoder, mem, steps, mode, early_exit,
-                                                             img_len, img.argmax(-1) if draft else None, ahead_steps)
+                                                             img_len, img.argmax(-1) if draft else None, refine)
         for _ in range(refine_iters):
             img, img_len_new = self._refine(self.image_decoder, tokens, img, img_len, steps, img_ahead)
             if self.cross:

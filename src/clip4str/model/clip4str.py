@@ -231,10 +231,10 @@ class CLIP4STR(nn.Module):
         img_draft = None
         if draft and log_probs is not None:
             img_draft = torch.from_numpy(ctc_drafts(log_probs, self.tokenizer.eos_id)).to(memory.device)
-        # A checked draft also gives its first refinement pass (`greedy.check_draft`), used where it holds.
-        ahead_steps = steps if refine_iters else 0
+        # A right draft's check also gives the first refinement (`greedy.check_draft`): one pass instead of two.
+        refine = refine_iters > 0
         img_logits, img_len, img_ahead = self._first_pass(self.image_decoder, img_kv, steps, mode, early_exit, None,
-                                                          kv_cache, compiled, img_draft, ahead_steps)
+                                                          kv_cache, compiled, img_draft, refine)
         cross_mem = cross_kv = cross_logits = cross_len = cross_ahead = None
         if self.cross_decoder is not None:
             captions = self.captions(img_logits, img_len)
@@ -242,7 +242,7 @@ class CLIP4STR(nn.Module):
             cross_kv = self.cross_decoder.memory_kv(cross_mem)
             cross_logits, cross_len, cross_ahead = self._first_pass(
                 self.cross_decoder, cross_kv, steps, mode, early_exit, img_len, kv_cache, compiled,
-                img_logits.argmax(-1) if draft else None, ahead_steps)
+                img_logits.argmax(-1) if draft else None, refine)
         for _ in range(refine_iters):
             img_logits, img_len_new = self._refine(self.image_decoder, img_kv, img_logits, img_len, steps, kv_cache,
                                                    img_ahead)
@@ -267,10 +267,10 @@ class CLIP4STR(nn.Module):
 
     def _first_pass(self, decoder: Decoder, memory: torch.Tensor | list, steps: int, mode: str, early_exit: bool,
                     budget: torch.Tensor | None, kv_cache: bool = True, compiled: bool = False,
-                    draft: torch.Tensor | None = None, refine_steps: int = 0
+                    draft: torch.Tensor | None = None, refine: bool = False
                     ) -> tuple[torch.Tensor, torch.Tensor, Refined | None]:
         """Greedy (AR) or one-pass (NAR) logits and lengths over `memory` (tokens, or `decoder.memory_kv`'s), and
-        the first refinement computed ahead or None; `draft` and `refine_steps` as `greedy.cached_greedy`'s."""
+        the first refinement computed ahead or None; `draft` and `refine` as `greedy.cached_greedy`'s."""
         kv = decoder.memory_kv(memory) if isinstance(memory, torch.Tensor) else memory
         b, device = kv[0][0].shape[0], kv[0][0].device
         tok = self.tokenizer
@@ -282,7 +282,7 @@ class CLIP4STR(nn.Module):
         budget = torch.full((b,), steps, device=device) if budget is None else budget
         ahead = None
         if kv_cache:
-            logits, ahead = cached_greedy(decoder, kv, steps, early_exit, budget, tok, compiled, draft, refine_steps)
+            logits, ahead = cached_greedy(decoder, kv, steps, early_exit, budget, tok, compiled, draft, refine)
         else:
             logits = recomputing_greedy(decoder, kv, steps, early_exit, budget, tok)
         lengths = budget.clamp(max=logits.shape[1])

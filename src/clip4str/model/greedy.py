@@ -29,7 +29,7 @@ def check_draft(decoder: Decoder, kv: list[KV], draft: torch.Tensor, budget: tor
     hidden = torch.ones(n, n, dtype=torch.bool, device=draft.device).triu(1).expand(b, n, n)
     queries = torch.arange(n, device=draft.device)
     if refine_steps:
-        # The first pass's lengths if it reads the draft: up to each row's first EOS, within its budget.
+        # As `_first_pass` would give them if it reads the draft (`Refined.holds` finds out whether it does).
         is_eos = draft == eos
         lengths = torch.minimum(torch.where(is_eos.any(-1), is_eos.int().argmax(-1) + 1, n), budget)
         context, padding = refine_context(draft, lengths, bos, eos)
@@ -60,14 +60,14 @@ def _prefill(decoder: Decoder, caches: list[KV], predicted: torch.Tensor, start:
 
 def cached_greedy(decoder: Decoder, kv: list, steps: int, early_exit: bool, budget: torch.Tensor,
                   tokenizer: Tokenizer, compiled: bool = False, draft: torch.Tensor | None = None,
-                  refine_steps: int = 0) -> tuple[torch.Tensor, Refined | None]:
+                  refine: bool = False) -> tuple[torch.Tensor, Refined | None]:
     """Greedy logits (B, steps taken, C) over memory keys/values `kv`, with the static step (`static_step`); row b
     takes at most budget[b] steps.
 
     draft (B, n): guessed next tokens (EOS-terminated). A one-layer decoder checks them in one pass
     (`check_draft`, `clip4str.draft`) and steps only from the first position where a row was wrong; the logits
-    up to each row's stop are greedy decoding's (within rounding), those after it are unspecified. With
-    refine_steps, a checked draft that needs no step also gives its refinement (`check_draft`), else None.
+    up to each row's stop are greedy decoding's (within rounding), those after it are unspecified. With refine,
+    a checked draft that needs no step also gives its first refinement over `steps` queries, else None.
     """
     b, device, tok = budget.shape[0], budget.device, tokenizer
     step = compiled_decoding_step(decoder) if compiled else decoding_step
@@ -80,7 +80,7 @@ def cached_greedy(decoder: Decoder, kv: list, steps: int, early_exit: bool, budg
     if draft is not None and early_exit and len(decoder.layers) == 1 and limit > 0:
         draft = draft[:, :limit].to(device)
         settled, checked, ahead = check_draft(decoder, kv, draft, budget, tables, tok.bos_id, tok.eos_id,
-                                              refine_steps)
+                                              steps if refine else 0)
         if checked.finished:
             return settled, ahead
         start, done = checked.width, torch.from_numpy(checked.done).to(device)

@@ -52,7 +52,7 @@ def table_refine(decoder: Decoder, memory_kv: list[KV], context: torch.Tensor, p
     # Its queries are independent: those past every row's first EOS are computed only if a row has none before
     # them (the positions after a reading's EOS are never read).
     width = min(steps, context.shape[1] + 1)
-    if ahead is not None and ahead.holds(context, padding):
+    if ahead is not None and ahead.logits.shape[1] == width and ahead.holds(context, padding):
         out = ahead.logits
     else:
         out = cloze_pass(decoder, context, refine_queries(padding, steps, width), memory_kv, tables)

@@ -49,7 +49,8 @@ def build_model(cfg: TrainConfig, init: bool = True) -> CLIP4STR:
 
 
 def load_weights_into(model: CLIP4STR, folder: str | Path) -> None:
-    """Start from a clip4str checkpoint's weights; the training-only CTC head may be on either side alone."""
+    """Start from a clip4str checkpoint's weights; the training-only CTC head may be on either side alone, and the
+    input size may differ (same patches: the image positions are resampled to the new grid)."""
     doc, weights = read_checkpoint_config(folder)
     parent = ModelConfig.from_dict(doc["model"])
     ours, theirs = _sizeless(model.config.to_dict()), _sizeless(parent.to_dict())

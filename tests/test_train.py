@@ -281,7 +281,7 @@ def test_init_from_a_clip4str_checkpoint(tmp_path, folder):
         train(missing)
 
 
-def test_a_checkpoint_starts_a_run_at_another_input_size(tmp_path, folder):
+def test_a_checkpoint_starts_a_run_at_another_input_size(tmp_path, folder, capsys):
     import torch
 
     from clip4str.factory import create_model
@@ -292,6 +292,7 @@ def test_a_checkpoint_starts_a_run_at_another_input_size(tmp_path, folder):
     cfg = load_config(_config(tmp_path, folder), [f"model.init=checkpoint:{tmp_path / 'start'}",
                                                   f"model.clip.vision_cfg.image_size=[{h}, {w + 32}]"])
     model = build_model(cfg)
+    assert "image positions resampled from 4x16 to 4x20 patches" in capsys.readouterr().err
     assert model.config.image_size == (h, w + 32)
     patch = source.config.clip["vision_cfg"]["patch_size"]
     rows, cols = h // patch[0], w // patch[1]

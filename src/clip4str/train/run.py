@@ -62,9 +62,12 @@ def load_weights_into(model: CLIP4STR, folder: str | Path) -> None:
     state = read_tensors(weights)[0]
     own = model.state_dict()
     # Another input size with the same patches: the image tokens' positions are resampled to the new grid.
-    key = "clip.visual.positional_embedding"
-    if key in state:
-        state[key] = fit_positions(state[key], _grid(model.config), _grid(parent))
+    key, grid, parent_grid = "clip.visual.positional_embedding", _grid(model.config), _grid(parent)
+    if key in state and grid != parent_grid:
+        state[key] = fit_positions(state[key], grid, parent_grid)
+        print(f"{folder}: input {parent.image_size[0]}x{parent.image_size[1]} -> {model.config.image_size[0]}x"
+              f"{model.config.image_size[1]}: image positions resampled from {parent_grid[0]}x{parent_grid[1]} to "
+              f"{grid[0]}x{grid[1]} patches", file=sys.stderr)
     state = {k: v for k, v in state.items() if not k.startswith("ctc_head.") or k in own}
     state.update({k: v for k, v in own.items() if k.startswith("ctc_head.") and k not in state})
     load_exact(model, state, f"checkpoint {folder}")

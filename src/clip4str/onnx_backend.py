@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +36,21 @@ def default_onnx_model_path() -> Path:
 
 def _causal(n: int) -> np.ndarray:
     return np.triu(np.ones((n, n), dtype=bool), 1)
+
+
+@dataclass
+class _Refined:
+    """`clip4str.model.refine.Refined` in NumPy: a refinement computed with a draft check."""
+
+    context: np.ndarray
+    padding: np.ndarray
+    logits: np.ndarray
+
+    def holds(self, context: np.ndarray, padding: np.ndarray, width: int) -> bool:
+        """Whether these are the first `width` refinement logits over `context` with `padding`."""
+        return self.logits.shape[1] == width and self.context.shape == context.shape and \
+            np.array_equal(self.padding, padding) and \
+            np.array_equal(np.where(padding, 0, self.context), np.where(padding, 0, context))
 
 
 class OnnxRecognizer(BaseRecognizer):
@@ -107,7 +123,7 @@ class OnnxRecognizer(BaseRecognizer):
     # -- decoding (mirrors CLIP4STR.decode) ------------------------------------------------------------------
     def _first_pass(self, decoder, memory: np.ndarray, steps: int, mode: str, early_exit: bool,
                     budget: np.ndarray | None, draft: np.ndarray | None = None, refine: bool = False
-                    ) -> tuple[np.ndarray, np.ndarray, tuple | None]:
+                    ) -> tuple[np.ndarray, np.ndarray, _Refined | None]:
         b, tok = memory.shape[0], self.tokenizer
         if mode == "nar":
             bos = np.full((b, 1), tok.bos_id, dtype=np.int64)
@@ -143,7 +159,7 @@ class OnnxRecognizer(BaseRecognizer):
             tgt[:, 1:start + 1] = checked[:, :start].argmax(-1)[:, :steps - 1]
             if settled.finished:
                 start = steps
-                ahead = (context, padding, out[:, n:]) if refine else None
+                ahead = _Refined(context, padding, out[:, n:]) if refine else None
         for i in range(start, int(budget.max())):
             j = i + 1
             out = self._step(decoder, tgt[:, :j], memory, np.array([i]), mask[i:j, :j])
@@ -173,16 +189,14 @@ class OnnxRecognizer(BaseRecognizer):
         return ctx, padding, query_mask
 
     def _refine(self, decoder, memory: np.ndarray, logits: np.ndarray, lengths: np.ndarray, steps: int,
-                ahead: tuple | None = None) -> tuple[np.ndarray, np.ndarray]:
+                ahead: _Refined | None = None) -> tuple[np.ndarray, np.ndarray]:
         tok = self.tokenizer
         b, length = logits.shape[:2]
         ctx, padding, query_mask = self._refine_inputs(logits.argmax(-1), lengths, steps)
         # The queries past every row's first EOS are computed only if a row has none before them (as in torch).
         width = min(steps, length + 1)
-        if ahead is not None and ahead[2].shape[1] == width and ahead[0].shape == ctx.shape and \
-                np.array_equal(ahead[1], padding) and \
-                np.array_equal(np.where(padding, 0, ahead[0]), np.where(padding, 0, ctx)):  # `refine.Refined.holds`
-            out = ahead[2]
+        if ahead is not None and ahead.holds(ctx, padding, width):
+            out = ahead.logits
         else:
             out = self._step(decoder, ctx, memory, np.arange(width), query_mask[:width], padding)
         if width < steps and not (out.argmax(-1) == tok.eos_id).any(-1).all():

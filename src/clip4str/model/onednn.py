@@ -30,14 +30,17 @@ def available() -> bool:
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """`F.linear`, through oneDNN where `weight` is registered and the call is fp32 CPU inference of several rows."""
-    entry = None if torch.compiler.is_compiling() else _PACKED.get(weight)  # dynamo must not trace the registry
-    if entry is None or x.dtype != torch.float32 or x.device.type != "cpu" or weight.dtype != torch.float32 or \
-            x.numel() * weight.shape[0] < MIN_MACS or \
-            (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)) or \
+    # The cheap tests come first (most calls are small products), the registry lookup after them; dynamo must
+    # not trace the registry.
+    if torch.compiler.is_compiling() or x.numel() * weight.shape[0] < MIN_MACS or x.dtype != torch.float32 or \
+            x.device.type != "cpu" or weight.dtype != torch.float32:
+        return F.linear(x, weight, bias)
+    entry = _PACKED.get(weight)
+    if entry is None or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)) or \
             torch.jit.is_tracing() or _get_current_dispatch_mode() is not None or torch.is_autocast_enabled("cpu") or \
             torch.onnx.is_in_onnx_export():
         # Graphs (torch.compile, ONNX export) record the plain product; dispatch modes (FLOP counting) and
-        # autocast see the operator they know. The cheap tests come first: most calls are small products.
+        # autocast see the operator they know.
         return F.linear(x, weight, bias)
     key, packed = entry
     if packed is None or key != _key(weight):  # packed lazily, again after any change of the weight's data

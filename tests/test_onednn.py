@@ -61,6 +61,33 @@ def test_an_in_place_update_or_new_data_repacks_the_weight():
         torch.testing.assert_close(onednn.linear(x, weight), F.linear(x, weight), atol=1e-4, rtol=1e-5)
 
 
+def test_a_view_registered_for_a_slice_is_packed_while_it_shows_the_same_data(monkeypatch):
+    """A decoder's keys-and-values rows are a new slice of its projection at every call: the view registered for
+    them carries the packing, and stops being used once the parameter's data is replaced."""
+    from clip4str.model.decoder import Attention
+
+    attn = Attention(256, 8)
+    assert onednn.pack_linears(attn) == 2  # the output projection and the keys-and-values rows
+    calls = []
+    packed_product = torch.ops.mkldnn._linear_pointwise
+    monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", lambda *a: calls.append(1) or packed_product(*a))
+    x = torch.randn(1, 81, 256)
+
+    def plain(a):
+        k, v = F.linear(x, a.in_proj_weight[256:], a.in_proj_bias[256:]).chunk(2, -1)
+        return a._heads(k), a._heads(v)
+
+    with torch.inference_mode():
+        for ours, ref in zip(attn.project_kv(x), plain(attn), strict=True):
+            torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
+    assert calls == [1]
+    attn.in_proj_weight.data = torch.randn(768, 256)  # the registered view is left on the old storage
+    with torch.inference_mode():
+        for ours, ref in zip(attn.project_kv(x), plain(attn), strict=True):
+            torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
+    assert calls == [1]
+
+
 def test_autocast_and_flop_counting_see_the_plain_product():
     from torch.utils.flop_counter import FlopCounterMode
 

@@ -28,24 +28,32 @@ def available() -> bool:
         hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """`F.linear`, through oneDNN where `weight` is registered and the call is fp32 CPU inference of several rows."""
-    # The cheap tests come first (most calls are small products), the registry lookup after them; dynamo must
-    # not trace the registry.
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+           registered: torch.Tensor | None = None) -> torch.Tensor:
+    """`F.linear`, through oneDNN where `weight` is registered and the call is fp32 CPU inference of several rows.
+
+    registered: the tensor registered for `weight` where `weight` is a new view at each call (a slice of a
+    parameter): its packing is used while it shows the same data.
+    """
+    # The cheap tests come first (most calls are small products), the registry lookup last; dynamo must not
+    # trace the registry, and a tracer must not see the registered view.
     if torch.compiler.is_compiling() or x.numel() * weight.shape[0] < MIN_MACS or x.dtype != torch.float32 or \
-            x.device.type != "cpu" or weight.dtype != torch.float32:
-        return F.linear(x, weight, bias)
-    entry = _PACKED.get(weight)
-    if entry is None or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)) or \
-            torch.jit.is_tracing() or _get_current_dispatch_mode() is not None or torch.is_autocast_enabled("cpu") or \
+            x.device.type != "cpu" or weight.dtype != torch.float32 or \
+            (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)) or torch.jit.is_tracing() or \
+            _get_current_dispatch_mode() is not None or torch.is_autocast_enabled("cpu") or \
             torch.onnx.is_in_onnx_export():
         # Graphs (torch.compile, ONNX export) record the plain product; dispatch modes (FLOP counting) and
         # autocast see the operator they know.
         return F.linear(x, weight, bias)
+    if registered is not None and _key(registered) != _key(weight):
+        registered = None
+    entry = _PACKED.get(weight if registered is None else registered)
+    if entry is None:
+        return F.linear(x, weight, bias)
     key, packed = entry
     if packed is None or key != _key(weight):  # packed lazily, again after any change of the weight's data
         packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 64)
-        _PACKED[weight] = (_key(weight), packed)
+        _PACKED[weight if registered is None else registered] = (_key(weight), packed)
     return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
 
 

@@ -162,8 +162,9 @@ def test_a_refinement_computed_ahead_is_dropped_when_the_captions_change(monkeyp
 
 
 @pytest.mark.slow
-def test_builtin_model_reads_hello_in_two_decoder_passes(monkeypatch):
-    """Both drafts right: one pass per branch checks the draft and refines it; no step, no other pass."""
+def test_builtin_model_reads_hello_in_one_decoder_pass_per_branch_it_runs(monkeypatch):
+    """Both drafts right: one pass per branch checks the draft and refines it; no step, no other pass. With the
+    cascade (the built-in model's default) the cross branch does not run for `hello`: one pass in all."""
     from PIL import Image
 
     from clip4str.model import refine, static_step
@@ -174,13 +175,18 @@ def test_builtin_model_reads_hello_in_two_decoder_passes(monkeypatch):
     for module in (greedy, refine):
         monkeypatch.setattr(module, "cloze_pass", lambda *a, **k: passes.append(1) or cloze(*a, **k))
     monkeypatch.setattr(greedy, "decoding_step", lambda *a: steps.append(1) or STEP(*a))
-    assert Recognizer.from_pretrained().read([hello])[0].text == "hello"
-    assert (len(passes), len(steps)) == (2, 0)
+    rec = Recognizer.from_pretrained()
+    for cascade, expected in ((False, 2), (True, 1)):
+        passes.clear()
+        assert rec.read([hello], cascade=cascade)[0].text == "hello"
+        assert (len(passes), len(steps)) == (expected, 0)
     onnx_passes = []
     run = OnnxRecognizer._step
     monkeypatch.setattr(OnnxRecognizer, "_step", lambda self, *a, **k: onnx_passes.append(1) or run(self, *a, **k))
-    assert OnnxRecognizer().read([hello])[0].text == "hello"
-    assert len(onnx_passes) == 2
+    for cascade, expected in ((False, 2), (True, 1)):
+        onnx_passes.clear()
+        assert OnnxRecognizer().read([hello], cascade=cascade)[0].text == "hello"
+        assert len(onnx_passes) == expected
 
 
 @pytest.mark.slow

@@ -84,7 +84,7 @@ def cmd_read(args: argparse.Namespace) -> int:
     bar = tqdm(total=len(paths), unit="img", file=sys.stderr, disable=len(paths) < 50 or args.quiet)
     failures = []
     results = rec.iter_read(paths, args.batch_size, mode=args.mode, refine_iters=args.refine_iters,
-                            guard=not args.no_guard, rescore=not args.no_rescore)
+                            guard=not args.no_guard, rescore=not args.no_rescore, cascade=not args.no_cascade)
     for path, r in zip(paths, results, strict=True):
         bar.update(1)
         if r.error:
@@ -113,7 +113,8 @@ def cmd_test(args: argparse.Namespace) -> int:
     total = sum(len(b.data) for b in benches)
     with tqdm(total=total, unit="img", file=sys.stderr, disable=args.quiet) as bar:
         rows, ms = run_benchmarks(rec, benches, charset, args.batch_size, args.csv, bar.update,
-                                  guard=not args.no_guard, rescore=not args.no_rescore)
+                                  guard=not args.no_guard, rescore=not args.no_rescore,
+                                  cascade=not args.no_cascade)
     print(format_table(rows, charset, args.format))
     if args.format == "md":
         backend = "torch" if hasattr(rec, "model") else "onnx"  # what --backend auto chose
@@ -136,6 +137,9 @@ def _model_options(p: argparse.ArgumentParser) -> None:
                    "5+ times) instead of reading those images with the CTC head")
     p.add_argument("--no-rescore", action="store_true", help="keep the final reading where the image-branch or CTC "
                    "reading differs, instead of giving the one both decoders and the CTC head score highest")
+    p.add_argument("--no-cascade", action="store_true", help="run the cross-modal branch on every image, also where "
+                   "the image branch and the CTC head agree with the model's cascade_confidence (the built-in model "
+                   "skips it there)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps")
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32")
     p.add_argument("--compile", action="store_true", help="decoding steps through torch.compile (PyTorch backend): "

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from clip4str.bpe import VOCAB_NAME, BPETokenizer
+from clip4str.cascade import confident_rows
 from clip4str.charset import CharsetAdapter, Tokenizer, changed_rows
 from clip4str.data.transforms import ImageInput, preprocess_array
 from clip4str.draft import ctc_drafts, settle
@@ -206,47 +207,67 @@ class OnnxRecognizer(BaseRecognizer):
 
     def decode(self, x: np.ndarray, mode: str | None = None, refine_iters: int | None = None,
                max_length: int | None = None, early_exit: bool = True, guard: bool = True, rescore: bool = True,
-               draft: bool = True) -> tuple[np.ndarray, np.ndarray]:
+               draft: bool = True, cascade: bool = True) -> tuple[np.ndarray, np.ndarray]:
         """Final logits and valid lengths for preprocessed images (options as `CLIP4STR.decode`'s)."""
         mode = mode or self.cfg["decode_mode"]
         refine_iters = self.cfg["refine_iters"] if refine_iters is None else refine_iters
         limit = self.cfg["max_label_length"] if max_length is None else min(max_length, self.cfg["max_label_length"])
         steps = limit + 1
+        threshold = self.cfg.get("cascade_confidence")
         rescore, draft = rescore and mode == "ar", draft and mode == "ar"
+        cascade = cascade and mode == "ar" and self.cross and threshold is not None
         tokens = self.image_encoder.run(None, {"images": x.astype(np.float32)})[0]
         ctc_log_probs = None
-        if self.ctc_head is not None and (guard or rescore or draft):
+        if self.ctc_head is not None and (guard or rescore or draft or cascade):
             ctc_log_probs = self.ctc_head.run(None, {"image_tokens": tokens})[0]
         img_draft = ctc_drafts(ctc_log_probs, self.tokenizer.eos_id) if draft and ctc_log_probs is not None else None
         refine = refine_iters > 0
-        img, img_len, img_ahead = self._first_pass(self.image_decoder, tokens, steps, mode, early_exit, None,
-                                                   img_draft, refine)
-        cross = cross_len = cross_ahead = None
-        if self.cross:
-            captions = self._captions(img, img_len)
-            mem = self._cross_memory(tokens, captions)
-            cross, cross_len, cross_ahead = self._first_pass(self.cross_decoder, mem, steps, mode, early_exit,
-                                                             img_len, img.argmax(-1) if draft else None, refine)
+        img, img_len, ahead = self._first_pass(self.image_decoder, tokens, steps, mode, early_exit, None,
+                                               img_draft, refine)
+        img_passes = [(img, img_len)]  # the image branch never reads the cross branch: its passes come first
         for _ in range(refine_iters):
-            img, img_len_new = self._refine(self.image_decoder, tokens, img, img_len, steps, img_ahead)
+            img, img_len = self._refine(self.image_decoder, tokens, img, img_len, steps, ahead)
+            img_passes.append((img, img_len))
+            ahead = None
+        rows = np.arange(len(x))
+        if cascade and ctc_log_probs is not None:
+            probs = softmax(img.astype(np.float64))
+            rows = rows[~confident_rows(probs.argmax(-1), probs.max(-1), img_len, ctc_log_probs,
+                                        self.tokenizer.eos_id, threshold)]
+        logits, lengths = img, img_len
+        if len(rows):
+            final, mem = (img[rows], img_len[rows]), None
             if self.cross:
-                previous, captions = captions, self._captions(img)
-                new_mem = self._cross_memory(tokens, captions, (previous, mem))
-                if new_mem is not mem:  # computed ahead for the old memory only
-                    mem, cross_ahead = new_mem, None
-                cross, cross_len = self._refine(self.cross_decoder, mem, cross, cross_len, steps, cross_ahead)
-            img_len, img_ahead, cross_ahead = img_len_new, None, None
-        logits, lengths = (cross, cross_len) if self.cross else (img, img_len)
-        if ctc_log_probs is not None and (guard or rescore):
-            if rescore:
-                found = rescore_rows((logits.argmax(-1), lengths), (img.argmax(-1), img_len), ctc_log_probs, limit,
-                                     self.tokenizer.bos_id, self.tokenizer.eos_id, self.tokenizer.pad_id,
-                                     lambda tgt, owner, padding: self._forced(tgt, owner, padding, tokens,
-                                                                              mem if self.cross else None))
-                logits, lengths = replace_rows(logits, lengths, found, self.tokenizer.eos_id)
-            if guard:
-                logits, lengths = apply_guard(logits, lengths, self.tokenizer.eos_id, lambda: ctc_log_probs)
+                *final, mem = self._cross_branch(tokens[rows], [(a[rows], n[rows]) for a, n in img_passes], steps,
+                                                 mode, early_exit, draft, refine)
+            if ctc_log_probs is not None and rescore:
+                found = rescore_rows((final[0].argmax(-1), final[1]), (img[rows].argmax(-1), img_len[rows]),
+                                     ctc_log_probs[rows], limit, self.tokenizer.bos_id, self.tokenizer.eos_id,
+                                     self.tokenizer.pad_id,
+                                     lambda tgt, owner, padding: self._forced(tgt, owner, padding, tokens[rows], mem))
+                final = replace_rows(*final, found, self.tokenizer.eos_id)
+            logits, lengths = _merge_rows(img, img_len, rows, *final)
+        if ctc_log_probs is not None and guard:
+            logits, lengths = apply_guard(logits, lengths, self.tokenizer.eos_id, lambda: ctc_log_probs)
         return logits, lengths
+
+    def _cross_branch(self, tokens: np.ndarray, img_passes: list[tuple[np.ndarray, np.ndarray]], steps: int,
+                      mode: str, early_exit: bool, draft: bool, refine: bool
+                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """As `CLIP4STR._cross_branch`: logits, lengths and the last cross memory."""
+        (first, first_len), *refined = img_passes
+        captions = self._captions(first, first_len)
+        mem = self._cross_memory(tokens, captions)
+        logits, lengths, ahead = self._first_pass(self.cross_decoder, mem, steps, mode, early_exit, first_len,
+                                                  first.argmax(-1) if draft else None, refine)
+        for img, _ in refined:
+            previous, captions = captions, self._captions(img)
+            new_mem = self._cross_memory(tokens, captions, (previous, mem))
+            if new_mem is not mem:  # computed ahead for the old memory only
+                mem, ahead = new_mem, None
+            logits, lengths = self._refine(self.cross_decoder, mem, logits, lengths, steps, ahead)
+            ahead = None
+        return logits, lengths, mem
 
     def _forced(self, tgt_in: np.ndarray, owner: np.ndarray, padding: np.ndarray, tokens: np.ndarray,
                 cross_memory: np.ndarray | None) -> tuple[np.ndarray, np.ndarray | None]:
@@ -264,3 +285,16 @@ class OnnxRecognizer(BaseRecognizer):
         logits, lengths = self.decode(x, **options)
         decoded = self.tokenizer.decode(softmax(logits.astype(np.float64)), lengths.tolist())
         return [ReadResult(d.text, d.confidence, d.char_probs) for d in decoded]
+
+
+def _merge_rows(logits: np.ndarray, lengths: np.ndarray, rows: np.ndarray, part_logits: np.ndarray,
+                part_lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(logits, lengths) with `rows` replaced by a part's (`clip4str.model.clip4str._merge_rows` in NumPy)."""
+    if len(rows) == len(logits):
+        return part_logits, part_lengths
+    width = max(logits.shape[1], part_logits.shape[1])
+    out = np.pad(logits, ((0, 0), (0, width - logits.shape[1]), (0, 0)))
+    out[rows, :part_logits.shape[1]] = part_logits
+    lengths = lengths.copy()
+    lengths[rows] = part_lengths
+    return out, lengths

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from clip4str.cascade import confident_rows
 from clip4str.charset import CharsetAdapter, DecodedText, Tokenizer, changed_rows
 from clip4str.draft import ctc_drafts
 from clip4str.model import ctc
@@ -197,8 +198,8 @@ class CLIP4STR(nn.Module):
     # -- decoding -------------------------------------------------------------------------------------
     def decode(self, images: torch.Tensor, mode: str | None = None, refine_iters: int | None = None,
                max_length: int | None = None, early_exit: bool = True, kv_cache: bool = True,
-               guard: bool = True, compiled: bool = False, rescore: bool = True, draft: bool = True
-               ) -> DecodeOutput:
+               guard: bool = True, compiled: bool = False, rescore: bool = True, draft: bool = True,
+               cascade: bool = True) -> DecodeOutput:
         """Predict logits for preprocessed images; every row is decoded as if it were alone in the batch.
 
         mode: 'ar' (greedy autoregressive) or 'nar' (one pass); refine_iters: cloze refinement passes per
@@ -212,7 +213,9 @@ class CLIP4STR(nn.Module):
         head score highest (`clip4str.rescore`; AR mode, models with a CTC head);
         draft: AR decoding of one-layer decoders checks a draft in one pass and steps only from where it is wrong
         (the CTC reading for the image branch, the image branch's for the cross branch; `greedy.check_draft`):
-        the same readings, a pass instead of a step per character where the draft is right.
+        the same readings, a pass instead of a step per character where the draft is right;
+        cascade: in AR mode, rows whose image-branch reading equals the CTC head's with at least the config's
+        `cascade_confidence` skip the cross branch (`clip4str.cascade`; models that set it and have a CTC head).
         """
         mode = self.config.decode_mode if mode is None else mode
         refine_iters = self.config.refine_iters if refine_iters is None else refine_iters
@@ -223,8 +226,10 @@ class CLIP4STR(nn.Module):
         memory = self.encode_image(images)
         rescore = rescore and mode == "ar"
         draft = draft and mode == "ar" and kv_cache
+        cascade = cascade and mode == "ar" and self.cross_decoder is not None and \
+            self.config.cascade_confidence is not None
         log_probs = None
-        if self.ctc_head is not None and (guard or rescore or draft):
+        if self.ctc_head is not None and (guard or rescore or draft or cascade):
             log_probs = ctc.column_log_probs(self.ctc_head, memory, self.clip.visual.grid_size).detach().cpu().numpy()
         # Keys and values of a memory are projected once per decoder and reused by its passes.
         img_kv = self.image_decoder.memory_kv(memory)
@@ -233,37 +238,63 @@ class CLIP4STR(nn.Module):
             img_draft = torch.from_numpy(ctc_drafts(log_probs, self.tokenizer.eos_id)).to(memory.device)
         # A right draft's check also gives the first refinement (`greedy.check_draft`): one pass instead of two.
         refine = refine_iters > 0
-        img_logits, img_len, img_ahead = self._first_pass(self.image_decoder, img_kv, steps, mode, early_exit, None,
-                                                          kv_cache, compiled, img_draft, refine)
-        cross_mem = cross_kv = cross_logits = cross_len = cross_ahead = None
-        if self.cross_decoder is not None:
-            captions = self.captions(img_logits, img_len)
-            cross_mem = self.cross_memory(memory, captions)
-            cross_kv = self.cross_decoder.memory_kv(cross_mem)
-            cross_logits, cross_len, cross_ahead = self._first_pass(
-                self.cross_decoder, cross_kv, steps, mode, early_exit, img_len, kv_cache, compiled,
-                img_logits.argmax(-1) if draft else None, refine)
+        img_logits, img_len, ahead = self._first_pass(self.image_decoder, img_kv, steps, mode, early_exit, None,
+                                                      kv_cache, compiled, img_draft, refine)
+        # The image branch never reads the cross branch, so all its passes come first.
+        img_passes = [(img_logits, img_len)]
         for _ in range(refine_iters):
-            img_logits, img_len_new = self._refine(self.image_decoder, img_kv, img_logits, img_len, steps, kv_cache,
-                                                   img_ahead)
+            img_logits, img_len = self._refine(self.image_decoder, img_kv, img_logits, img_len, steps, kv_cache, ahead)
+            img_passes.append((img_logits, img_len))
+            ahead = None
+        rows = torch.arange(len(images), device=memory.device)
+        if cascade and log_probs is not None:
+            top_probs, top_ids = img_logits.detach().float().softmax(-1).max(-1)
+            sure = confident_rows(top_ids.cpu().numpy(), top_probs.cpu().numpy(), img_len.cpu().numpy(), log_probs,
+                                  self.tokenizer.eos_id, self.config.cascade_confidence)
+            rows = rows[torch.from_numpy(~sure).to(memory.device)]
+        logits, lengths = img_logits, img_len
+        if len(rows):
+            every = len(rows) == len(images)
+
+            def part(t: torch.Tensor) -> torch.Tensor:
+                return t if every else t[rows]
+
+            kv = img_kv if every else [(part(k), part(v)) for k, v in img_kv]
+            final = (part(img_logits), part(img_len))
+            cross = None
             if self.cross_decoder is not None:
-                previous, captions = captions, self.captions(img_logits)
-                new_mem = self.cross_memory(memory, captions, (previous, cross_mem))
-                if new_mem is not cross_mem:  # a refinement computed ahead held for the old memory only
-                    cross_mem, cross_kv, cross_ahead = new_mem, self.cross_decoder.memory_kv(new_mem), None
-                cross_logits, cross_len = self._refine(self.cross_decoder, cross_kv, cross_logits, cross_len, steps,
-                                                       kv_cache, cross_ahead)
-            img_len, img_ahead, cross_ahead = img_len_new, None, None
-        logits, lengths = (img_logits, img_len) if self.cross_decoder is None else (cross_logits, cross_len)
-        if log_probs is not None and (guard or rescore):
-            if rescore:
-                cross = None if cross_kv is None else (self.cross_decoder, cross_kv)
-                decoders = [(self.image_decoder, img_kv), cross]
-                logits, lengths = ctc.joint_rescore((logits, lengths, img_logits, img_len), decoders, log_probs, limit,
-                                                    self.tokenizer)
-            if guard:
-                logits, lengths = ctc.guard_runaways(logits, lengths, lambda: log_probs, self.tokenizer.eos_id)
+                *final, cross_kv = self._cross_branch(part(memory), [(part(x), part(n)) for x, n in img_passes],
+                                                      steps, mode, early_exit, kv_cache, compiled, draft, refine)
+                cross = (self.cross_decoder, cross_kv)
+            if log_probs is not None and rescore:
+                final = ctc.joint_rescore((*final, part(img_logits), part(img_len)), [(self.image_decoder, kv), cross],
+                                          log_probs if every else log_probs[rows.cpu().numpy()], limit,
+                                          self.tokenizer)
+            logits, lengths = final if every else _merge_rows(img_logits, img_len, rows, *final)
+        if log_probs is not None and guard:
+            logits, lengths = ctc.guard_runaways(logits, lengths, lambda: log_probs, self.tokenizer.eos_id)
         return DecodeOutput(logits, lengths, img_logits, img_len)
+
+    def _cross_branch(self, memory: torch.Tensor, img_passes: list[tuple[torch.Tensor, torch.Tensor]], steps: int,
+                      mode: str, early_exit: bool, kv_cache: bool, compiled: bool, draft: bool, refine: bool
+                      ) -> tuple[torch.Tensor, torch.Tensor, list]:
+        """The cross branch's logits, lengths and memory keys/values over image `memory`, given the image branch's
+        (logits, lengths) after its first pass and each refinement: its first pass reads the captions of the
+        image branch's first pass, each refinement those of the image branch's refinement of the same rank."""
+        (first, first_len), *refined = img_passes
+        captions = self.captions(first, first_len)
+        cross_mem = self.cross_memory(memory, captions)
+        cross_kv = self.cross_decoder.memory_kv(cross_mem)
+        logits, lengths, ahead = self._first_pass(self.cross_decoder, cross_kv, steps, mode, early_exit, first_len,
+                                                  kv_cache, compiled, first.argmax(-1) if draft else None, refine)
+        for img_logits, _ in refined:
+            previous, captions = captions, self.captions(img_logits)
+            new_mem = self.cross_memory(memory, captions, (previous, cross_mem))
+            if new_mem is not cross_mem:  # a refinement computed ahead held for the old memory only
+                cross_mem, cross_kv, ahead = new_mem, self.cross_decoder.memory_kv(new_mem), None
+            logits, lengths = self._refine(self.cross_decoder, cross_kv, logits, lengths, steps, kv_cache, ahead)
+            ahead = None
+        return logits, lengths, cross_kv
 
     def _first_pass(self, decoder: Decoder, memory: torch.Tensor | list, steps: int, mode: str, early_exit: bool,
                     budget: torch.Tensor | None, kv_cache: bool = True, compiled: bool = False,
@@ -311,3 +342,14 @@ class CLIP4STR(nn.Module):
         """Preprocessed images -> text, confidence and per-character probabilities for each image."""
         out = self.decode(images, **decode_options)
         return self.tokenizer.decode(out.logits.float().softmax(-1), out.lengths.tolist())
+
+
+def _merge_rows(logits: torch.Tensor, lengths: torch.Tensor, rows: torch.Tensor, part_logits: torch.Tensor,
+                part_lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits, lengths) with `rows` replaced by a part's; positions past a row's length are unspecified."""
+    width = max(logits.shape[1], part_logits.shape[1])
+    out = F.pad(logits, (0, 0, 0, width - logits.shape[1])) if width > logits.shape[1] else logits.clone()
+    out[rows, :part_logits.shape[1]] = part_logits.to(out.dtype)
+    lengths = lengths.clone()
+    lengths[rows] = part_lengths.to(lengths.dtype)
+    return out, lengths

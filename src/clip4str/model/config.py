@@ -42,6 +42,9 @@ class ModelConfig:
     image_std: tuple[float, float, float] = OPENAI_STD
     decode_mode: str = "ar"
     refine_iters: int = 1
+    # Decoding: a row whose image-branch reading equals the CTC head's with at least this confidence is given
+    # without the cross-modal branch (`clip4str.cascade`); None: every row goes through it.
+    cascade_confidence: float | None = None
 
     def __post_init__(self) -> None:
         self.charset = resolve_charset(self.charset)
@@ -51,6 +54,8 @@ class ModelConfig:
             raise ValueError(f"decode_mode must be one of {DECODE_MODES}, got {self.decode_mode!r}")
         if self.max_label_length < 1 or self.refine_iters < 0 or self.num_permutations < 1:
             raise ValueError("max_label_length and num_permutations must be >= 1, refine_iters >= 0")
+        if self.cascade_confidence is not None and not 0.0 <= self.cascade_confidence <= 1.0:
+            raise ValueError(f"cascade_confidence must be in [0, 1] or null, got {self.cascade_confidence!r}")
         vision = self.clip.get("vision_cfg", {})
         if "image_size" not in vision or "patch_size" not in vision:
             raise ValueError("clip.vision_cfg needs image_size and patch_size")

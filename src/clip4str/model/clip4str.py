@@ -16,12 +16,12 @@ from clip4str.model import ctc
 from clip4str.model.config import DECODE_MODES, ModelConfig
 from clip4str.model.decoder import Decoder
 from clip4str.model.greedy import cached_greedy, recomputing_greedy
+from clip4str.model.loss import LossOutput, permutation_loss
 from clip4str.model.peft import build_peft
 from clip4str.model.permutations import (
     causal_masks,
     cloze_query_mask,
     generate_permutations,
-    permutation_masks,
 )
 from clip4str.model.refine import Refined, refine_context, table_refine
 from clip4str.model.static_step import step_tables
@@ -33,16 +33,6 @@ from clip4str.model.towers import (
     freeze_image_tower,
     freeze_text_tower,
 )
-
-
-@dataclass
-class LossOutput:
-    """Training loss (image branch + weight x cross branch) and its two parts, each averaged over targets."""
-
-    loss: torch.Tensor
-    image_loss: torch.Tensor
-    cross_loss: torch.Tensor | None
-    ctc_loss: torch.Tensor | None = None
 
 
 @dataclass
@@ -153,47 +143,7 @@ class CLIP4STR(nn.Module):
             cfg = self.config
             perms = generate_permutations(tgt.shape[1] - 2, cfg.num_permutations, cfg.perm_forward,
                                           cfg.perm_mirrored, generator, images.device)
-        pad, eos = self.tokenizer.pad_id, self.tokenizer.eos_id
-        tgt_in, tgt_out = tgt[:, :-1], tgt[:, 1:]
-        padding = (tgt_in == pad) | (tgt_in == eos)
-        masks = [permutation_masks(perm) for perm in perms]
-        content_masks = torch.stack([c for c, _ in masks])
-        query_masks = torch.stack([q for _, q in masks])
-        image_logits = self.image_decoder.forward_permutations(tgt_in, memory, content_masks, query_masks, padding)
-        cross_logits = None
-        if self.cross_decoder is not None:
-            # One text-encoder call for the captions of every permutation (B * P captions), each distinct caption
-            # tokenized and encoded once: the permutations mostly agree, so that is about 1 / P of the work
-            # (the text tower treats rows alone, so results and gradients are the same).
-            captions = self.captions(image_logits.flatten(0, 1))
-            distinct = {c: i for i, c in enumerate(dict.fromkeys(captions))}
-            rows = torch.tensor([distinct[c] for c in captions], device=images.device)
-            text = self.encode_text(list(distinct), images.device).to(memory.dtype)[rows]
-            text = text.view(len(tgt), len(perms), *text.shape[1:])
-            cross_logits = self.cross_decoder.forward_permutations(tgt_in, memory.detach(), content_masks,
-                                                                   query_masks, padding, perm_memory=text)
-        n = (tgt_out != pad).sum()
-        image_sum = cross_sum = numel = 0
-        for i in range(len(perms)):
-            image_sum = image_sum + n * F.cross_entropy(image_logits[:, i].flatten(0, 1), tgt_out.flatten(),
-                                                        ignore_index=pad)
-            if cross_logits is not None:
-                cross_sum = cross_sum + n * F.cross_entropy(cross_logits[:, i].flatten(0, 1), tgt_out.flatten(),
-                                                            ignore_index=pad)
-            numel = numel + n
-            if i == 1:  # only the first two permutations learn EOS
-                tgt_out = torch.where(tgt_out == eos, pad, tgt_out)
-                n = (tgt_out != pad).sum()
-        image_loss = image_sum / numel
-        cross_loss = cross_sum / numel if cross_logits is not None else None
-        loss = image_loss if cross_loss is None else image_loss + self.config.cross_loss_weight * cross_loss
-        ctc_loss = None
-        if self.ctc_head is not None:
-            ctc_loss = ctc.ctc_loss(ctc.column_log_probs(self.ctc_head, memory, self.clip.visual.grid_size), tgt,
-                                    self.tokenizer)
-        if ctc_loss is not None:
-            loss = loss + self.config.ctc_weight * ctc_loss
-        return LossOutput(loss, image_loss, cross_loss, ctc_loss)
+        return permutation_loss(self, memory, tgt, perms)
 
     # -- decoding -------------------------------------------------------------------------------------
     def decode(self, images: torch.Tensor, mode: str | None = None, refine_iters: int | None = None,

@@ -125,3 +125,33 @@ def test_builtin_model_skips_the_cross_branch_for_hello_and_reads_as_without_the
         ours = [r.text for r in rec.read(images, batch_size=batch)]
         assert ours == [r.text for r in rec.read(images, batch_size=batch, cascade=False)]
         assert [r.text for r in onnx.read(images, batch_size=batch)] == ours
+
+
+def test_the_decoding_flags_reach_read_and_serve_and_only_commands_that_decode_take_them(monkeypatch, tmp_path):
+    import uvicorn
+
+    from clip4str import cli
+    from clip4str.reading import ReadResult
+    from clip4str.serve import app as serve_app
+
+    seen = []
+
+    class Recording:
+        compiled = False
+
+        def iter_read(self, paths, batch_size, **options):
+            seen.append(options)
+            return iter([ReadResult("x", 1.0, [1.0]) for _ in paths])
+
+    monkeypatch.setattr(cli, "recognizer", lambda args: Recording())
+    image = tmp_path / "a.png"
+    render_word("a").save(image)
+    assert cli.main(["read", str(image), "--no-cascade", "--no-rescore"]) == 0
+    assert {k: seen[-1][k] for k in ("guard", "rescore", "cascade")} == {"guard": True, "rescore": False,
+                                                                         "cascade": False}
+    monkeypatch.setattr(serve_app, "create_app", lambda rec, **kwargs: seen.append(kwargs["decode_options"]))
+    monkeypatch.setattr(uvicorn, "run", lambda *a, **k: None)
+    assert cli.main(["serve", "--no-cascade"]) == 0
+    assert seen[-1] == {"guard": True, "rescore": True, "cascade": False}
+    with pytest.raises(SystemExit):  # drawing attention maps does not decode with these options
+        cli.main(["attention", str(image), "--out", str(tmp_path / "x.png"), "--no-cascade"])

@@ -84,7 +84,7 @@ def cmd_read(args: argparse.Namespace) -> int:
     bar = tqdm(total=len(paths), unit="img", file=sys.stderr, disable=len(paths) < 50 or args.quiet)
     failures = []
     results = rec.iter_read(paths, args.batch_size, mode=args.mode, refine_iters=args.refine_iters,
-                            guard=not args.no_guard, rescore=not args.no_rescore, cascade=not args.no_cascade)
+                            **decoding_options(args))
     for path, r in zip(paths, results, strict=True):
         bar.update(1)
         if r.error:
@@ -113,8 +113,7 @@ def cmd_test(args: argparse.Namespace) -> int:
     total = sum(len(b.data) for b in benches)
     with tqdm(total=total, unit="img", file=sys.stderr, disable=args.quiet) as bar:
         rows, ms = run_benchmarks(rec, benches, charset, args.batch_size, args.csv, bar.update,
-                                  guard=not args.no_guard, rescore=not args.no_rescore,
-                                  cascade=not args.no_cascade)
+                                  **decoding_options(args))
     print(format_table(rows, charset, args.format))
     if args.format == "md":
         backend = "torch" if hasattr(rec, "model") else "onnx"  # what --backend auto chose
@@ -131,8 +130,7 @@ def positive_int(text: str) -> int:
     return value
 
 
-def _model_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", type=Path, help="checkpoint folder (default: the built-in model)")
+def _decoding_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-guard", action="store_true", help="keep readings that run away (no EOS, or one character "
                    "5+ times) instead of reading those images with the CTC head")
     p.add_argument("--no-rescore", action="store_true", help="keep the final reading where the image-branch or CTC "
@@ -140,6 +138,15 @@ def _model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-cascade", action="store_true", help="run the cross-modal branch on every image, also where "
                    "the image branch and the CTC head agree with the model's cascade_confidence (the built-in model "
                    "skips it there)")
+
+
+def decoding_options(args: argparse.Namespace) -> dict:
+    """The decoding options of --no-guard, --no-rescore and --no-cascade, as `decode()` keywords."""
+    return {"guard": not args.no_guard, "rescore": not args.no_rescore, "cascade": not args.no_cascade}
+
+
+def _model_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", type=Path, help="checkpoint folder (default: the built-in model)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps")
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32")
     p.add_argument("--compile", action="store_true", help="decoding steps through torch.compile (PyTorch backend): "
@@ -158,6 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
     read = sub.add_parser("read", help="read the text in cropped word images")
     read.add_argument("images", nargs="+", help="image files, folders, globs, or - for paths on stdin")
     _model_options(read)
+    _decoding_options(read)
     read.add_argument("--format", choices=["text", "tsv", "json"], default="tsv")
     read.add_argument("--mode", choices=["ar", "nar"], default=None, help="decoding mode (default: model's)")
     read.add_argument("--refine-iters", type=int, default=None, help="refinement passes (default: model's)")
@@ -165,6 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     test = sub.add_parser("test", help="score a model on LMDB roots or labels.tsv folders")
     test.add_argument("data", nargs="+", help="LMDB roots or folders with labels.tsv")
     _model_options(test)
+    _decoding_options(test)
     test.add_argument("--charset", choices=["36", "62", "94"], default="36", help="evaluation charset")
     test.add_argument("--format", choices=["md", "json"], default="md")
     test.add_argument("--by-folder", action="store_true", help="report each sub-folder of a labels.tsv folder")
@@ -195,6 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
     onnx.set_defaults(func=commands.cmd_export_onnx, backend="torch", device="cpu", precision="fp32")
     serve = sub.add_parser("serve", help="HTTP API (POST /v1/read) and a web page to try the recognizer")
     _model_options(serve)
+    _decoding_options(serve)
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--max-batch", type=positive_int, default=32, help="images per model batch (across requests)")

@@ -154,6 +154,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     """Run the HTTP API and web page with uvicorn."""
     import uvicorn
 
+    from clip4str.cli import decoding_options
     from clip4str.serve.app import create_app
 
     rec = _recognizer(args)
@@ -168,7 +169,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"compiled the decoding step in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
     app = create_app(rec, max_batch=args.max_batch, max_upload_mb=args.max_upload_mb,
                      max_images=args.max_images, max_windows=args.max_windows,
-                     max_request_windows=args.max_request_windows, max_queue_windows=args.max_queue_windows)
+                     max_request_windows=args.max_request_windows, max_queue_windows=args.max_queue_windows,
+                     decode_options=decoding_options(args))
     uvicorn.run(app, host=args.host, port=args.port, workers=1, log_level="warning")
     return 0
 

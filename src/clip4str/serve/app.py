@@ -113,15 +113,16 @@ async def _read_body(request: Request, limit: int) -> bytes | None:
 
 def create_app(recognizer, max_batch: int = 32, max_upload_mb: float = 10.0, max_images: int = 64,
                max_wait_ms: float = 5.0, max_windows: int = 24, max_request_windows: int = 256,
-               max_queue_windows: int = 512) -> FastAPI:
+               max_queue_windows: int = 512, decode_options: dict | None = None) -> FastAPI:
     """The ASGI app around a Recognizer (PyTorch or ONNX backend). Work is bounded in windows (a long crop is
-    read in several): per image, per request and in the queue."""
+    read in several): per image, per request and in the queue. decode_options: keywords of every read (guard,
+    rescore, cascade; the model's defaults otherwise)."""
     app = FastAPI(title="clip4str", version="1", description="CLIP4STR scene text recognition")
     model_lock = threading.Lock()  # the batcher and attention maps share one model (and its recording flags)
 
     def read_batch(images: list[Image.Image]) -> list:
         with model_lock:
-            return recognizer.read(images, batch_size=max_batch)
+            return recognizer.read(images, batch_size=max_batch, **(decode_options or {}))
 
     batcher = Batcher(read_batch, max_batch, max_wait_ms, max_queue_windows)
     limit = int(max_upload_mb * 2**20)

@@ -149,7 +149,9 @@ def create_app(recognizer, max_batch: int = 32, max_upload_mb: float = 10.0, max
         cfg = cfg if isinstance(cfg, dict) else cfg.to_dict()
         model = getattr(recognizer, "model", None)
         return {"preset_towers": cfg["clip"], "charset": cfg["charset"], "image_size": cfg["clip"]["vision_cfg"]
-                ["image_size"], "decoding": {"mode": cfg["decode_mode"], "refine_iters": cfg["refine_iters"]},
+                ["image_size"], "decoding": {"mode": cfg["decode_mode"], "refine_iters": cfg["refine_iters"],
+                                           "cascade_confidence": cfg.get("cascade_confidence"),
+                                           **(decode_options or {})},
                 "cross_branch": cfg["cross_branch"], "provenance": getattr(model, "provenance", {}),
                 "backend": getattr(recognizer, "device", "cpu").__str__(), "max_batch": max_batch,
                 "limits": {"upload_mb": max_upload_mb, "images_per_request": max_images,

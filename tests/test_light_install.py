@@ -48,6 +48,22 @@ def test_the_builtin_onnx_graphs_are_an_export_of_the_shipped_weights():
     assert doc["source_sha256"] == shipped, (
         "src/clip4str/pretrained/tiny changed without a new ONNX export: run clip4str export onnx --out "
         "src/clip4str/pretrained/tiny-onnx --fp16-weights")
+    torch_doc = json.loads((PRETRAINED / "tiny" / "config.json").read_text())
+    assert doc["model"] == torch_doc["model"], "the two copies of the built-in model decode with other settings"
+
+
+def test_only_the_image_encoder_splits_its_work_across_threads():
+    """Every ONNX Runtime session has its own thread pool, whose threads spin between runs: the small graphs run
+    on one thread so that theirs do not take the cores from the image encoder's."""
+    from clip4str.onnx_backend import OnnxRecognizer
+
+    def threads(session):
+        return session.get_session_options().intra_op_num_threads
+
+    for asked, encoder in ((None, 0), (3, 3)):  # 0: ONNX Runtime's default, a thread per core
+        rec = OnnxRecognizer(threads=asked)
+        assert threads(rec.image_encoder) == encoder
+        assert {threads(s) for s in (rec.image_decoder, rec.cross_decoder, rec.text_encoder, rec.ctc_head)} == {1}
 
 
 @pytest.mark.slow

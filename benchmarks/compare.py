@@ -39,7 +39,12 @@ def clip4str_reader(model: str | None, precision: str = "fp32", compiled: bool =
     from clip4str.bench import word_image
     from clip4str.inference import Recognizer
 
-    rec = Recognizer.from_pretrained(model, precision=precision, compiled=compiled, packed=packed)
+    if precision == "onnx":  # the light install's backend: the exported graphs on ONNX Runtime
+        from clip4str.onnx_backend import OnnxRecognizer
+
+        rec = OnnxRecognizer(model)
+    else:
+        rec = Recognizer.from_pretrained(model, precision=precision, compiled=compiled, packed=packed)
     rec.read(word_image())
     return lambda img: rec.read(img, rescore=rescore, draft=draft, cascade=cascade)[0].text
 
@@ -83,7 +88,8 @@ def main() -> None:
     ap.add_argument("--limit", type=int, help="at most N crops per dataset (evenly spaced)")
     ap.add_argument("--clip4str-variants", nargs="+", default=["fp32"],
                     metavar="PRECISION[-compiled][-norescore][-nodraft][-nocascade][-unpacked]",
-                    help="clip4str configurations, each a row: fp32, bf16 or fp16, optionally -compiled (the decoding "
+                    help="clip4str configurations, each a row: fp32, bf16, fp16 or onnx (ONNX Runtime; --model is then "
+                    "an export folder), optionally -compiled (the decoding "
                     "step through torch.compile), -norescore (no joint rescoring), -nodraft (a step per character "
                     "instead of checking a draft), -nocascade (the cross branch for every crop) and -unpacked (fp32 "
                     "products through MKL, not oneDNN)")

@@ -42,11 +42,9 @@ def main() -> None:
     tgt = m.tokenizer.encode(labels)
     memory = m.encode_image(x)
     perms = generate_permutations(tgt.shape[1] - 2, m.config.num_permutations, True, True, None, x.device)
-    masks = [permutation_masks(p) for p in perms]
     tgt_in = tgt[:, :-1]
     padding = (tgt_in == m.tokenizer.pad_id) | (tgt_in == m.tokenizer.eos_id)
-    logits = m.image_decoder.forward_permutations(tgt_in, memory, torch.stack([c for c, _ in masks]),
-                                                  torch.stack([q for _, q in masks]), padding)
+    logits = m.image_decoder.forward_permutations(tgt_in, memory, *permutation_masks(perms), padding)
 
     def every_caption() -> torch.Tensor:
         return m.encode_text(m.captions(logits.flatten(0, 1)), x.device)

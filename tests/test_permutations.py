@@ -71,3 +71,26 @@ def test_masks_and_seeded_draw_match_authors_fixture(parity_dir):
         content, query = permutation_masks(perm)
         assert torch.equal(content, torch.isinf(out["train_content_masks"][i]))
         assert torch.equal(query, torch.isinf(out["train_query_masks"][i]))
+
+
+def _loop_masks(perm):
+    """The masks built one position at a time (the reference's way)."""
+    size = perm.shape[0]
+    hidden = torch.zeros(size, size, dtype=torch.bool)
+    for i in range(size):
+        hidden[perm[i], perm[i + 1:]] = True
+    content = hidden[:-1, :-1].clone()
+    hidden.fill_diagonal_(True)
+    return content, hidden[1:, :-1]
+
+
+def test_masks_of_many_permutations_at_once_equal_the_loops():
+    g = torch.Generator().manual_seed(0)
+    for chars in (1, 2, 4, 7, 25):
+        perms = generate_permutations(chars, 6, generator=g)
+        content, query = permutation_masks(perms)
+        assert content.shape == query.shape == (len(perms), chars + 1, chars + 1)
+        for i, perm in enumerate(perms):
+            ref = _loop_masks(perm)
+            assert torch.equal(content[i], ref[0]) and torch.equal(query[i], ref[1])
+            assert all(torch.equal(a, b) for a, b in zip(permutation_masks(perm), ref, strict=True))

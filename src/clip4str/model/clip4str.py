@@ -133,11 +133,12 @@ class CLIP4STR(nn.Module):
                 generator: torch.Generator | None = None) -> LossOutput:
         """Permutation language modelling loss of both branches (the cross branch gets the true context)."""
         tgt = labels if isinstance(labels, torch.Tensor) else self.tokenizer.encode(labels)
-        tgt = tgt.to(images.device)
         if len(tgt) != len(images):
             raise ValueError(f"{len(images)} images but {len(tgt)} labels")
+        # Checked where the labels were made (the host, for strings): on a GPU a check of device values waits for it.
         if (tgt[:, 1] == self.tokenizer.eos_id).any():
             raise ValueError("a label is empty after dropping characters outside the charset")
+        tgt = tgt.to(images.device)
         memory = self.encode_image(images)
         if perms is None:
             cfg = self.config

@@ -31,9 +31,7 @@ def permutation_loss(model: CLIP4STR, memory: torch.Tensor, tgt: torch.Tensor, p
     pad, eos = model.tokenizer.pad_id, model.tokenizer.eos_id
     tgt_in, tgt_out = tgt[:, :-1], tgt[:, 1:]
     padding = (tgt_in == pad) | (tgt_in == eos)
-    masks = [permutation_masks(perm) for perm in perms]
-    content_masks = torch.stack([c for c, _ in masks])
-    query_masks = torch.stack([q for _, q in masks])
+    content_masks, query_masks = permutation_masks(perms)
     image_logits = model.image_decoder.forward_permutations(tgt_in, memory, content_masks, query_masks, padding)
     cross_logits = None
     if model.cross_decoder is not None:

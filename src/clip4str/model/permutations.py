@@ -48,17 +48,18 @@ def generate_permutations(max_chars: int, num_perms: int = 6, forward: bool = Tr
 
 
 def permutation_masks(perm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Boolean masks (True = hidden) of one permutation: content (L, L) and query (L, L), L = len(perm) - 1.
+    """Boolean masks (True = hidden) of a permutation (S,) or of several (P, S): content and query, each (L, L) or
+    (P, L, L), L = S - 1.
 
     Position perm[i] may not see perm[i+1:]; the query stream also may not see its own position.
     """
-    size = perm.shape[0]
-    hidden = torch.zeros(size, size, dtype=torch.bool, device=perm.device)
-    for i in range(size):
-        hidden[perm[i], perm[i + 1:]] = True
-    content = hidden[:-1, :-1].clone()
-    hidden.fill_diagonal_(True)
-    return content, hidden[1:, :-1]
+    # Position a may not see b where b comes later in the permutation: rank[b] > rank[a], rank = the inverse
+    # permutation. Tensor ops only, so on a GPU building the masks never waits for the device.
+    rank = perm.argsort(-1)
+    hidden = rank.unsqueeze(-2) > rank.unsqueeze(-1)
+    content = hidden[..., :-1, :-1]
+    hidden = hidden | torch.eye(perm.shape[-1], dtype=torch.bool, device=perm.device)
+    return content, hidden[..., 1:, :-1]
 
 
 def causal_masks(length: int, device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -242,3 +242,21 @@ def test_auxiliary_ctc_loss_trains_the_image_tower(tiny_overrides):
     model.eval(), plain.eval()
     with torch.inference_mode():
         torch.testing.assert_close(model.decode(images, guard=False).logits, plain.decode(images).logits)
+
+
+def test_ctc_loss_of_padded_targets_equals_the_concatenated_characters():
+    import torch.nn.functional as F
+
+    from clip4str.charset import Tokenizer
+    from clip4str.model import ctc
+
+    tok = Tokenizer("abcdefghij")
+    tgt = tok.encode(["abc", "j", "hhhh", "abcdefghij"])
+    log_probs = torch.randn(4, 9, tok.num_classes, generator=torch.Generator().manual_seed(0)).log_softmax(-1)
+    chars = tgt[:, 1:]
+    is_char = (chars != tok.eos_id) & (chars != tok.pad_id)
+    ref = F.ctc_loss(log_probs.transpose(0, 1), chars[is_char], torch.full((4,), 9), is_char.sum(1),
+                     blank=tok.eos_id, zero_infinity=True)
+    assert ctc.label_lengths(tgt, tok).tolist() == [3, 1, 4, 10]
+    torch.testing.assert_close(ctc.ctc_loss(log_probs, tgt, tok), ref)
+    torch.testing.assert_close(ctc.ctc_loss(log_probs, tgt, tok, ctc.label_lengths(tgt, tok)), ref)

@@ -138,13 +138,14 @@ class CLIP4STR(nn.Module):
         # Checked where the labels were made (the host, for strings): on a GPU a check of device values waits for it.
         if (tgt[:, 1] == self.tokenizer.eos_id).any():
             raise ValueError("a label is empty after dropping characters outside the charset")
+        lengths = ctc.label_lengths(tgt, self.tokenizer) if self.ctc_head is not None else None
         tgt = tgt.to(images.device)
         memory = self.encode_image(images)
         if perms is None:
             cfg = self.config
             perms = generate_permutations(tgt.shape[1] - 2, cfg.num_permutations, cfg.perm_forward,
                                           cfg.perm_mirrored, generator, images.device)
-        return permutation_loss(self, memory, tgt, perms)
+        return permutation_loss(self, memory, tgt, perms, lengths)
 
     # -- decoding -------------------------------------------------------------------------------------
     def decode(self, images: torch.Tensor, mode: str | None = None, refine_iters: int | None = None,

@@ -23,14 +23,22 @@ def column_log_probs(head: nn.Linear, memory: torch.Tensor, grid: tuple[int, int
     return head(columns).float().log_softmax(-1)
 
 
-def ctc_loss(log_probs: torch.Tensor, tgt: torch.Tensor, tokenizer: Tokenizer) -> torch.Tensor:
-    """CTC loss of encoded labels (B, L) given column log-probabilities; EOS's class is the blank."""
+def label_lengths(tgt: torch.Tensor, tokenizer: Tokenizer) -> torch.Tensor:
+    """Characters of each encoded label (B, L): [BOS, characters, EOS, padding]."""
     chars = tgt[:, 1:]
-    is_char = (chars != tokenizer.eos_id) & (chars != tokenizer.pad_id)
-    lengths = is_char.sum(1)
+    return ((chars != tokenizer.eos_id) & (chars != tokenizer.pad_id)).sum(1)
+
+
+def ctc_loss(log_probs: torch.Tensor, tgt: torch.Tensor, tokenizer: Tokenizer, lengths: torch.Tensor | None = None
+             ) -> torch.Tensor:
+    """CTC loss of encoded labels (B, L) given column log-probabilities; EOS's class is the blank. `lengths`:
+    `label_lengths(tgt)`, computed where the labels were made (PyTorch reads the lengths on the host, so lengths
+    on a GPU would make it wait for the device)."""
+    lengths = label_lengths(tgt, tokenizer) if lengths is None else lengths
     inputs = torch.full_like(lengths, log_probs.shape[1])
+    # The padded (B, S) form of the targets: picking the characters out would be a host sync on a GPU too.
     # Words longer than the columns allow cannot be aligned: zero_infinity drops their term.
-    return F.ctc_loss(log_probs.transpose(0, 1), chars[is_char], inputs, lengths, blank=tokenizer.eos_id,
+    return F.ctc_loss(log_probs.transpose(0, 1), tgt[:, 1:], inputs, lengths, blank=tokenizer.eos_id,
                       zero_infinity=True)
 
 

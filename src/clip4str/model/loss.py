@@ -25,9 +25,11 @@ class LossOutput:
     ctc_loss: torch.Tensor | None = None
 
 
-def permutation_loss(model: CLIP4STR, memory: torch.Tensor, tgt: torch.Tensor, perms: torch.Tensor) -> LossOutput:
+def permutation_loss(model: CLIP4STR, memory: torch.Tensor, tgt: torch.Tensor, perms: torch.Tensor,
+                     lengths: torch.Tensor | None = None) -> LossOutput:
     """The loss of image tokens `memory` (B, N, D) for encoded labels `tgt` (B, L) under permutations `perms` (the
-    cross branch gets the true context)."""
+    cross branch gets the true context); `lengths`: the labels' character counts for the CTC loss, on the host
+    (`ctc.label_lengths`)."""
     pad, eos = model.tokenizer.pad_id, model.tokenizer.eos_id
     tgt_in, tgt_out = tgt[:, :-1], tgt[:, 1:]
     padding = (tgt_in == pad) | (tgt_in == eos)
@@ -63,7 +65,7 @@ def permutation_loss(model: CLIP4STR, memory: torch.Tensor, tgt: torch.Tensor, p
     ctc_loss = None
     if model.ctc_head is not None:
         ctc_loss = ctc.ctc_loss(ctc.column_log_probs(model.ctc_head, memory, model.clip.visual.grid_size), tgt,
-                                model.tokenizer)
+                                model.tokenizer, lengths)
     if ctc_loss is not None:
         loss = loss + model.config.ctc_weight * ctc_loss
     return LossOutput(loss, image_loss, cross_loss, ctc_loss)

@@ -1,5 +1,6 @@
 """fp32 linear layers through oneDNN with packed weights: the same products, only where registered and inferring."""
 
+import copy
 import warnings
 from pathlib import Path
 
@@ -81,11 +82,15 @@ def test_a_view_registered_for_a_slice_is_packed_while_it_shows_the_same_data(mo
         for ours, ref in zip(attn.project_kv(x), plain(attn), strict=True):
             torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
     assert calls == [1]
+    copied = copy.deepcopy(attn)  # a packed module still copies
+    with torch.inference_mode():
+        torch.testing.assert_close(copied.project_kv(x)[0], attn.project_kv(x)[0], atol=1e-5, rtol=1e-5)
+    calls.clear()
     attn.in_proj_weight.data = torch.randn(768, 256)  # the registered view is left on the old storage
     with torch.inference_mode():
         for ours, ref in zip(attn.project_kv(x), plain(attn), strict=True):
             torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
-    assert calls == [1]
+    assert calls == [] and "_kv_weight" not in attn.__dict__  # dropped: it would keep the old storage alive
 
 
 def test_autocast_and_flop_counting_see_the_plain_product():

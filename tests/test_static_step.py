@@ -142,8 +142,13 @@ def test_serve_with_compile_compiles_before_the_first_request(monkeypatch, capsy
     import uvicorn
 
     from clip4str.cli import main
+    from clip4str.model import static_step
 
-    started = []
+    started, stepped = [], set()
     monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: started.append(app))
+    call = static_step._CompiledStep.__call__
+    monkeypatch.setattr(static_step._CompiledStep, "__call__", lambda self, *a: stepped.add(id(self)) or call(self, *a))
     assert main(["serve", "--compile", "--backend", "torch"]) == 0
     assert started and "compiled the decoding step in" in capsys.readouterr().err
+    # both decoders' steps ran before the server started (drafts and the cascade could skip them in a warm-up)
+    assert len(stepped) == 2

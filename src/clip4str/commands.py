@@ -164,8 +164,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         from clip4str.bench import word_image
 
         t0 = time.perf_counter()
-        rec.read([word_image()])
-        rec.read([word_image()] * 2)
+        # Without drafts or the cascade every step of both branches is taken, so each decoder's step compiles here.
+        for batch in ([word_image()], [word_image()] * 2):
+            rec.read(batch, draft=False, cascade=False)
         print(f"compiled the decoding step in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
     app = create_app(rec, max_batch=args.max_batch, max_upload_mb=args.max_upload_mb,
                      max_images=args.max_images, max_windows=args.max_windows,

@@ -39,14 +39,21 @@ class Attention(nn.Module):
     def packable_weights(self) -> list[torch.Tensor]:
         """The keys-and-values rows of the projection, which `project_kv` multiplies in one `onednn.linear`
         (`onednn.pack_linears`): a decoder's memory is projected through it once per read."""
-        self._kv_weight = self.in_proj_weight[self.in_proj_weight.shape[1]:]
+        # Detached (same storage and version counter): a view with autograd history would make the module
+        # impossible to deep-copy.
+        self._kv_weight = self.in_proj_weight.detach()[self.in_proj_weight.shape[1]:]
         return [self._kv_weight]
 
     def project_kv(self, x: torch.Tensor) -> KV:
         """Project keys and values of `x`: two (B, H, L, D/H) tensors."""
         dim = self.in_proj_weight.shape[1]
-        k, v = onednn.linear(x, self.in_proj_weight[dim:], self.in_proj_bias[dim:],
-                             registered=self.__dict__.get("_kv_weight")).chunk(2, dim=-1)
+        weight, registered = self.in_proj_weight[dim:], self.__dict__.get("_kv_weight")
+        if registered is not None and registered.data_ptr() != weight.data_ptr():
+            # The parameter's data was replaced (`.data = ...`, a move to another device): the view would keep the
+            # old storage alive. Reading goes on through the plain product until `pack_linears` runs again.
+            del self._kv_weight
+            registered = None
+        k, v = onednn.linear(x, weight, self.in_proj_bias[dim:], registered=registered).chunk(2, dim=-1)
         return self._heads(k), self._heads(v)
 
     def query_heads(self, x: torch.Tensor) -> torch.Tensor:

@@ -3,6 +3,10 @@
     python benchmarks/train_step.py --preset tiny --batch-size 64 --precision fp32 bf16
     python benchmarks/train_step.py --preset tiny --set clip.vision_cfg.patch_size=[8,8]
     python benchmarks/train_step.py --preset tiny --batch-size 2 --adamw fused loop
+    python benchmarks/train_step.py --preset tiny --batch-size 2 --precision bf16 --count-ops
+
+--count-ops also counts, in one step, the PyTorch operators and the reads of a tensor value on the host
+(`aten._local_scalar_dense`: `.item()`, `bool(t)`, indexing with a 0-d tensor), each a wait for the device on a GPU.
 """
 
 from __future__ import annotations
@@ -56,7 +60,25 @@ def time_train_step(model: torch.nn.Module, batch_size: int, precision: str, ste
             opt.zero_grad(set_to_none=True)
             if step:  # the first step warms up allocators and kernels
                 times.append(time.perf_counter() - t0)
-    return sorted(times)[len(times) // 2]
+    return sorted(times)[len(times) // 2] if times else float("nan")
+
+
+def count_step_ops(model: torch.nn.Module, batch_size: int, precision: str, attention: str = "math",
+                   fused: bool = True) -> tuple[int, int]:
+    """Operators and host reads of a tensor value (`aten._local_scalar_dense`) in one training step."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    counts = {"ops": 0, "reads": 0}
+
+    class Counting(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+            counts["ops"] += 1
+            counts["reads"] += func is torch.ops.aten._local_scalar_dense.default
+            return func(*args, **(kwargs or {}))
+
+    with Counting():
+        time_train_step(model, batch_size, precision, 0, attention, fused)
+    return counts["ops"], counts["reads"]
 
 
 def main() -> None:
@@ -71,6 +93,7 @@ def main() -> None:
                     help="SDPA kernel: math (what clip4str train uses on CPU) or PyTorch's default choice")
     ap.add_argument("--adamw", nargs="+", choices=["fused", "loop"], default=["fused"],
                     help="AdamW as clip4str train runs it (fused) or PyTorch's per-parameter loop")
+    ap.add_argument("--count-ops", action="store_true", help="count operators and host reads of one step")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     model = create_model(args.preset, **parse_set(args.set))
@@ -84,6 +107,9 @@ def main() -> None:
         for adamw in args.adamw:  # side by side, so a noisy CPU affects both alike
             med = time_train_step(model, args.batch_size, precision, args.steps, args.attention, adamw == "fused")
             print(f"  {precision}, AdamW {adamw}: {med * 1000:.0f} ms/step, {args.batch_size / med:.1f} images/s")
+            if args.count_ops:
+                ops, reads = count_step_ops(model, args.batch_size, precision, args.attention, adamw == "fused")
+                print(f"    one step: {ops} operators, {reads} host reads of a tensor value")
 
 
 if __name__ == "__main__":

@@ -118,6 +118,11 @@ def test_attention_strip_has_one_panel_per_character(images, tmp_path, capsys):
     assert sheet.width == 120 + 7 * (panel_w + 4) and sheet.height == 2 * (PANEL_HEIGHT + 24) + 4
     text, maps = character_attention(Recognizer.from_pretrained(ckpt, precision="bf16"), paths[6])
     assert text == "Parking" and all(m.shape[0] == 7 for m in maps.values())
+    # the strip of a text read elsewhere (the server's reading): that text, unless the decoders cannot take it
+    text, maps = character_attention(rec, paths[6], "Park")
+    assert text == "Park" and all(m.shape[0] == 4 for m in maps.values())
+    for unfit in ("P" * 40, "Park\u00e9"):  # a long crop's reading merged from windows; outside the charset
+        assert character_attention(rec, paths[6], unfit)[0] == "Parking"
 
 
 def test_an_unreadable_image_counts_as_wrong(images, tmp_path, capsys):

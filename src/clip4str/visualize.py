@@ -30,19 +30,24 @@ def _heat(values: np.ndarray) -> np.ndarray:
 
 
 @torch.inference_mode()
-def character_attention(rec: Recognizer, image: ImageInput) -> tuple[str, dict[str, np.ndarray]]:
-    """(text, {decoder name: (characters, grid_h, grid_w) cross-attention over image patches})."""
+def character_attention(rec: Recognizer, image: ImageInput, text: str | None = None
+                        ) -> tuple[str, dict[str, np.ndarray]]:
+    """(text, {decoder name: (characters, grid_h, grid_w) cross-attention over image patches}) for `text`, or for
+    the model's reading of the image (default decoding) if none is given."""
     with rec.autocast():  # bf16/fp16 recognizers keep their matmul weights in that dtype
-        return _attention(rec, image)
+        return _attention(rec, image, text)
 
 
-def _attention(rec: Recognizer, image: ImageInput) -> tuple[str, dict[str, np.ndarray]]:
+def _attention(rec: Recognizer, image: ImageInput, text: str | None) -> tuple[str, dict[str, np.ndarray]]:
     model = rec.model
     x = rec.preprocess([image]).to(rec.device)
     memory = model.encode_image(x)
-    out = model.decode(x)
-    result = model.tokenizer.decode(out.logits.float().softmax(-1), out.lengths.tolist())[0]
-    ids = model.tokenizer.encode([result.text]).to(rec.device)[:, :-1]  # [B] + characters
+    out = model.decode(x)  # the cross decoder's memory holds the caption of the image branch's reading
+    # A given text the decoders cannot take as it is (a long crop's reading merged from windows, characters outside
+    # the charset) is replaced by the model's reading of the whole image.
+    if text is None or not set(text) <= set(model.config.charset) or len(text) > model.config.max_label_length:
+        text = model.tokenizer.decode(out.logits.float().softmax(-1), out.lengths.tolist())[0].text
+    ids = model.tokenizer.encode([text]).to(rec.device)[:, :-1]  # [B] + characters
     length = ids.shape[1]
     grid = model.clip.visual.grid_size
     patches = slice(1, 1 + grid[0] * grid[1])  # image tokens after the class token
@@ -60,16 +65,17 @@ def _attention(rec: Recognizer, image: ImageInput) -> tuple[str, dict[str, np.nd
             decoder(ids, mem, mask, query_len=length, query_mask=mask)
         finally:
             layer.record = False
-        weights = layer.weights[0, : len(result.text), patches].float()
+        weights = layer.weights[0, : len(text), patches].float()
         weights = weights / weights.amax(-1, keepdim=True).clamp_min(1e-12)
-        maps[name] = weights.reshape(len(result.text), *grid).cpu().numpy()
-    return result.text, maps
+        maps[name] = weights.reshape(len(text), *grid).cpu().numpy()
+    return text, maps
 
 
-def attention_strip(rec: Recognizer, image: ImageInput, out: str | Path) -> tuple[str, int]:
-    """Draw each character's attention over the image (one row per decoder); returns (text, panels per row)."""
+def attention_strip(rec: Recognizer, image: ImageInput, out: str | Path, text: str | None = None) -> tuple[str, int]:
+    """Draw each character's attention over the image (one row per decoder) for `text` (default: the model's
+    reading); returns (text, panels per row)."""
     img = load_image(image)
-    text, maps = character_attention(rec, img)
+    text, maps = character_attention(rec, img, text)
     w = min(max(32, round(img.width * PANEL_HEIGHT / img.height)), MAX_PANEL_WIDTH)
     base = np.asarray(img.resize((w, PANEL_HEIGHT), Image.Resampling.BICUBIC), dtype=np.float32)
     font = ImageFont.load_default(size=16)

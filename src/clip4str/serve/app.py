@@ -197,7 +197,7 @@ def create_app(recognizer, max_batch: int = 32, max_upload_mb: float = 10.0, max
             return _error(503, f"server busy ({e}); retry shortly")
         items = []
         for (name, _), image, r in zip(named, images, results, strict=True):
-            strip = await asyncio.to_thread(_attention, recognizer, image, model_lock) if attention else None
+            strip = await asyncio.to_thread(_attention, recognizer, image, r.text, model_lock) if attention else None
             items.append(ReadItem(name=name, text=r.text, confidence=r.confidence, char_probs=r.char_probs,
                                   attention_png=strip))
         return ReadResponse(results=items)
@@ -233,13 +233,13 @@ async def _images_of(request: Request, kind: str, body: bytes, max_images: int) 
     raise UnsupportedType(f"unsupported content type {kind or 'none'!r}: use multipart/form-data or application/json")
 
 
-def _attention(recognizer, image: Image.Image, lock: threading.Lock) -> str | None:
-    """The attention strip as a PNG data URL (PyTorch backend only)."""
+def _attention(recognizer, image: Image.Image, text: str, lock: threading.Lock) -> str | None:
+    """The attention strip of the reading `text` as a PNG data URL (PyTorch backend only)."""
     if not hasattr(recognizer, "model"):
         return None
     from clip4str.visualize import attention_strip
 
     buf = io.BytesIO()
     with lock:
-        attention_strip(recognizer, image, buf)
+        attention_strip(recognizer, image, buf, text)
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()

@@ -242,15 +242,20 @@ class OnnxRecognizer(BaseRecognizer):
                                         self.tokenizer.eos_id, threshold)]
         logits, lengths = img, img_len
         if len(rows):
-            final, mem = (img[rows], img_len[rows]), None
+            every = len(rows) == len(x)
+
+            def part(a: np.ndarray) -> np.ndarray:  # no copies where every row goes on (no cascade)
+                return a if every else a[rows]
+
+            final, mem = (part(img), part(img_len)), None
             if self.cross:
-                *final, mem = self._cross_branch(tokens[rows], [(a[rows], n[rows]) for a, n in img_passes], steps,
+                *final, mem = self._cross_branch(part(tokens), [(part(a), part(n)) for a, n in img_passes], steps,
                                                  mode, early_exit, draft, refine)
             if ctc_log_probs is not None and rescore:
-                found = rescore_rows((final[0].argmax(-1), final[1]), (img[rows].argmax(-1), img_len[rows]),
-                                     ctc_log_probs[rows], limit, self.tokenizer.bos_id, self.tokenizer.eos_id,
+                found = rescore_rows((final[0].argmax(-1), final[1]), (part(img).argmax(-1), part(img_len)),
+                                     part(ctc_log_probs), limit, self.tokenizer.bos_id, self.tokenizer.eos_id,
                                      self.tokenizer.pad_id,
-                                     lambda tgt, owner, padding: self._forced(tgt, owner, padding, tokens[rows], mem))
+                                     lambda tgt, owner, padding: self._forced(tgt, owner, padding, part(tokens), mem))
                 final = replace_rows(*final, found, self.tokenizer.eos_id)
             logits, lengths = _merge_rows(img, img_len, rows, *final)
         if ctc_log_probs is not None and guard:

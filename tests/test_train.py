@@ -86,7 +86,7 @@ def test_sigkill_after_a_checkpoint_then_resume_repeats_the_same_run(tmp_path, f
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     import torch
-    saved_step = torch.load(ckpt, weights_only=False)["global_step"]
+    saved_step = torch.load(ckpt, weights_only=True)["global_step"]
     assert 8 <= saved_step < 24, "the kill came too late to test a resume"
     assert subprocess.run(cmd + ["--resume"], capture_output=True).returncode == 0
     with (tmp_path / "cut" / "logs" / "run-1" / "metrics.csv").open() as f:
@@ -96,6 +96,32 @@ def test_sigkill_after_a_checkpoint_then_resume_repeats_the_same_run(tmp_path, f
     assert sorted(resumed) == sorted(expected) == list(range(24))
     for step in expected:
         assert resumed[step] == pytest.approx(expected[step], rel=1e-5, abs=1e-6), step
+
+
+@pytest.mark.parametrize("kind", ["hostile", "truncated", "not a checkpoint"])
+@pytest.mark.parametrize("action", ["--resume", "--export-last"])
+def test_a_hostile_or_broken_last_ckpt_is_refused_in_one_line_without_running_its_code(tmp_path, folder, capsys,
+                                                                                         kind, action):
+    import torch
+
+    from clip4str.cli import main
+    from test_untrusted import RunsCode
+
+    cfg = _config(tmp_path, folder)
+    (tmp_path / "run").mkdir()
+    last, marker = tmp_path / "run" / "last.ckpt", tmp_path / "ran"
+    if kind == "not a checkpoint":
+        torch.save({"weights": torch.zeros(2)}, last)
+    else:
+        torch.save({"state_dict": {}, "global_step": 3, "callbacks": RunsCode(marker)}, last)
+        if kind == "truncated":
+            last.write_bytes(last.read_bytes()[:200])
+    argv = ["train", "--config", str(cfg)] + (["--resume"] if action == "--resume" else [action, str(tmp_path / "x")])
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert not marker.exists(), "loading the checkpoint ran code from it"
+    assert err.startswith(f"error: {last} is not a readable training checkpoint") and "\n" not in err, err
+    assert not (tmp_path / "x").exists()
 
 
 def _trainable(overrides):

@@ -154,6 +154,8 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path | None:
     last = out / "last.ckpt"
     if resume and not last.is_file():
         raise FileNotFoundError(f"--resume: no checkpoint at {last}; start without --resume")
+    if resume:
+        read_training_checkpoint(last)  # a truncated or foreign file stops here, before any work
     if not resume and last.is_file():
         raise FileExistsError(f"{out} already holds a run (last.ckpt); pass --resume to continue it or choose "
                               "another train.out_dir")
@@ -196,7 +198,9 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path | None:
     effective = d.batch_size * trainer.world_size * t.accumulate_grad_batches  # the lr follows it
     system = STRSystem(model, t, effective, dm.val_names)
     start = time.time()
-    trainer.fit(system, datamodule=dm, ckpt_path=str(last) if resume else None)
+    # weights_only: a checkpoint (copied from elsewhere, perhaps) is untrusted; ours hold only tensors and
+    # plain containers, so nothing in them needs pickle's power to run code.
+    trainer.fit(system, datamodule=dm, ckpt_path=str(last) if resume else None, weights_only=True)
     if not trainer.is_global_zero:
         return None
     spent = budget is not None and budget.elapsed() >= budget.seconds
@@ -210,17 +214,26 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path | None:
     return final
 
 
+def read_training_checkpoint(path: Path) -> dict:
+    """A run's last.ckpt read without running code from it (tensors and plain containers only)."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict) or "global_step" not in ckpt:
+            raise ValueError("no state_dict or global_step in it")
+    except Exception as e:  # a truncated, foreign or hostile file: name it instead of a pickle traceback
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"{path} is not a readable training checkpoint ({type(e).__name__}: {reason}); "
+                         "resume from an earlier copy or train again") from e
+    return ckpt
+
+
 def export_last(cfg: TrainConfig, dest: str | Path, dtype: torch.dtype | None = None) -> Path:
     """Write the model of the run's last.ckpt as a checkpoint folder (e.g. a run stopped before max_steps)."""
     last = Path(cfg.train.out_dir) / "last.ckpt"
     if not last.is_file():
         raise FileNotFoundError(f"no checkpoint at {last}: train first (train.out_dir of this config)")
-    try:
-        ckpt = torch.load(last, map_location="cpu", weights_only=False)
-        states, step = ckpt["state_dict"], int(ckpt["global_step"])
-    except Exception as e:  # a truncated or foreign file: name it instead of a pickle traceback
-        raise ValueError(f"{last} is not a readable training checkpoint ({type(e).__name__}: {e}); "
-                         "resume from an earlier copy or train again") from e
+    ckpt = read_training_checkpoint(last)
+    states, step = ckpt["state_dict"], int(ckpt["global_step"])
     model = build_model(cfg, init=False)
     state = {k.removeprefix("model."): v for k, v in states.items() if k.startswith("model.")}
     load_exact(model, state, str(last))

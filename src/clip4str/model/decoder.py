@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from clip4str.model import onednn
+from clip4str.model.dropout import Dropout, dropout
 
 KV = tuple[torch.Tensor, torch.Tensor]
 
@@ -70,16 +71,18 @@ class Attention(nn.Module):
         """Attention of projected heads (B, H, Lq, D/H) over (B, H, L, D/H), then the output projection."""
         if mask is not None:
             mask = mask.to(q.dtype)
-        # Explicit softmax only when the weights are wanted (attention maps): the fused kernel is faster at every
-        # size of a read here, one query included (torch 2.14, CPU: 6 us against 12 for 81 keys).
-        if self.record:
+        p = self.dropout if self.training else 0.0
+        # Explicit softmax only when the weights are wanted (attention maps) or dropped out on CPU (the kernels'
+        # own dropout draws its mask with bernoulli_, slower there than the attention itself): the fused kernel
+        # is faster at every size of a read here, one query included (torch 2.14, CPU: 6 us against 12 for 81
+        # keys).
+        if self.record or (p and q.device.type == "cpu"):
             scores = (q * self.scale) @ k.transpose(-1, -2)  # scaled first and softmax in fp32, as SDPA does
             weights = (scores + mask if mask is not None else scores).softmax(-1, dtype=torch.float32).to(v.dtype)
             if self.record:
                 self.weights = weights.mean(1).detach()
-            out = weights @ v
+            out = dropout(weights, p, True) @ v
         else:
-            p = self.dropout if self.training else 0.0
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
         return self.out_proj(out.transpose(1, 2).flatten(2))
 
@@ -95,7 +98,7 @@ class DecoderLayer(nn.Module):
         self.linear1, self.linear2 = nn.Linear(dim, hidden), nn.Linear(hidden, dim)
         self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
         self.norm_q, self.norm_c = nn.LayerNorm(dim), nn.LayerNorm(dim)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
 
     def _stream(self, x: torch.Tensor, x_norm: torch.Tensor, content: torch.Tensor | KV, memory: torch.Tensor | KV,
                 mask: torch.Tensor | None, memory_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -157,7 +160,7 @@ class Decoder(nn.Module):
         self.text_embed = TokenEmbedding(num_tokens, dim)
         self.norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, num_classes)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
         self._init_weights()
         self.register_load_state_dict_post_hook(_forget_step_tables)
 

@@ -1,0 +1,34 @@
+"""Dropout with cheaper random masks on CPU, where PyTorch's `bernoulli_` was a fifth of a training step."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# One random int64 gives four 16-bit draws; an element is dropped when its draw falls in the lowest
+# round(p * 65536) of the 65536 values, so the drop probability is p within 1/131072.
+_DRAWS = 65536
+
+
+def keep_mask(shape: torch.Size, p: float) -> torch.Tensor:
+    """A boolean CPU mask of `shape`: True (keep) with probability 1 - p, from the global generator."""
+    n = shape.numel()
+    bits = torch.empty((n + 3) // 4, dtype=torch.int64).random_(-(2**63), 2**63 - 1)
+    return bits.view(torch.int16)[:n].view(shape) >= round(p * _DRAWS) - _DRAWS // 2
+
+
+def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """`F.dropout(x, p, training)`; on CPU the mask comes from 16 random bits per element (3x faster here)."""
+    if not training or p == 0.0:
+        return x
+    if x.device.type != "cpu" or p >= 1.0:
+        return F.dropout(x, p, True)
+    return (x * keep_mask(x.shape, p)).mul_(1.0 / (1.0 - p))
+
+
+class Dropout(nn.Dropout):
+    """`nn.Dropout` with the cheaper CPU masks of `dropout` (same parameters and state)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return dropout(x, self.p, self.training)

@@ -234,6 +234,42 @@ def test_an_error_during_training_with_data_workers_ends_the_process(tmp_path, f
     assert b"injected failure in a data worker" in proc.stderr
 
 
+SIGNAL_TO_THE_RUN_AND_ITS_WORKER = """
+import os, signal, subprocess, sys
+from pathlib import Path
+from clip4str.train.system import STRSystem
+from clip4str.cli import main
+step = STRSystem.training_step
+def killing(self, batch, batch_idx):
+    if self.global_step == 3:  # what `pkill -f <run>` does: the workers' command line is the run's
+        os.kill(os.getpid(), signal.SIGTERM)
+        # From another process: a worker exits quietly on a SIGTERM from its own parent.
+        children = Path(f"/proc/{os.getpid()}/task/{os.getpid()}/children").read_text().split()
+        subprocess.run(["kill", "-TERM", *children], check=True)
+        signal.sigtimedwait([signal.SIGCHLD], 10)  # the worker is gone; PyTorch's check raises in this step
+        signal.raise_signal(signal.SIGCHLD)
+    return step(self, batch, batch_idx)
+STRSystem.training_step = killing
+sys.exit(main(["train", "--config", sys.argv[1]]))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="finds the data worker through Linux's /proc")
+def test_a_signal_that_also_kills_a_data_worker_mid_step_keeps_the_last_whole_step(tmp_path, folder):
+    cfg = _config(tmp_path, folder, "both", max_steps=40, checkpoint_every_steps=2)
+    doc = yaml.safe_load(cfg.read_text())
+    doc["data"]["num_workers"] = 1
+    cfg.write_text(yaml.safe_dump(doc))
+    proc = subprocess.run([sys.executable, "-c", SIGNAL_TO_THE_RUN_AND_ITS_WORKER, str(cfg)], capture_output=True,
+                          timeout=300)
+    err = proc.stderr.decode()
+    assert proc.returncode != 0 and "DataLoader worker" in err, err[-2000:]
+    assert "in the middle of step 4, which is not saved" in err, err[-2000:]
+    import torch
+    assert torch.load(tmp_path / "both" / "last.ckpt", weights_only=True)["global_step"] == 2  # not a half step
+
+
 @pytest.mark.slow
 def test_a_sigterm_after_our_check_saves_at_the_end_of_the_next_step(tmp_path, folder):
     cfg = _config(tmp_path, folder, "late", max_steps=40)
@@ -244,7 +280,7 @@ def test_a_sigterm_after_our_check_saves_at_the_end_of_the_next_step(tmp_path, f
     # forwarded the signal and broadcast from inside the handler).
     assert b"checkpoint saved at step 4" in proc.stderr
     import torch
-    assert torch.load(tmp_path / "late" / "last.ckpt", weights_only=False)["global_step"] == 4
+    assert torch.load(tmp_path / "late" / "last.ckpt", weights_only=True)["global_step"] == 4
 
 
 @pytest.mark.slow
@@ -257,7 +293,7 @@ def test_sigterm_to_the_process_group_saves_a_checkpoint_and_resume_finishes(tmp
     assert proc.returncode == 0, err.decode()[-2000:]
     assert b"checkpoint saved" in err
     import torch
-    step = torch.load(tmp_path / "term" / "last.ckpt", weights_only=False)["global_step"]
+    step = torch.load(tmp_path / "term" / "last.ckpt", weights_only=True)["global_step"]
     assert 0 < step < 400
     assert not (tmp_path / "term" / "final").exists()
     # A stopped run ships its last checkpoint: float16 weights, provenance with the steps it reached.
@@ -269,7 +305,7 @@ def test_sigterm_to_the_process_group_saves_a_checkpoint_and_resume_finishes(tmp
     from safetensors import safe_open
     with safe_open(weights, "pt") as f:
         assert f.get_tensor("image_decoder.head.weight").dtype == torch.float16
-    state = torch.load(tmp_path / "term" / "last.ckpt", weights_only=False)["state_dict"]
+    state = torch.load(tmp_path / "term" / "last.ckpt", weights_only=True)["state_dict"]
     shipped = load_model(tmp_path / "shipped").state_dict()
     torch.testing.assert_close(shipped["image_decoder.head.weight"], state["model.image_decoder.head.weight"],
                                atol=1e-3, rtol=1e-3)

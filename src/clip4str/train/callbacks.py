@@ -26,6 +26,7 @@ class ResumableCheckpoint(L.Callback):
         self._saved_step = 0
         self._signal: int | None = None
         self._previous: dict[int, object] = {}
+        self._mid_step = False  # between a batch's start and its end: weights and optimiser may be half-updated
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # Registered here, after Lightning has installed its own SIGTERM handler, to replace it rather than run
@@ -49,8 +50,13 @@ class ResumableCheckpoint(L.Callback):
             os.replace(tmp, self.path)
         self._last_save, self._saved_step = time.monotonic(), trainer.global_step
 
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: object,
+                             batch_idx: int) -> None:
+        self._mid_step = True
+
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: object, batch: object,
                            batch_idx: int) -> None:
+        self._mid_step = False
         step = trainer.global_step
         # With gradient accumulation several batches share a step: save once per step at most.
         due = step > self._saved_step and bool((self.steps and step % self.steps == 0) or (
@@ -81,9 +87,19 @@ class ResumableCheckpoint(L.Callback):
         return bool(stop), bool(due)
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
-        """Save after a signal when Lightning's own SIGTERM check stopped the loop before our batch hook."""
-        if self._signal is not None and trainer.global_step > 0:
+        """Save after a signal when an exception stopped the loop between steps (Lightning's own SIGTERM check,
+        a failure in validation); never in the middle of a step, whose state would be half-updated."""
+        if self._signal is None or trainer.global_step == 0:
+            return
+        if not self._mid_step:
             self._save_after_signal(trainer)
+        elif trainer.is_global_zero:
+            # e.g. a data worker killed by the same signal (`pkill -f` matches the workers' command line too):
+            # PyTorch raises inside the step, so the last whole step on disk is the periodic checkpoint's.
+            kept = (f"{self.path} (step {self._saved_step or 'of an earlier run'}) is the checkpoint to resume from "
+                    "with --resume" if self.path.is_file() else "no checkpoint had been written yet")
+            print(f"\nsignal {self._signal}, then {type(exception).__name__} in the middle of step "
+                  f"{trainer.global_step + 1}, which is not saved: {kept}", file=sys.stderr, flush=True)
 
     def _save_after_signal(self, trainer: L.Trainer) -> None:
         self.save(trainer)

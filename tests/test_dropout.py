@@ -30,6 +30,9 @@ def test_dropout_scales_kept_values_and_passes_gradients_through_the_same_mask()
     assert torch.allclose(x.grad, kept.float() / 0.9)
     assert dropout(x, 0.1, False) is x and dropout(x, 0.0, True) is x
     assert dropout(x, 1.0, True).abs().sum() == 0
+    ones = torch.ones(4_000_000)
+    assert (dropout(ones, 0.999999, True) != 0).float().mean() < 1e-4  # rounds to every draw: F.dropout's rate
+    assert (dropout(ones, 0.999, True) != 0).float().mean() == pytest.approx(0.001, rel=0.1)
     xb = x.detach().bfloat16()
     assert dropout(xb, 0.1, True).dtype == torch.bfloat16
 

@@ -237,32 +237,48 @@ def test_an_error_during_training_with_data_workers_ends_the_process(tmp_path, f
 SIGNAL_TO_THE_RUN_AND_ITS_WORKER = """
 import os, signal, subprocess, sys
 from pathlib import Path
+from clip4str.train.callbacks import ResumableCheckpoint
 from clip4str.train.system import STRSystem
 from clip4str.cli import main
-step = STRSystem.training_step
-def killing(self, batch, batch_idx):
-    if self.global_step == 3:  # what `pkill -f <run>` does: the workers' command line is the run's
-        os.kill(os.getpid(), signal.SIGTERM)
-        # From another process: a worker exits quietly on a SIGTERM from its own parent.
-        children = Path(f"/proc/{os.getpid()}/task/{os.getpid()}/children").read_text().split()
-        subprocess.run(["kill", "-TERM", *children], check=True)
-        signal.sigtimedwait([signal.SIGCHLD], 10)  # the worker is gone; PyTorch's check raises in this step
-        signal.raise_signal(signal.SIGCHLD)
-    return step(self, batch, batch_idx)
-STRSystem.training_step = killing
+
+def kill_run_and_worker():  # what `pkill -f <run>` does: the workers' command line is the run's
+    os.kill(os.getpid(), signal.SIGTERM)
+    # From another process: a worker exits quietly on a SIGTERM from its own parent.
+    children = Path(f"/proc/{os.getpid()}/task/{os.getpid()}/children").read_text().split()
+    subprocess.run(["kill", "-TERM", *children], check=True)
+    signal.sigtimedwait([signal.SIGCHLD], 10)  # the worker is gone: PyTorch's check raises right here
+    signal.raise_signal(signal.SIGCHLD)
+
+if sys.argv[2] == "in a step":
+    step = STRSystem.training_step
+    def killing(self, batch, batch_idx):
+        if self.global_step == 3:
+            kill_run_and_worker()
+        return step(self, batch, batch_idx)
+    STRSystem.training_step = killing
+else:  # after the first of a step's two accumulated batches
+    hook = ResumableCheckpoint.on_train_batch_end
+    def late(self, trainer, module, outputs, batch, batch_idx):
+        hook(self, trainer, module, outputs, batch, batch_idx)
+        if batch_idx == 6:
+            kill_run_and_worker()
+    ResumableCheckpoint.on_train_batch_end = late
 sys.exit(main(["train", "--config", sys.argv[1]]))
 """
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="finds the data worker through Linux's /proc")
-def test_a_signal_that_also_kills_a_data_worker_mid_step_keeps_the_last_whole_step(tmp_path, folder):
-    cfg = _config(tmp_path, folder, "both", max_steps=40, checkpoint_every_steps=2)
+@pytest.mark.parametrize("when", ["in a step", "between accumulated batches"])
+def test_a_signal_that_also_kills_a_data_worker_mid_step_keeps_the_last_whole_step(tmp_path, folder, when):
+    accumulate = 1 if when == "in a step" else 2
+    cfg = _config(tmp_path, folder, "both", max_steps=40, checkpoint_every_steps=2,
+                  accumulate_grad_batches=accumulate)
     doc = yaml.safe_load(cfg.read_text())
     doc["data"]["num_workers"] = 1
     cfg.write_text(yaml.safe_dump(doc))
-    proc = subprocess.run([sys.executable, "-c", SIGNAL_TO_THE_RUN_AND_ITS_WORKER, str(cfg)], capture_output=True,
-                          timeout=300)
+    proc = subprocess.run([sys.executable, "-c", SIGNAL_TO_THE_RUN_AND_ITS_WORKER, str(cfg), when],
+                          capture_output=True, timeout=300)
     err = proc.stderr.decode()
     assert proc.returncode != 0 and "DataLoader worker" in err, err[-2000:]
     assert "in the middle of step 4, which is not saved" in err, err[-2000:]

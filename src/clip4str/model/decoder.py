@@ -77,7 +77,9 @@ class Attention(nn.Module):
         # is faster at every size of a read here, one query included (torch 2.14, CPU: 6 us against 12 for 81
         # keys).
         if self.record or (p and q.device.type == "cpu"):
-            scores = (q * self.scale) @ k.transpose(-1, -2)  # scaled first and softmax in fp32, as SDPA does
+            # Scaled first and the softmax in fp32, as SDPA does (under bf16 autocast the scores themselves are
+            # bf16 here, where SDPA's math kernel keeps them in fp32: training only, at its noise level).
+            scores = (q * self.scale) @ k.transpose(-1, -2)
             weights = (scores + mask if mask is not None else scores).softmax(-1, dtype=torch.float32).to(v.dtype)
             if self.record:
                 self.weights = weights.mean(1).detach()

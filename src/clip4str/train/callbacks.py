@@ -26,7 +26,8 @@ class ResumableCheckpoint(L.Callback):
         self._saved_step = 0
         self._signal: int | None = None
         self._previous: dict[int, object] = {}
-        self._mid_step = False  # between a batch's start and its end: weights and optimiser may be half-updated
+        self._mid_step = False  # inside an optimiser step's batches: weights and optimiser may be half-updated
+        self._step_at_start = 0
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # Registered here, after Lightning has installed its own SIGTERM handler, to replace it rather than run
@@ -52,13 +53,18 @@ class ResumableCheckpoint(L.Callback):
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: object,
                              batch_idx: int) -> None:
+        if not self._mid_step:
+            self._step_at_start = trainer.global_step
         self._mid_step = True
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: object, batch: object,
                            batch_idx: int) -> None:
-        self._mid_step = False
         step = trainer.global_step
-        # With gradient accumulation several batches share a step: save once per step at most.
+        # With gradient accumulation several batches make one step: a state is whole (and is saved) only after
+        # the batch whose optimiser step ended it; every rank accumulates alike, so all return here together.
+        self._mid_step = step == self._step_at_start
+        if self._mid_step:
+            return
         due = step > self._saved_step and bool((self.steps and step % self.steps == 0) or (
             self.minutes is not None and time.monotonic() - self._last_save >= 60 * self.minutes))
         stop, due = self._agree(trainer, self._signal is not None, due)
@@ -91,15 +97,19 @@ class ResumableCheckpoint(L.Callback):
         a failure in validation); never in the middle of a step, whose state would be half-updated."""
         if self._signal is None or trainer.global_step == 0:
             return
-        if not self._mid_step:
+        # A save is collective: ranks that fail apart would wait on each other, so several ranks keep the last
+        # checkpoint (their signals are handled between steps, where they agree).
+        if not self._mid_step and trainer.world_size == 1:
             self._save_after_signal(trainer)
         elif trainer.is_global_zero:
             # e.g. a data worker killed by the same signal (`pkill -f` matches the workers' command line too):
             # PyTorch raises inside the step, so the last whole step on disk is the periodic checkpoint's.
-            kept = (f"{self.path} (step {self._saved_step or 'of an earlier run'}) is the checkpoint to resume from "
-                    "with --resume" if self.path.is_file() else "no checkpoint had been written yet")
-            print(f"\nsignal {self._signal}, then {type(exception).__name__} in the middle of step "
-                  f"{trainer.global_step + 1}, which is not saved: {kept}", file=sys.stderr, flush=True)
+            saved = f"step {self._saved_step}" if self._saved_step else "written by an earlier run"
+            kept = (f"{self.path} ({saved}) is the checkpoint to resume from with --resume" if self.path.is_file()
+                    else "no checkpoint had been written yet")
+            where = f"in the middle of step {trainer.global_step + 1}" if self._mid_step else "on one of several ranks"
+            print(f"\nsignal {self._signal}, then {type(exception).__name__} {where}, which is not saved: {kept}",
+                  file=sys.stderr, flush=True)
 
     def _save_after_signal(self, trainer: L.Trainer) -> None:
         self.save(trainer)

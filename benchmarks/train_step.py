@@ -4,6 +4,7 @@
     python benchmarks/train_step.py --preset tiny --set clip.vision_cfg.patch_size=[8,8]
     python benchmarks/train_step.py --preset tiny --batch-size 2 --adamw fused loop
     python benchmarks/train_step.py --preset tiny --batch-size 2 --precision bf16 --count-ops
+    python benchmarks/train_step.py --preset tiny --precision bf16 --encoder eager compiled
 
 --count-ops also counts, in one step, the PyTorch operators and the reads of a tensor value on the host
 (`aten._local_scalar_dense`: `.item()`, `bool(t)`, indexing with a 0-d tensor), each a wait for the device on a GPU.
@@ -22,6 +23,8 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from clip4str import create_model
+from clip4str.model.towers import encode_image_tokens
+from clip4str.train.compile import compile_image_encoder
 from clip4str.train.system import build_optimizer
 
 
@@ -94,6 +97,8 @@ def main() -> None:
     ap.add_argument("--adamw", nargs="+", choices=["fused", "loop"], default=["fused"],
                     help="AdamW as clip4str train runs it (fused) or PyTorch's per-parameter loop")
     ap.add_argument("--count-ops", action="store_true", help="count operators and host reads of one step")
+    ap.add_argument("--encoder", nargs="+", choices=["eager", "compiled"], default=["eager"],
+                    help="the image tower eager or through torch.compile (train.compile_encoder)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     model = create_model(args.preset, **parse_set(args.set))
@@ -103,10 +108,20 @@ def main() -> None:
     tokens = model.encode_image(torch.zeros(1, 3, h, w)).shape[1]
     print(f"preset={args.preset} overrides={args.set} params={total / 1e6:.2f}M trainable={trainable / 1e6:.2f}M "
           f"input={h}x{w} tokens={tokens} batch={args.batch_size} threads={args.threads}")
+    towers = {"eager": encode_image_tokens}
+    if "compiled" in args.encoder:
+        context = torch.autocast("cpu", dtype=torch.bfloat16, enabled="bf16" in args.precision)
+        if not compile_image_encoder(model.train(), args.batch_size, context):
+            raise SystemExit("torch.compile failed here")
+        towers["compiled"] = model.train_image_tokens
     for precision in args.precision:
         for adamw in args.adamw:  # side by side, so a noisy CPU affects both alike
-            med = time_train_step(model, args.batch_size, precision, args.steps, args.attention, adamw == "fused")
-            print(f"  {precision}, AdamW {adamw}: {med * 1000:.0f} ms/step, {args.batch_size / med:.1f} images/s")
+            for encoder in args.encoder:
+                model.train_image_tokens = towers[encoder]
+                med = time_train_step(model, args.batch_size, precision, args.steps, args.attention,
+                                      adamw == "fused")
+                print(f"  {precision}, AdamW {adamw}, {encoder} encoder: {med * 1000:.0f} ms/step, "
+                      f"{args.batch_size / med:.1f} images/s")
             if args.count_ops:
                 ops, reads = count_step_ops(model, args.batch_size, precision, args.attention, adamw == "fused")
                 print(f"    one step: {ops} operators, {reads} host reads of a tensor value")

@@ -56,6 +56,7 @@ class CLIP4STR(nn.Module):
         self.clip = build_clip(config.clip)
         self.clip.logit_scale.requires_grad_(False)  # only the zero-shot ranking uses it
         self.provenance: dict = {}
+        self.train_image_tokens = encode_image_tokens  # training's image tower (train.compile_encoder compiles it)
 
         def decoder() -> Decoder:
             return Decoder(config.embed_dim, config.decoder_heads, config.decoder_depth, config.decoder_mlp_ratio,
@@ -95,7 +96,7 @@ class CLIP4STR(nn.Module):
             raise ValueError("empty batch: give at least one image")
         if self.image_peft is not None:
             return self.image_peft(self.clip.visual, images)
-        return encode_image_tokens(self.clip.visual, images)
+        return (self.train_image_tokens if self.training else encode_image_tokens)(self.clip.visual, images)
 
     def encode_text(self, captions: Sequence[str], device: torch.device) -> torch.Tensor:
         """Captions -> CLIP text features of every token (B, context, D)."""

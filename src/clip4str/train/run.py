@@ -196,7 +196,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path | None:
             (out / STARTED_FROM).write_text(json.dumps({"init": cfg.model.init, "provenance": model.provenance},
                                                        indent=1), encoding="utf-8")
     effective = d.batch_size * trainer.world_size * t.accumulate_grad_batches  # the lr follows it
-    system = STRSystem(model, t, effective, dm.val_names)
+    system = STRSystem(model, t, effective, dm.val_names, batch_size=d.batch_size)
     start = time.time()
     # weights_only: a checkpoint (copied from elsewhere, perhaps) is untrusted; ours hold only tensors and
     # plain containers, so nothing in them needs pickle's power to run code.

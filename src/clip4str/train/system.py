@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
-import contextlib
+import sys
 import time
 
 import lightning as L
 import torch
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from clip4str.charset import CHARSETS
 from clip4str.metrics import Scores
 from clip4str.model import CLIP4STR
 from clip4str.model.peft import PEFT_PREFIXES
 from clip4str.train.budget import one_cycle
+from clip4str.train.compile import attention_kernel, compile_image_encoder
 from clip4str.train.config import TrainSection
 
 # New modules (decoders, PEFT) learn at decoder_lr_scale x the pre-trained towers' rate.
@@ -47,8 +47,10 @@ def build_optimizer(model: CLIP4STR, lr: float, decoder_lr_scale: float, weight_
 class STRSystem(L.LightningModule):
     """Trains a CLIP4STR module; validation reports accuracy, 1-NED and confidence per validation set."""
 
-    def __init__(self, model: CLIP4STR, cfg: TrainSection, effective_batch: int, val_names: list[str]) -> None:
+    def __init__(self, model: CLIP4STR, cfg: TrainSection, effective_batch: int, val_names: list[str],
+                 batch_size: int | None = None) -> None:
         super().__init__()
+        self.batch_size = batch_size  # per device: the shape train.compile_encoder compiles for
         self.model, self.cfg = model, cfg
         self.effective_batch = effective_batch
         self.lr = cfg.base_lr * effective_batch / 512  # the authors' scaling rule
@@ -56,6 +58,11 @@ class STRSystem(L.LightningModule):
         self._scores: list[Scores] = []
         self._last_step_time: float | None = None
         self.progress = 0.0  # share of a time budget spent (train.max_minutes), set by TimeBudget
+
+    def on_train_start(self) -> None:
+        if self.cfg.compile_encoder and self.model.image_peft is None and self.batch_size:
+            if compile_image_encoder(self.model, self.batch_size, self.trainer.precision_plugin.forward_context()):
+                print("train.compile_encoder: the image tower's training steps run compiled", file=sys.stderr)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         """Store the effective batch beside Lightning's state."""
@@ -70,10 +77,7 @@ class STRSystem(L.LightningModule):
         images, labels = batch
         if not labels:  # every sample of the batch failed to load
             return None
-        # On CPU the plain (math) attention kernel trains ~15-20% faster than the fused flash kernel at these
-        # shapes (benchmarks/train_step.py); on GPU the default choice stands.
-        kernel = sdpa_kernel([SDPBackend.MATH]) if images.device.type == "cpu" else contextlib.nullcontext()
-        with kernel:
+        with attention_kernel(images.device):
             out = self.model(images, labels)
         now = time.perf_counter()
         if self._last_step_time is not None:

@@ -46,7 +46,7 @@ class ResumableCheckpoint(L.Callback):
     def save(self, trainer: L.Trainer) -> None:
         """Write last.ckpt atomically (rank 0 writes; every rank takes part as Lightning requires)."""
         tmp = self.path.with_name(self.path.name + ".tmp")
-        trainer.save_checkpoint(tmp)
+        trainer.save_checkpoint(tmp, weights_only=False)  # the whole state (optimiser, loops, callbacks)
         if trainer.is_global_zero:
             os.replace(tmp, self.path)
         self._last_save, self._saved_step = time.monotonic(), trainer.global_step

@@ -60,9 +60,13 @@ class STRSystem(L.LightningModule):
         self.progress = 0.0  # share of a time budget spent (train.max_minutes), set by TimeBudget
 
     def on_train_start(self) -> None:
-        if self.cfg.compile_encoder and self.model.image_peft is None and self.batch_size:
-            if compile_image_encoder(self.model, self.batch_size, self.trainer.precision_plugin.forward_context()):
-                print("train.compile_encoder: the image tower's training steps run compiled", file=sys.stderr)
+        if not self.cfg.compile_encoder or not self.batch_size:
+            return
+        if self.model.image_peft is not None:
+            print("train.compile_encoder: not used with model.peft (the tower runs inside the PEFT module); "
+                  "training in eager mode", file=sys.stderr)
+        elif compile_image_encoder(self.model, self.batch_size, self.trainer.precision_plugin.forward_context()):
+            print("train.compile_encoder: the image tower's training steps run compiled", file=sys.stderr)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         """Store the effective batch beside Lightning's state."""

@@ -263,3 +263,22 @@ def fit_positions(pos: torch.Tensor, grid: tuple[int, int], source: tuple[int, i
     patches = torch.nn.functional.interpolate(patches.float(), size=grid, mode="bicubic", align_corners=False)
     patches = patches.to(pos.dtype)
     return torch.cat([pos[:1], patches.permute(0, 2, 3, 1).reshape(grid[0] * grid[1], -1)])
+
+
+# The parts of a CLIP residual block that write into its residual stream.
+_BLOCK_OUTPUTS = ("attn.out_proj.weight", "attn.out_proj.bias", "mlp.c_proj.weight", "mlp.c_proj.bias")
+
+
+def add_identity_blocks(state: dict[str, torch.Tensor], fresh: dict[str, torch.Tensor], prefix: str, have: int,
+                        want: int) -> dict[str, torch.Tensor]:
+    """`state` of a tower with `have` residual blocks under `prefix` (e.g. 'clip.visual.transformer.resblocks.'),
+    grown to `want` blocks: the new ones come from `fresh` (a new model's initialisation) with the projections that
+    write into the residual stream zeroed, so each adds nothing and the deeper tower computes what the
+    checkpoint's did until training grows them."""
+    out = dict(state)
+    for i in range(have, want):
+        block = f"{prefix}{i}."
+        for key, value in fresh.items():
+            if key.startswith(block):
+                out[key] = torch.zeros_like(value) if key[len(block):] in _BLOCK_OUTPUTS else value.clone()
+    return out

@@ -23,7 +23,14 @@ from clip4str.train.budget import TimeBudget
 from clip4str.train.callbacks import ResumableCheckpoint
 from clip4str.train.config import TrainConfig
 from clip4str.train.system import STRSystem
-from clip4str.weights import fit_positions, load_exact, read_checkpoint_config, read_tensors, save_checkpoint
+from clip4str.weights import (
+    add_identity_blocks,
+    fit_positions,
+    load_exact,
+    read_checkpoint_config,
+    read_tensors,
+    save_checkpoint,
+)
 
 # Settings that only shape training or are decoding options: a run may start from weights trained with others.
 TRAINING_ONLY_KEYS = {"dropout", "cross_loss_weight", "ctc_weight", "num_permutations", "perm_forward",
@@ -69,6 +76,14 @@ def load_weights_into(model: CLIP4STR, folder: str | Path) -> None:
         print(f"{folder}: input {parent.image_size[0]}x{parent.image_size[1]} -> {model.config.image_size[0]}x"
               f"{model.config.image_size[1]}: image positions resampled from {parent_grid[0]}x{parent_grid[1]} to "
               f"{grid[0]}x{grid[1]} patches", file=sys.stderr)
+    have, want = parent.clip["vision_cfg"]["layers"], model.config.clip["vision_cfg"]["layers"]
+    if want < have:
+        raise ValueError(f"checkpoint {folder} has {have} image-tower layers, the config {want}; a run may add "
+                         "layers to a checkpoint's tower, not remove them")
+    if want > have:  # a deeper tower: the new blocks start as identities
+        state = add_identity_blocks(state, own, "clip.visual.transformer.resblocks.", have, want)
+        print(f"{folder}: image tower {have} -> {want} layers: blocks {have}-{want - 1} added as identities (their "
+              "output projections zero)", file=sys.stderr)
     state = {k: v for k, v in state.items() if not k.startswith("ctc_head.") or k in own}
     state.update({k: v for k, v in own.items() if k.startswith("ctc_head.") and k not in state})
     load_exact(model, state, f"checkpoint {folder}")
@@ -83,9 +98,11 @@ def _grid(config: ModelConfig) -> tuple[int, int]:
 
 
 def _sizeless(config: dict) -> dict:
-    """A model config without its input size, which a checkpoint's weights can be fitted to."""
+    """A model config without its input size and image-tower depth, which a checkpoint's weights can be fitted
+    to."""
     config = copy.deepcopy(config)
     config["clip"].get("vision_cfg", {}).pop("image_size", None)
+    config["clip"].get("vision_cfg", {}).pop("layers", None)
     return config
 
 

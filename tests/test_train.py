@@ -394,6 +394,38 @@ def test_a_checkpoint_starts_a_run_at_another_input_size(tmp_path, folder, capsy
         build_model(patches)
 
 
+def test_a_checkpoint_starts_a_run_with_a_deeper_image_tower_that_reads_as_it_did(tmp_path, folder, capsys):
+    import torch
+
+    from clip4str.factory import create_model
+    from clip4str.weights import save_checkpoint
+    source = create_model("tiny", **SMALL).eval()
+    with torch.no_grad():  # trained-looking weights: no block of the source is an identity
+        for p in source.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    save_checkpoint(source, tmp_path / "start")
+    cfg = load_config(_config(tmp_path, folder), [f"model.init=checkpoint:{tmp_path / 'start'}",
+                                                  "model.clip.vision_cfg.layers=4"])
+    model = build_model(cfg).eval()
+    assert "image tower 2 -> 4 layers: blocks 2-3 added as identities" in capsys.readouterr().err
+    assert len(model.clip.visual.transformer.resblocks) == 4
+    new = model.clip.visual.transformer.resblocks[3]
+    assert new.attn.out_proj.weight.abs().sum() == 0 and new.mlp.c_proj.bias.abs().sum() == 0
+    assert new.mlp.c_fc.weight.abs().sum() > 0  # the rest of a new block starts as a fresh one
+    images = torch.randn(3, 3, *source.config.image_size)
+    with torch.no_grad():
+        torch.testing.assert_close(model.encode_image(images), source.encode_image(images), atol=1e-5, rtol=1e-5)
+        a, b = source.decode(images), model.decode(images)
+    torch.testing.assert_close(b.logits, a.logits, atol=1e-4, rtol=1e-4)
+    loss = model.train()(images, ["ab", "cd", "e"]).loss  # and it trains: the new blocks get gradients
+    loss.backward()
+    assert new.attn.out_proj.weight.grad.abs().sum() > 0
+    fewer = load_config(_config(tmp_path, folder), [f"model.init=checkpoint:{tmp_path / 'start'}",
+                                                    "model.clip.vision_cfg.layers=1"])
+    with pytest.raises(ValueError, match="has 2 image-tower layers, the config 1"):
+        build_model(fewer)
+
+
 def test_a_run_from_a_checkpoint_records_that_checkpoints_provenance(tmp_path, folder):
     import json
 

@@ -32,12 +32,29 @@ def test_the_compiled_tower_gives_eager_tokens_and_gradients(tiny_overrides):
     assert eager_grads.keys() == compiled_grads.keys() and eager_grads
     for name in eager_grads:
         torch.testing.assert_close(compiled_grads[name], eager_grads[name], atol=1e-4, rtol=1e-3, msg=name)
+    calls = []
+    compiled_tokens = model.train_image_tokens
+    model.train_image_tokens = lambda *args: calls.append(1) or compiled_tokens(*args)
+    model.train()(images, ["ab", "cd", "e"]).loss.backward()  # a training step goes through it
+    assert calls == [1]
     model.eval()  # decoding keeps the eager tower (other batch sizes, no recompilation)
     assert torch.equal(model.encode_image(images), encode_image_tokens(model.clip.visual, images))
+    model.decode(images)
+    assert calls == [1]
+    eager_calls = []  # another batch size (dropped samples) runs eagerly instead of recompiling
+    compile_mod.encode_image_tokens = lambda *args: eager_calls.append(1) or encode_image_tokens(*args)
+    try:
+        with torch.no_grad():
+            torch.testing.assert_close(compiled_tokens(model.clip.visual, images[:2]),
+                                       encode_image_tokens(model.clip.visual, images[:2]))
+            compiled_tokens(model.clip.visual, images)
+    finally:
+        compile_mod.encode_image_tokens = encode_image_tokens
+    assert eager_calls == [1]
 
 
 def test_a_compiler_failure_leaves_training_eager_with_a_note(tiny_overrides, monkeypatch, capsys):
-    def broken(fn):
+    def broken(fn, **options):
         def run(*args):
             raise RuntimeError("Compiler: cc not found\nmore detail")
         return run

@@ -411,6 +411,11 @@ def test_a_checkpoint_starts_a_run_with_a_deeper_image_tower_that_reads_as_it_di
     assert len(model.clip.visual.transformer.resblocks) == 4
     new = model.clip.visual.transformer.resblocks[3]
     assert new.attn.out_proj.weight.abs().sum() == 0 and new.mlp.c_proj.bias.abs().sum() == 0
+    from clip4str.weights import add_identity_blocks  # every residual-stream output, whatever its initialisation
+    fresh = {f"t.1.{k}": torch.ones(2) for k in ("attn.out_proj.weight", "attn.out_proj.bias", "mlp.c_proj.weight",
+                                                  "mlp.c_proj.bias", "mlp.c_fc.weight", "ln_1.weight")}
+    grown = add_identity_blocks({"t.0.x": torch.ones(1)}, fresh, "t.", 1, 2)
+    assert {k for k, v in grown.items() if v.abs().sum() == 0} == set(list(fresh)[:4])
     assert new.mlp.c_fc.weight.abs().sum() > 0  # the rest of a new block starts as a fresh one
     images = torch.randn(3, 3, *source.config.image_size)
     with torch.no_grad():

@@ -25,13 +25,18 @@ def compile_image_encoder(model: CLIP4STR, batch_size: int, forward_context: con
     shape under the step's precision (`forward_context`), forward and backward; True if it is in use. A failure
     (no C++ compiler, a backend that does not support the device) is reported in one line and training stays
     eager: the run goes on either way."""
-    compiled = torch.compile(encode_image_tokens)
+    compiled = torch.compile(encode_image_tokens, dynamic=False)
+
+    def tokens(visual: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
+        # Another batch size (samples that failed to load were dropped) goes eager rather than recompiling.
+        return (compiled if images.shape[0] == batch_size else encode_image_tokens)(visual, images)
+
     device = next(model.parameters()).device
     images = torch.zeros(batch_size, 3, *model.config.image_size, device=device)
     try:
         with forward_context, attention_kernel(device):
-            tokens = compiled(model.clip.visual, images)
-        tokens.float().sum().backward()
+            out = compiled(model.clip.visual, images)
+        out.float().sum().backward()
     except Exception as e:  # noqa: BLE001 - any compiler failure means: train eagerly
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
         print(f"train.compile_encoder: torch.compile failed on this machine ({type(e).__name__}: {reason}); "
@@ -39,5 +44,5 @@ def compile_image_encoder(model: CLIP4STR, batch_size: int, forward_context: con
         return False
     finally:
         model.zero_grad(set_to_none=True)
-    model.train_image_tokens = compiled
+    model.train_image_tokens = tokens
     return True

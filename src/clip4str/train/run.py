@@ -80,6 +80,9 @@ def load_weights_into(model: CLIP4STR, folder: str | Path) -> None:
     if want < have:
         raise ValueError(f"checkpoint {folder} has {have} image-tower layers, the config {want}; a run may add "
                          "layers to a checkpoint's tower, not remove them")
+    if want > have and model.config.peft != "none":
+        raise ValueError(f"model.peft={model.config.peft} freezes the image tower: blocks added to checkpoint "
+                         f"{folder}'s {have} layers would never train; grow the tower without PEFT first")
     if want > have:  # a deeper tower: the new blocks start as identities
         state = add_identity_blocks(state, own, "clip.visual.transformer.resblocks.", have, want)
         print(f"{folder}: image tower {have} -> {want} layers: blocks {have}-{want - 1} added as identities (their "

@@ -12,6 +12,7 @@ from clip4str.charset import CHARSETS
 from clip4str.metrics import Scores
 from clip4str.model import CLIP4STR
 from clip4str.model.peft import PEFT_PREFIXES
+from clip4str.model.towers import encode_image_tokens
 from clip4str.train.budget import one_cycle
 from clip4str.train.compile import attention_kernel, compile_image_encoder
 from clip4str.train.config import TrainSection
@@ -67,6 +68,9 @@ class STRSystem(L.LightningModule):
                   "training in eager mode", file=sys.stderr)
         elif compile_image_encoder(self.model, self.batch_size, self.trainer.precision_plugin.forward_context()):
             print("train.compile_encoder: the image tower's training steps run compiled", file=sys.stderr)
+
+    def on_train_end(self) -> None:
+        self.model.train_image_tokens = encode_image_tokens  # a compiled closure would keep the module unpicklable
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         """Store the effective batch beside Lightning's state."""

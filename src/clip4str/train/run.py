@@ -80,10 +80,10 @@ def load_weights_into(model: CLIP4STR, folder: str | Path) -> None:
     if want < have:
         raise ValueError(f"checkpoint {folder} has {have} image-tower layers, the config {want}; a run may add "
                          "layers to a checkpoint's tower, not remove them")
-    if want > have and model.config.peft != "none":
-        raise ValueError(f"model.peft={model.config.peft} freezes the image tower: blocks added to checkpoint "
-                         f"{folder}'s {have} layers would never train; grow the tower without PEFT first")
     if want > have:  # a deeper tower: the new blocks start as identities
+        if model.config.peft != "none":
+            raise ValueError(f"model.peft={model.config.peft} freezes the image tower: blocks added to checkpoint "
+                             f"{folder}'s {have} layers would never train; grow the tower without PEFT first")
         state = add_identity_blocks(state, own, "clip.visual.transformer.resblocks.", have, want)
         print(f"{folder}: image tower {have} -> {want} layers: blocks {have}-{want - 1} added as identities (their "
               "output projections zero)", file=sys.stderr)
@@ -172,11 +172,11 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path | None:
     t, d = cfg.train, cfg.data
     out = Path(t.out_dir)
     last = out / "last.ckpt"
-    if resume and not last.is_file():
-        raise FileNotFoundError(f"--resume: no checkpoint at {last}; start without --resume")
     if resume:
+        if not last.is_file():
+            raise FileNotFoundError(f"--resume: no checkpoint at {last}; start without --resume")
         read_training_checkpoint(last)  # a truncated or foreign file stops here, before any work
-    if not resume and last.is_file():
+    elif last.is_file():
         raise FileExistsError(f"{out} already holds a run (last.ckpt); pass --resume to continue it or choose "
                               "another train.out_dir")
     if t.threads:

@@ -33,7 +33,8 @@ HEADER = "| method | accuracy | 1 - NED | median ms/crop |\n|:--|--:|--:|--:|"
 
 
 def clip4str_reader(model: str | None, precision: str = "fp32", compiled: bool = False, rescore: bool = True,
-                    draft: bool = True, packed: bool = True, cascade: bool = True) -> Reader:
+                    draft: bool = True, packed: bool = True, cascade: bool = True, second_look: bool = True
+                    ) -> Reader:
     """Batch-1 reading with the clip4str Recognizer (built-in model unless --model); a compiled one is warmed up
     on a rendered word first, so compilation is not timed."""
     from clip4str.bench import word_image
@@ -46,7 +47,8 @@ def clip4str_reader(model: str | None, precision: str = "fp32", compiled: bool =
     else:
         rec = Recognizer.from_pretrained(model, precision=precision, compiled=compiled, packed=packed)
     rec.read(word_image())
-    return lambda img: rec.read(img, rescore=rescore, draft=draft, cascade=cascade)[0].text
+    return lambda img: rec.read(img, rescore=rescore, draft=draft, cascade=cascade,
+                                second_look=second_look)[0].text
 
 
 def tesseract_reader() -> Reader | None:
@@ -87,12 +89,12 @@ def main() -> None:
     ap.add_argument("--peers", nargs="+", default=["clip4str", "tesseract", "rapidocr"])
     ap.add_argument("--limit", type=int, help="at most N crops per dataset (evenly spaced)")
     ap.add_argument("--clip4str-variants", nargs="+", default=["fp32"],
-                    metavar="PRECISION[-compiled][-norescore][-nodraft][-nocascade][-unpacked]",
+                    metavar="PRECISION[-compiled][-norescore][-nodraft][-nocascade][-nosecondlook][-unpacked]",
                     help="clip4str configurations, each a row: fp32, bf16, fp16 or onnx (ONNX Runtime; --model is then "
                     "an export folder), optionally -compiled (the decoding "
                     "step through torch.compile), -norescore (no joint rescoring), -nodraft (a step per character "
-                    "instead of checking a draft), -nocascade (the cross branch for every crop) and -unpacked (fp32 "
-                    "products through MKL, not oneDNN)")
+                    "instead of checking a draft), -nocascade (the cross branch for every crop), -nosecondlook (each "
+                    "crop read once) and -unpacked (fp32 products through MKL, not oneDNN)")
     args = ap.parse_args()
     charset = CHARSETS["36"]
     makers = {"tesseract": tesseract_reader, "rapidocr": rapidocr_reader}
@@ -100,7 +102,7 @@ def main() -> None:
         precision, *flags = variant.split("-")
         makers[f"clip4str {variant}"] = lambda p=precision, f=flags: clip4str_reader(
             args.model, p, "compiled" in f, "norescore" not in f, "nodraft" not in f, "unpacked" not in f,
-            "nocascade" not in f)
+            "nocascade" not in f, "nosecondlook" not in f)
     readers: dict[str, Reader] = {}
     for peer in args.peers:
         for name in [m for m in makers if m.split()[0] == peer]:

@@ -147,11 +147,13 @@ def test_the_decoding_flags_reach_read_and_serve_and_only_commands_that_decode_t
     image = tmp_path / "a.png"
     render_word("a").save(image)
     assert cli.main(["read", str(image), "--no-cascade", "--no-rescore"]) == 0
-    assert {k: seen[-1][k] for k in ("guard", "rescore", "cascade")} == {"guard": True, "rescore": False,
-                                                                         "cascade": False}
+    assert {k: seen[-1][k] for k in ("guard", "rescore", "cascade", "second_look")} == {
+        "guard": True, "rescore": False, "cascade": False, "second_look": True}
+    assert cli.main(["read", str(image), "--no-second-look"]) == 0
+    assert seen[-1]["second_look"] is False
     monkeypatch.setattr(serve_app, "create_app", lambda rec, **kwargs: seen.append(kwargs["decode_options"]))
     monkeypatch.setattr(uvicorn, "run", lambda *a, **k: None)
     assert cli.main(["serve", "--no-cascade"]) == 0
-    assert seen[-1] == {"guard": True, "rescore": True, "cascade": False}
+    assert seen[-1] == {"guard": True, "rescore": True, "cascade": False, "second_look": True}
     with pytest.raises(SystemExit):  # drawing attention maps does not decode with these options
         cli.main(["attention", str(image), "--out", str(tmp_path / "x.png"), "--no-cascade"])

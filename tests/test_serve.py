@@ -34,7 +34,8 @@ def test_health_model_and_openapi(served):
     client, _, _ = served
     assert client.get("/healthz").json() == {"status": "ok"}
     info = client.get("/v1/model").json()
-    assert info["decoding"] == {"mode": "ar", "refine_iters": 1, "cascade_confidence": None}
+    assert info["decoding"] == {"mode": "ar", "refine_iters": 1, "cascade_confidence": None,
+                                "second_look_confidence": None}
     assert len(info["charset"]) == 94
     assert info["provenance"] == {"test": "overfit"}
     spec = client.get("/openapi.json").json()

@@ -138,11 +138,15 @@ def _decoding_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-cascade", action="store_true", help="run the cross-modal branch on every image, also where "
                    "the image branch and the CTC head agree with the model's cascade_confidence (the built-in model "
                    "skips it there)")
+    p.add_argument("--no-second-look", action="store_true", help="read every crop once, also where its reading "
+                   "is less confident than the model's second_look_confidence (the built-in model reads those again "
+                   "at two other vertical scales and keeps the most confident reading)")
 
 
 def decoding_options(args: argparse.Namespace) -> dict:
-    """The decoding options of --no-guard, --no-rescore and --no-cascade, as `decode()` keywords."""
-    return {"guard": not args.no_guard, "rescore": not args.no_rescore, "cascade": not args.no_cascade}
+    """The reading options of --no-guard, --no-rescore, --no-cascade and --no-second-look, as `read()` keywords."""
+    return {"guard": not args.no_guard, "rescore": not args.no_rescore, "cascade": not args.no_cascade,
+            "second_look": not args.no_second_look}
 
 
 def _model_options(p: argparse.ArgumentParser) -> None:

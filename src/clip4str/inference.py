@@ -64,6 +64,7 @@ class Recognizer(BaseRecognizer):
         elif packed and self.device.type == "cpu":
             onednn.pack_linears(self.model)
         self.image_size = model.config.image_size
+        self.second_look_confidence = model.config.second_look_confidence
         self.window_aspect = window_aspect or self._default_window()
 
     @classmethod

@@ -93,6 +93,7 @@ class OnnxRecognizer(BaseRecognizer):
             if isinstance(self.cfg["clip"]["vision_cfg"]["image_size"], list) else \
             (self.cfg["clip"]["vision_cfg"]["image_size"],) * 2
         self.window_aspect = self._default_window()
+        self.second_look_confidence = self.cfg.get("second_look_confidence")
         self.device, self.precision = "onnxruntime", "fp32"
 
     def preprocess(self, images: Sequence[ImageInput]) -> np.ndarray:

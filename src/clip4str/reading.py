@@ -82,6 +82,21 @@ def split_long(image: Image.Image, window_aspect: float, overlap: float = 0.25) 
     return [image.crop((x, 0, x + win, h)) for x in [*range(0, w - win, step), w - win]]
 
 
+# The second look's views: text height relative to the crop changes with how tightly a detector cut it, and a
+# model reads some words only at another scale (docs/training-builtin.md, "Second look").
+SECOND_LOOK_PAD, SECOND_LOOK_CROP = 0.15, 0.08
+
+
+def vertical_views(image: Image.Image) -> list[Image.Image]:
+    """The crop with its top and bottom rows repeated outward (15% of its height each) and with 8% of its
+    height cut from top and bottom: the same text at two other vertical scales."""
+    w, h = image.size
+    pixels = np.asarray(image.convert("RGB"))
+    pad, cut = int(round(h * SECOND_LOOK_PAD)), int(h * SECOND_LOOK_CROP)
+    return [Image.fromarray(np.pad(pixels, ((pad, pad), (0, 0), (0, 0)), mode="edge")),
+            image.crop((0, cut, w, h - cut))]
+
+
 def _char_part(r: ReadResult) -> list[float]:
     """Per-character probabilities without the EOS one (absent when a window hit the length limit)."""
     return r.char_probs[: len(r.text)]
@@ -106,6 +121,7 @@ class BaseRecognizer:
 
     image_size: tuple[int, int]
     window_aspect: float
+    second_look_confidence: float | None = None  # the model's; see `second_look`
 
     def preprocess(self, images: Sequence[ImageInput]):  # noqa: ANN201 - backend's array type
         raise NotImplementedError
@@ -122,8 +138,10 @@ class BaseRecognizer:
              ) -> list[ReadResult]:
         """Read one image or a list (paths, bytes, PIL images, arrays; any mix); one result per image.
 
-        Options are the decoding options: mode ('ar'|'nar'), refine_iters, max_length, early_exit, guard, rescore
-        (both backends), compiled (PyTorch).
+        Options are the decoding options: mode ('ar'|'nar'), refine_iters, max_length, early_exit, guard, rescore,
+        cascade, draft (both backends), compiled (PyTorch); and second_look (default True: where the model sets
+        `second_look_confidence`, a crop read with less is read again at two other vertical scales and the most
+        confident reading is kept).
         """
         items = list(images) if isinstance(images, (list, tuple)) else [images]
         return list(self.iter_read(items, batch_size, **options))
@@ -132,6 +150,7 @@ class BaseRecognizer:
                   ) -> Iterator[ReadResult]:
         """Like `read`, yielding results in order as batches finish (for progress bars and long lists)."""
         options = {k: v for k, v in options.items() if v is not None}
+        threshold = self.second_look_confidence if options.pop("second_look", True) else None
         for start in range(0, len(items), batch_size):
             pieces: list[Image.Image] = []
             owners: list[tuple[int, int] | ReadResult] = []
@@ -143,12 +162,33 @@ class BaseRecognizer:
                     continue
                 owners.append((len(pieces), len(windows)))
                 pieces.extend(windows)
-            results: list[ReadResult] = []
-            for s in range(0, len(pieces), batch_size):
-                results.extend(self.decode_tensors(self.preprocess(pieces[s:s + batch_size]), **options))
+            results = self._decode_pieces(pieces, batch_size, options)
+            if threshold is not None:
+                self._second_look(pieces, results, threshold, batch_size, options)
             for owner in owners:
                 if isinstance(owner, ReadResult):
                     yield owner
                 else:
                     first, n = owner
                     yield results[first] if n == 1 else merge_windows(results[first:first + n])
+
+    def _decode_pieces(self, pieces: list[Image.Image], batch_size: int, options: dict) -> list[ReadResult]:
+        """One reading per piece, `batch_size` at a time."""
+        results: list[ReadResult] = []
+        for s in range(0, len(pieces), batch_size):
+            results.extend(self.decode_tensors(self.preprocess(pieces[s:s + batch_size]), **options))
+        return results
+
+    def _second_look(self, pieces: list[Image.Image], results: list[ReadResult], threshold: float,
+                     batch_size: int, options: dict) -> None:
+        """Read the pieces below `threshold` again at other vertical scales; keep each one's most confident
+        reading (in place; the first reading wins ties)."""
+        unsure = [i for i, r in enumerate(results) if r.confidence < threshold]
+        if not unsure:
+            return
+        views = [vertical_views(pieces[i]) for i in unsure]
+        again = iter(self._decode_pieces([v for vs in views for v in vs], batch_size, options))
+        for i, vs in zip(unsure, views, strict=True):
+            for r in [next(again) for _ in vs]:
+                if r.confidence > results[i].confidence:
+                    results[i] = r

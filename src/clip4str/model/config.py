@@ -45,6 +45,9 @@ class ModelConfig:
     # Decoding: a row whose image-branch reading equals the CTC head's with at least this confidence is given
     # without the cross-modal branch (`clip4str.cascade`); None: every row goes through it.
     cascade_confidence: float | None = None
+    # Reading: a crop (or window) read with less than this confidence is read again at two other vertical scales
+    # and the most confident of the three readings is kept (`clip4str.reading.vertical_views`); None: read once.
+    second_look_confidence: float | None = None
 
     def __post_init__(self) -> None:
         self.charset = resolve_charset(self.charset)
@@ -56,6 +59,9 @@ class ModelConfig:
             raise ValueError("max_label_length and num_permutations must be >= 1, refine_iters >= 0")
         if self.cascade_confidence is not None and not 0.0 <= self.cascade_confidence <= 1.0:
             raise ValueError(f"cascade_confidence must be in [0, 1] or null, got {self.cascade_confidence!r}")
+        if self.second_look_confidence is not None and not 0.0 <= self.second_look_confidence <= 1.0:
+            raise ValueError("second_look_confidence must be in [0, 1] or null, got "
+                             f"{self.second_look_confidence!r}")
         vision = self.clip.get("vision_cfg", {})
         if "image_size" not in vision or "patch_size" not in vision:
             raise ValueError("clip.vision_cfg needs image_size and patch_size")

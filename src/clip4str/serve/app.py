@@ -115,8 +115,9 @@ def create_app(recognizer, max_batch: int = 32, max_upload_mb: float = 10.0, max
                max_wait_ms: float = 5.0, max_windows: int = 24, max_request_windows: int = 256,
                max_queue_windows: int = 512, decode_options: dict | None = None) -> FastAPI:
     """The ASGI app around a Recognizer (PyTorch or ONNX backend). Work is bounded in windows (a long crop is
-    read in several): per image, per request and in the queue. decode_options: keywords of every read (guard,
-    rescore, cascade; the model's defaults otherwise)."""
+    read in several): per image, per request and in the queue; where the second look is on, a window may be read
+    up to three times. decode_options: keywords of every read (guard, rescore, cascade, second_look; the model's
+    defaults otherwise)."""
     app = FastAPI(title="clip4str", version="1", description="CLIP4STR scene text recognition")
     model_lock = threading.Lock()  # the batcher and attention maps share one model (and its recording flags)
 
@@ -151,6 +152,7 @@ def create_app(recognizer, max_batch: int = 32, max_upload_mb: float = 10.0, max
         return {"preset_towers": cfg["clip"], "charset": cfg["charset"], "image_size": cfg["clip"]["vision_cfg"]
                 ["image_size"], "decoding": {"mode": cfg["decode_mode"], "refine_iters": cfg["refine_iters"],
                                            "cascade_confidence": cfg.get("cascade_confidence"),
+                                           "second_look_confidence": cfg.get("second_look_confidence"),
                                            **(decode_options or {})},
                 "cross_branch": cfg["cross_branch"], "provenance": getattr(model, "provenance", {}),
                 "backend": getattr(recognizer, "device", "cpu").__str__(), "max_batch": max_batch,

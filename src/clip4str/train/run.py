@@ -35,7 +35,7 @@ from clip4str.weights import (
 # Settings that only shape training or are decoding options: a run may start from weights trained with others.
 TRAINING_ONLY_KEYS = {"dropout", "cross_loss_weight", "ctc_weight", "num_permutations", "perm_forward",
                       "perm_mirrored", "text_freeze_layers", "image_freeze_layers", "decode_mode", "refine_iters",
-                      "cascade_confidence"}
+                      "cascade_confidence", "second_look_confidence"}
 
 
 def build_model(cfg: TrainConfig, init: bool = True) -> CLIP4STR:

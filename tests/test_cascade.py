@@ -137,7 +137,7 @@ def test_the_decoding_flags_reach_read_and_serve_and_only_commands_that_decode_t
     seen = []
 
     class Recording:
-        compiled = False
+        compiled, precision = False, "fp32"
 
         def iter_read(self, paths, batch_size, **options):
             seen.append(options)
@@ -151,6 +151,10 @@ def test_the_decoding_flags_reach_read_and_serve_and_only_commands_that_decode_t
         "guard": True, "rescore": False, "cascade": False, "second_look": True}
     assert cli.main(["read", str(image), "--no-second-look"]) == 0
     assert seen[-1]["second_look"] is False
+    monkeypatch.setattr(cli, "collect_benchmarks", lambda *a: [])
+    monkeypatch.setattr(cli, "run_benchmarks", lambda *a, **options: (seen.append(options), ([], 0.0))[1])
+    assert cli.main(["test", str(tmp_path), "--no-second-look", "--no-guard"]) == 0
+    assert seen[-1] == {"guard": False, "rescore": True, "cascade": True, "second_look": False}
     monkeypatch.setattr(serve_app, "create_app", lambda rec, **kwargs: seen.append(kwargs["decode_options"]))
     monkeypatch.setattr(uvicorn, "run", lambda *a, **k: None)
     assert cli.main(["serve", "--no-cascade"]) == 0

@@ -39,8 +39,10 @@ def test_vertical_views_are_the_same_text_at_two_other_scales():
     p = np.asarray(padded)
     assert (p[:3] == pixels[0]).all() and (p[-3:] == pixels[-1]).all() and (p[3:23] == pixels).all()
     assert (np.asarray(cut) == pixels[1:19]).all()
-    tiny = Image.new("RGB", (5, 1))  # nothing to pad or cut: the views are the crop itself
-    assert [v.size for v in vertical_views(tiny)] == [(5, 1), (5, 1)]
+    assert [v.size for v in vertical_views(Image.new("RGB", (5, 10)))] == [(5, 14)]  # too short to cut
+    assert vertical_views(Image.new("RGB", (5, 1))) == []  # nothing to pad or cut: no view repeats the crop
+    clear = vertical_views(Image.new("RGBA", (10, 20), (0, 0, 0, 0)))  # transparency on white, as every read
+    assert all(v.mode == "RGB" and np.asarray(v).min() == 255 for v in clear)
 
 
 def test_only_unsure_crops_are_read_again_and_the_most_confident_reading_wins():
@@ -72,6 +74,36 @@ def test_each_window_of_a_long_crop_gets_its_own_second_look():
     reader = SizeReader({})
     reader.read(long_crop)
     assert reader.decoded == [(120, 20)] * 3 + [(120, 26), (120, 18)] * 3
+
+
+class ShadeReader(SizeReader):
+    """Reads a letter for the image's mean shade, so the windows of a gradient read differently."""
+
+    def preprocess(self, images):  # noqa: ANN001, ANN201
+        return [(im.size, int(np.asarray(im).mean()) // 40) for im in images]
+
+    def decode_tensors(self, x, **options: object) -> list[ReadResult]:  # noqa: ANN001
+        self.decoded.extend(size for size, _ in x)
+        return [ReadResult("abcdefg"[shade] + ("+" if size[1] == 26 else ""), self.confidence.get(size, 0.5),
+                           [self.confidence.get(size, 0.5)] * 3) for size, shade in x]
+
+
+def test_a_long_crop_merges_its_windows_best_looks_and_results_keep_their_order():
+    """Sure and unsure windows in one crop, an unreadable item and views spilling over batches of two."""
+    from clip4str.reading import merge_windows, split_long
+
+    gradient = np.repeat(np.linspace(0, 255, 300).astype(np.uint8)[None, :, None], 20, 0).repeat(3, 2)
+    long_crop, short = Image.fromarray(gradient), Image.new("RGB", (60, 20))
+    reader = ShadeReader({(120, 20): 0.5, (120, 26): 0.9, (60, 20): 0.5, (60, 18): 0.6})
+    results = reader.read([b"", long_crop, short], batch_size=2)
+    assert results[0].error and not results[0].text
+    windows = split_long(long_crop, reader.window_aspect)
+    best = [reader.read(w)[0] for w in windows]  # each window alone, second look included
+    assert [b.text for b in best] == ["b+", "d+", "f+"]
+    assert (results[1].text, results[1].confidence) == (merge_windows(best).text, merge_windows(best).confidence)
+    assert (results[2].text, results[2].confidence) == ("a", 0.6)
+    sure = ShadeReader({(120, 20): 0.95, (60, 20): 0.5, (60, 26): 0.7})
+    assert [r.text for r in sure.read([long_crop, short])] == ["bdf", "a+"]
 
 
 def test_the_threshold_is_checked():

@@ -65,7 +65,9 @@ def cmd_attention(args: argparse.Namespace) -> int:
     """Save the per-character attention strip of an image."""
     from clip4str.visualize import attention_strip
 
-    text, panels = attention_strip(_recognizer(args, "attention"), args.image, args.out)
+    rec = _recognizer(args, "attention")
+    # The strip shows what `read` gives, second look included (a long crop's merged text falls back inside).
+    text, panels = attention_strip(rec, args.image, args.out, rec.read(args.image)[0].text or None)
     print(f"{args.image}\t{text}\t{args.out} ({panels} panels per decoder)")
     return 0
 

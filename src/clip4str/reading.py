@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image
 
-from clip4str.data.transforms import ImageDecodeError, ImageInput, load_image
+from clip4str.data.transforms import ImageDecodeError, ImageInput, load_image, to_rgb
 from clip4str.metrics import edit_distance
 
 
@@ -88,13 +88,12 @@ SECOND_LOOK_PAD, SECOND_LOOK_CROP = 0.15, 0.08
 
 
 def vertical_views(image: Image.Image) -> list[Image.Image]:
-    """The crop with its top and bottom rows repeated outward (15% of its height each) and with 8% of its
-    height cut from top and bottom: the same text at two other vertical scales."""
+    """The same text at two other vertical scales (RGB): 15% of the height repeated above and below, 8% cut."""
+    image = to_rgb(image)
     w, h = image.size
-    pixels = np.asarray(image.convert("RGB"))
     pad, cut = int(round(h * SECOND_LOOK_PAD)), int(h * SECOND_LOOK_CROP)
-    return [Image.fromarray(np.pad(pixels, ((pad, pad), (0, 0), (0, 0)), mode="edge")),
-            image.crop((0, cut, w, h - cut))]
+    views = [Image.fromarray(np.pad(np.asarray(image), ((pad, pad), (0, 0), (0, 0)), mode="edge"))] if pad else []
+    return views + ([image.crop((0, cut, w, h - cut))] if cut else [])  # too short to cut: no view that equals it
 
 
 def _char_part(r: ReadResult) -> list[float]:
@@ -181,8 +180,7 @@ class BaseRecognizer:
 
     def _second_look(self, pieces: list[Image.Image], results: list[ReadResult], threshold: float,
                      batch_size: int, options: dict) -> None:
-        """Read the pieces below `threshold` again at other vertical scales; keep each one's most confident
-        reading (in place; the first reading wins ties)."""
+        """Re-read the pieces below `threshold` at other scales, keeping the most confident reading (first on ties)."""
         unsure = [i for i, r in enumerate(results) if r.confidence < threshold]
         if not unsure:
             return

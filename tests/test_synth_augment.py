@@ -141,6 +141,33 @@ def test_curriculum_ramps_difficulty_with_the_sample_number(renderer):
     assert torch.equal(late[0], full.sample(5000)[0])  # past the ramp: the full mix
 
 
+def test_rescale_vertically_pads_with_edge_rows_or_cuts():
+    from clip4str.data.augment import rescale_vertically
+
+    pixels = np.random.default_rng(0).integers(0, 255, (20, 30, 3), dtype=np.uint8)
+    img = Image.fromarray(pixels)
+    tall, short = np.asarray(rescale_vertically(img, 0.2)), np.asarray(rescale_vertically(img, -0.1))
+    assert tall.shape == (28, 30, 3) and (tall[:4] == pixels[0]).all() and (tall[4:24] == pixels).all()
+    assert (short == pixels[2:18]).all()
+    grey = Image.fromarray(pixels[..., 0])
+    assert rescale_vertically(grey, 0.2).size == (30, 28)
+    thin = Image.new("RGB", (30, 3))
+    assert rescale_vertically(thin, 0.1) is thin and rescale_vertically(thin, -0.1) is thin
+
+
+def test_scale_jitter_rescales_that_share_of_samples_and_leaves_other_streams_alone(renderer):
+    sources = [(Source("synth", 1.0), renderer)]
+    args = dict(batch_size=4, image_size=(32, 128), mean=(0.5,) * 3, std=(0.5,) * 3, seed=1, augment=False)
+    plain, jittered = TrainStream(sources, **args), TrainStream(sources, scale_jitter=0.5, **args)
+    same = [torch.equal(plain.sample(g)[0], jittered.sample(g)[0]) for g in range(60)]
+    assert 0.3 < 1 - np.mean(same) < 0.7  # about half of the samples change
+    assert [plain.sample(g)[1] for g in range(60)] == [jittered.sample(g)[1] for g in range(60)]
+    assert torch.equal(jittered.sample(7)[0], TrainStream(sources, scale_jitter=0.5, **args).sample(7)[0])
+    with pytest.raises(ValueError, match="scale_jitter"):
+        from clip4str.train.config import DataSection
+        DataSection(scale_jitter=1.5)
+
+
 def test_real_holdout_is_disjoint_and_the_same_for_every_training_seed(tmp_path):
     from clip4str.data.datamodule import STRDataModule
     from test_data_lmdb_folder import _folder

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image
 
+from clip4str.data.augment import rescale_vertically
 from clip4str.data.transforms import ImageDecodeError, ImageInput, load_image, to_rgb
 from clip4str.metrics import edit_distance
 
@@ -90,10 +91,8 @@ SECOND_LOOK_PAD, SECOND_LOOK_CROP = 0.15, 0.08
 def vertical_views(image: Image.Image) -> list[Image.Image]:
     """The same text at two other vertical scales (RGB): 15% of the height repeated above and below, 8% cut."""
     image = to_rgb(image)
-    w, h = image.size
-    pad, cut = int(round(h * SECOND_LOOK_PAD)), int(h * SECOND_LOOK_CROP)
-    views = [Image.fromarray(np.pad(np.asarray(image), ((pad, pad), (0, 0), (0, 0)), mode="edge"))] if pad else []
-    return views + ([image.crop((0, cut, w, h - cut))] if cut else [])  # too short to cut: no view that equals it
+    views = [rescale_vertically(image, SECOND_LOOK_PAD), rescale_vertically(image, -SECOND_LOOK_CROP)]
+    return [v for v in views if v is not image]  # a crop too short to change gives no view that equals it
 
 
 def _char_part(r: ReadResult) -> list[float]:

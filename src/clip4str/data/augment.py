@@ -31,6 +31,21 @@ def _poisson(img: Image.Image, lam: float, rng: random.Random) -> Image.Image:
     return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
 
 
+def rescale_vertically(img: Image.Image, share: float) -> Image.Image:
+    """The text at another vertical scale: `share` > 0 repeats that share of the height above and below (edge
+    rows), < 0 cuts it from top and bottom; a crop too short to change is returned as it is."""
+    w, h = img.size
+    if share >= 0:
+        pad = int(round(h * share))
+        if not pad:
+            return img
+        pixels = np.asarray(img)
+        widths = ((pad, pad), (0, 0)) + ((0, 0),) * (pixels.ndim - 2)
+        return Image.fromarray(np.pad(pixels, widths, mode="edge"))
+    cut = int(h * -share)
+    return img.crop((0, cut, w, h - cut)) if cut and h - 2 * cut > 0 else img
+
+
 # name -> op(img, level in 0..1, rng); every level maps to the op's strength as in timm's "increasing" ops.
 OPS: dict[str, Callable[[Image.Image, float, random.Random], Image.Image]] = {
     "AutoContrast": lambda img, m, r: ImageOps.autocontrast(img),

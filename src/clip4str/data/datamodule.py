@@ -20,13 +20,17 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from clip4str.charset import LabelNormalizer
-from clip4str.data.augment import RandAugment
+from clip4str.data.augment import RandAugment, rescale_vertically
 from clip4str.data.compat import Dataset, Subset
 from clip4str.data.sources import open_labelled
 from clip4str.data.synth import WordRenderer
 from clip4str.data.transforms import preprocess
 
 PR_SET_PDEATHSIG = 1  # prctl option (linux/prctl.h)
+
+# `data.scale_jitter`: how far a sample's text may be rescaled vertically (share of the crop's height repeated
+# above and below, or cut), since real crops come cut loosely or tightly around their words.
+MAX_PAD, MAX_CUT = 0.25, 0.10
 
 
 @dataclass
@@ -114,7 +118,8 @@ class TrainStream(IterableDataset):
 
     def __init__(self, sources: list[tuple[Source, Any]], batch_size: int, image_size: tuple[int, int],
                  mean: Sequence[float], std: Sequence[float], seed: int = 0, augment: bool = True,
-                 start_batch: int = 0, rank: int = 0, world: int = 1, curriculum_images: int = 0) -> None:
+                 start_batch: int = 0, rank: int = 0, world: int = 1, curriculum_images: int = 0,
+                 scale_jitter: float = 0.0) -> None:
         self.sources = sources
         weights = np.array([s.weight for s, _ in sources], dtype=np.float64)
         if (weights <= 0).any() or not len(weights):
@@ -123,7 +128,7 @@ class TrainStream(IterableDataset):
         self.batch_size, self.image_size, self.mean, self.std = batch_size, image_size, mean, std
         self.seed, self.start_batch, self.rank, self.world = seed, start_batch, rank, world
         self.augment = RandAugment() if augment else None
-        self.curriculum_images = curriculum_images
+        self.curriculum_images, self.scale_jitter = curriculum_images, scale_jitter
 
     def sample(self, g: int) -> tuple[torch.Tensor, str] | None:
         """Global sample number g of the stream."""
@@ -139,6 +144,9 @@ class TrainStream(IterableDataset):
                 if item is None:
                     return None
                 image, label = item
+            # Drawn only when on, so that streams without it stay what they were (exact resume of older runs).
+            if self.scale_jitter and rng.random() < self.scale_jitter:
+                image = rescale_vertically(image, rng.uniform(-MAX_CUT, MAX_PAD))
             if self.augment is not None and (difficulty >= 1.0 or rng.random() < difficulty):
                 image = self.augment(image, random.Random(int(rng.integers(2**62))))
             return self._tensor(image), label
@@ -184,14 +192,14 @@ class STRDataModule(L.LightningDataModule):
                  mean: Sequence[float], std: Sequence[float], batch_size: int = 64, num_workers: int = 0,
                  max_label_length: int = 25, seed: int = 0, synth_fonts: list[str] | None = None,
                  synth_backgrounds: list[str] | None = None, synth_val_size: int = 0, augment: bool = True,
-                 curriculum_images: int = 0) -> None:
+                 curriculum_images: int = 0, scale_jitter: float = 0.0) -> None:
         super().__init__()
         self.sources, self.val_paths = sources, val_paths
         self.charset, self.image_size, self.mean, self.std = charset, tuple(image_size), mean, std
         self.batch_size, self.num_workers, self.max_label_length, self.seed = batch_size, num_workers, \
             max_label_length, seed
         self.synth_fonts, self.synth_backgrounds, self.synth_val_size = synth_fonts, synth_backgrounds, synth_val_size
-        self.augment, self.curriculum_images = augment, curriculum_images
+        self.augment, self.curriculum_images, self.scale_jitter = augment, curriculum_images, scale_jitter
         self.start_batch, self.rank, self.world = 0, 0, 1
         self._train: list[tuple[Source, Any]] | None = None
         self._val: dict[str, Dataset] = {}
@@ -221,7 +229,8 @@ class STRDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         """Batches of the training stream, starting at `start_batch` (set when resuming)."""
         stream = TrainStream(self._train, self.batch_size, self.image_size, self.mean, self.std, self.seed,
-                             self.augment, self.start_batch, self.rank, self.world, self.curriculum_images)
+                             self.augment, self.start_batch, self.rank, self.world, self.curriculum_images,
+                             self.scale_jitter)
         return DataLoader(stream, batch_size=self.batch_size, num_workers=self.num_workers, collate_fn=collate,
                           persistent_workers=False, prefetch_factor=4 if self.num_workers else None,
                           worker_init_fn=init_worker)

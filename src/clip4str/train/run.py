@@ -145,7 +145,8 @@ def build_datamodule(cfg: TrainConfig, model: CLIP4STR) -> STRDataModule:
     d, mc = cfg.data, model.config
     dm = _ResumeAwareData([Source(**s) for s in d.train], d.val, mc.charset, mc.image_size, mc.image_mean,
                           mc.image_std, d.batch_size, d.num_workers, mc.max_label_length, cfg.train.seed, d.fonts,
-                          d.backgrounds, d.synth_val_size, d.augment, d.curriculum_images)
+                          d.backgrounds, d.synth_val_size, d.augment, d.curriculum_images,
+                          scale_jitter=d.scale_jitter)
     dm.setup()
     return dm
 

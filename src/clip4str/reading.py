@@ -84,7 +84,7 @@ def split_long(image: Image.Image, window_aspect: float, overlap: float = 0.25) 
 
 
 # The second look's views: text height relative to the crop changes with how tightly a detector cut it, and a
-# model reads some words only at another scale (docs/training-builtin.md, "Second look").
+# model reads some words only at another scale (docs/training-builtin.md, "The second look").
 SECOND_LOOK_PAD, SECOND_LOOK_CROP = 0.15, 0.08
 
 

@@ -101,8 +101,8 @@ def main() -> None:
     for variant in args.clip4str_variants:
         precision, *flags = variant.split("-")
         makers[f"clip4str {variant}"] = lambda p=precision, f=flags: clip4str_reader(
-            args.model, p, "compiled" in f, "norescore" not in f, "nodraft" not in f, "unpacked" not in f,
-            "nocascade" not in f, "nosecondlook" not in f)
+            args.model, p, compiled="compiled" in f, rescore="norescore" not in f, draft="nodraft" not in f,
+            packed="unpacked" not in f, cascade="nocascade" not in f, second_look="nosecondlook" not in f)
     readers: dict[str, Reader] = {}
     for peer in args.peers:
         for name in [m for m in makers if m.split()[0] == peer]:

@@ -58,13 +58,13 @@ def test_confident_rows_take_the_image_branch_and_the_rest_decode_as_without_cas
     x = torch.randn(4, 3, *model.config.image_size, generator=torch.Generator().manual_seed(3))
     sure = np.array([True, False, True, False])
     monkeypatch.setattr(clip4str_module, "confident_rows", lambda *a: sure)
-    texts = []
-    monkeypatch.setattr(model, "encode_text", lambda captions, device, f=model.encode_text:
-                        texts.append(len(captions)) or f(captions, device))
+    rows = []
+    monkeypatch.setattr(model, "cross_memories", lambda tokens, passes, f=model.cross_memories:
+                        rows.append(len(tokens)) or f(tokens, passes))
     with torch.inference_mode():
         # no runaway guard: random weights never emit EOS, and the guard would replace every reading alike
         ours = model.decode(x, max_length=8, guard=False)
-        assert texts[0] == 2, "the cross branch runs on the two unsure rows only"
+        assert rows == [2], "the cross branch runs on the two unsure rows only"
         every = model.decode(x, max_length=8, guard=False, cascade=False)
         alone = [model.decode(x[b:b + 1], max_length=8, guard=False, cascade=False) for b in range(4)]
     torch.testing.assert_close(ours.image_logits, every.image_logits, atol=0, rtol=0)

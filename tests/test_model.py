@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from clip4str import create_model, list_presets, load_model, save_checkpoint
-from clip4str.charset import CHARSETS
+from clip4str.charset import CHARSETS, caption_updates
 from conftest import assert_same_decoding
 
 
@@ -199,16 +199,30 @@ def test_cached_autoregressive_loop_equals_recomputing_the_prefix(tiny_overrides
     assert_same_decoding(fast, slow, model.tokenizer.eos_id)
 
 
-def test_cross_memory_reencodes_only_changed_captions(small):
+def test_cross_memories_encode_each_changed_caption_once_in_one_call(small, monkeypatch):
     small.eval()
     images, _ = _batch(small, 3)
+    calls = []
+    encode = small.encode_text
+    monkeypatch.setattr(small, "encode_text", lambda captions, device: calls.append(list(captions))
+                        or encode(captions, device))
     with torch.inference_mode():
         memory = small.encode_image(images)
-        old = small.cross_memory(memory, ["cat", "dog", "sun"])
-        new = small.cross_memory(memory, ["cat", "fog", "sun"], (["cat", "dog", "sun"], old))
-        assert small.cross_memory(memory, ["cat", "dog", "sun"], (["cat", "dog", "sun"], old)) is old
-    torch.testing.assert_close(new, small.cross_memory(memory, ["cat", "fog", "sun"]), atol=1e-5, rtol=1e-5)
+        old, new, same = small.cross_memories(memory, [["cat", "dog", "sun"], ["cat", "fog", "sun"],
+                                                       ["cat", "fog", "sun"]])
+        assert calls == [["cat", "dog", "sun", "fog"]]
+        assert same is new
+        torch.testing.assert_close(new, small.cross_memories(memory, [["cat", "fog", "sun"]])[0], atol=1e-5,
+                                   rtol=1e-5)
+        torch.testing.assert_close(old, small.cross_memories(memory, [["cat", "dog", "sun"]])[0], atol=1e-5,
+                                   rtol=1e-5)
     assert torch.equal(new[[0, 2]], old[[0, 2]]) and not torch.equal(new[1], old[1])
+
+
+def test_caption_updates_lists_first_pass_then_changes():
+    texts, rows = caption_updates([["a", "b"], ["a", "c"], ["d", "c"], ["d", "c"]])
+    assert texts == ["a", "b", "c", "d"] and rows == [[0, 1], [1], [0], []]
+    assert caption_updates([["x"]]) == (["x"], [[0]])
 
 
 def test_auxiliary_ctc_loss_trains_the_image_tower(tiny_overrides):

@@ -7,6 +7,7 @@ import unicodedata
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import pairwise
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -202,6 +203,10 @@ class Tokenizer:
         return out
 
 
-def changed_rows(captions: Sequence[str], previous: Sequence[str]) -> list[int]:
-    """Indices whose caption differs from the previous pass (only those need the text encoder again)."""
-    return [i for i, (new, old) in enumerate(zip(captions, previous, strict=True)) if new != old]
+def caption_updates(passes: Sequence[Sequence[str]]) -> tuple[list[str], list[list[int]]]:
+    """Captions of successive passes over the same rows -> (the captions the text encoder must read, in one batch;
+    for each pass, the rows they belong to): every row of the first pass, then only the rows a pass changed."""
+    rows = [list(range(len(passes[0])))] if passes else []
+    for old, new in pairwise(passes):
+        rows.append([i for i, (a, b) in enumerate(zip(new, old, strict=True)) if a != b])
+    return [passes[k][i] for k, ids in enumerate(rows) for i in ids], rows

@@ -16,7 +16,7 @@ import numpy as np
 
 from clip4str.bpe import VOCAB_NAME, BPETokenizer
 from clip4str.cascade import confident_rows
-from clip4str.charset import CharsetAdapter, Tokenizer, changed_rows
+from clip4str.charset import CharsetAdapter, Tokenizer, caption_updates
 from clip4str.data.transforms import ImageInput, preprocess_array
 from clip4str.draft import ctc_drafts, settle
 from clip4str.reading import BaseRecognizer, ReadResult
@@ -113,20 +113,20 @@ class OnnxRecognizer(BaseRecognizer):
         return self.tokenizer.captions(logits.argmax(-1).tolist(), None if lengths is None else lengths.tolist(),
                                        self.caption_adapter)
 
-    def _cross_memory(self, tokens: np.ndarray, captions: list[str],
-                      previous: tuple[list[str], np.ndarray] | None = None) -> np.ndarray:
-        """As CLIP4STR.cross_memory: with `previous`, only changed captions go through the text encoder."""
-        rows = list(range(len(captions))) if previous is None else \
-            changed_rows(captions, previous[0])
-        if previous is not None and not rows:
-            return previous[1]
-        ids = self.bpe([captions[i] for i in rows], self.cfg["text_context_length"])
-        text = self.text_encoder.run(None, {"token_ids": ids})[0]
-        if previous is None:
-            return np.concatenate([tokens, text], axis=1)
-        memory = previous[1].copy()
-        memory[rows, tokens.shape[1]:] = text
-        return memory
+    def _cross_memories(self, tokens: np.ndarray, passes: list[list[str]]) -> list[np.ndarray]:
+        """As `CLIP4STR.cross_memories`: one text-encoder run for the first pass and every caption changed later."""
+        texts, rows = caption_updates(passes)
+        text = self.text_encoder.run(None, {"token_ids": self.bpe(texts, self.cfg["text_context_length"])})[0]
+        memories = [np.concatenate([tokens, text[: len(rows[0])]], axis=1)]
+        start = len(rows[0])
+        for changed in rows[1:]:
+            memory = memories[-1]
+            if changed:
+                memory = memory.copy()
+                memory[changed, tokens.shape[1]:] = text[start:start + len(changed)]
+                start += len(changed)
+            memories.append(memory)
+        return memories
 
     # -- decoding (mirrors CLIP4STR.decode) ------------------------------------------------------------------
     def _first_pass(self, decoder, memory: np.ndarray, steps: int, mode: str, early_exit: bool,
@@ -268,13 +268,11 @@ class OnnxRecognizer(BaseRecognizer):
                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """As `CLIP4STR._cross_branch`: logits, lengths and the last cross memory."""
         (first, first_len), *refined = img_passes
-        captions = self._captions(first, first_len)
-        mem = self._cross_memory(tokens, captions)
+        passes = [self._captions(first, first_len)] + [self._captions(img) for img, _ in refined]
+        mem, *later = self._cross_memories(tokens, passes)
         logits, lengths, ahead = self._first_pass(self.cross_decoder, mem, steps, mode, early_exit, first_len,
                                                   first.argmax(-1) if draft else None, refine)
-        for img, _ in refined:
-            previous, captions = captions, self._captions(img)
-            new_mem = self._cross_memory(tokens, captions, (previous, mem))
+        for new_mem in later:
             if new_mem is not mem:  # computed ahead for the old memory only
                 mem, ahead = new_mem, None
             logits, lengths = self._refine(self.cross_decoder, mem, logits, lengths, steps, ahead)

@@ -56,7 +56,7 @@ def _attention(rec: Recognizer, image: ImageInput, text: str | None) -> tuple[st
     if model.cross_decoder is not None:
         img_logits = out.image_logits
         caption = model.captions(img_logits, out.image_lengths)
-        decoders.append(("cross decoder", model.cross_decoder, model.cross_memory(memory, caption)))
+        decoders.append(("cross decoder", model.cross_decoder, model.cross_memories(memory, [caption])[0]))
     maps = {}
     for name, decoder, mem in decoders:
         layer = decoder.layers[-1].cross_attn

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from clip4str.cascade import confident_rows
-from clip4str.charset import CharsetAdapter, DecodedText, Tokenizer, changed_rows
+from clip4str.charset import CharsetAdapter, DecodedText, Tokenizer, caption_updates
 from clip4str.draft import ctc_drafts
 from clip4str.model import ctc
 from clip4str.model.config import DECODE_MODES, ModelConfig
@@ -109,25 +109,23 @@ class CLIP4STR(nn.Module):
         return self.tokenizer.captions(logits.argmax(-1).tolist(), None if lengths is None else lengths.tolist(),
                                        self.caption_adapter)
 
-    def cross_memory(self, image_tokens: torch.Tensor, captions: Sequence[str],
-                     previous: tuple[list[str], torch.Tensor] | None = None) -> torch.Tensor:
-        """[image tokens ; text tokens]; image tokens detached so the cross loss never trains the image tower.
-
-        `previous` = (captions, cross memory) of an earlier call on the same images: rows whose caption is
-        unchanged keep their text features, so the text encoder only runs on the captions that changed.
-        """
-        captions = list(captions)
-        if previous is None:
-            text = self.encode_text(captions, image_tokens.device)
-            return torch.cat([image_tokens.detach(), text.to(image_tokens.dtype)], dim=1)
-        old_captions, memory = previous
-        changed = changed_rows(captions, old_captions)
-        if not changed:
-            return memory
-        memory = memory.clone()
-        text = self.encode_text([captions[i] for i in changed], image_tokens.device)
-        memory[changed, image_tokens.shape[1]:] = text.to(memory.dtype)
-        return memory
+    def cross_memories(self, image_tokens: torch.Tensor, passes: Sequence[Sequence[str]]) -> list[torch.Tensor]:
+        """[image tokens ; text tokens] for each pass of captions; image tokens detached so the cross loss never
+        trains the image tower. One text-encoder call reads the first pass and every caption a later pass changed
+        (at small batches a batch costs little more than a row); a pass that changes nothing gets the same tensor."""
+        texts, rows = caption_updates(passes)
+        text = self.encode_text(texts, image_tokens.device).to(image_tokens.dtype)
+        first = image_tokens.shape[1]
+        memories = [torch.cat([image_tokens.detach(), text[: len(rows[0])]], dim=1)]
+        start = len(rows[0])
+        for changed in rows[1:]:
+            memory = memories[-1]
+            if changed:
+                memory = memory.clone()
+                memory[changed, first:] = text[start:start + len(changed)]
+                start += len(changed)
+            memories.append(memory)
+        return memories
 
     # -- training -------------------------------------------------------------------------------------
     def forward(self, images: torch.Tensor, labels: Sequence[str] | torch.Tensor, perms: torch.Tensor | None = None,
@@ -235,14 +233,12 @@ class CLIP4STR(nn.Module):
         (logits, lengths) after its first pass and each refinement: its first pass reads the captions of the
         image branch's first pass, each refinement those of the image branch's refinement of the same rank."""
         (first, first_len), *refined = img_passes
-        captions = self.captions(first, first_len)
-        cross_mem = self.cross_memory(memory, captions)
+        passes = [self.captions(first, first_len)] + [self.captions(img_logits) for img_logits, _ in refined]
+        cross_mem, *later = self.cross_memories(memory, passes)
         cross_kv = self.cross_decoder.memory_kv(cross_mem)
         logits, lengths, ahead = self._first_pass(self.cross_decoder, cross_kv, steps, mode, early_exit, first_len,
                                                   kv_cache, compiled, first.argmax(-1) if draft else None, refine)
-        for img_logits, _ in refined:
-            previous, captions = captions, self.captions(img_logits)
-            new_mem = self.cross_memory(memory, captions, (previous, cross_mem))
+        for new_mem in later:
             if new_mem is not cross_mem:  # a refinement computed ahead held for the old memory only
                 cross_mem, cross_kv, ahead = new_mem, self.cross_decoder.memory_kv(new_mem), None
             logits, lengths = self._refine(self.cross_decoder, cross_kv, logits, lengths, steps, kv_cache, ahead)

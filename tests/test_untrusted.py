@@ -1,7 +1,10 @@
 """External checkpoints are read without running code from them and without the packages that made them: the
 authors' Lightning checkpoints with Hydra/OmegaConf hyper-parameters, and hostile pickles."""
 
+import collections
 import os
+import pickle
+import struct
 import sys
 import types
 
@@ -127,6 +130,32 @@ def test_a_pickle_that_would_run_a_command_does_not(tmp_path, kind):
             read_clip_checkpoint(path)
     assert not marker.exists()
     assert isinstance(load_untrusted(path)["x"], Inert) and not marker.exists()
+
+
+def _legacy_file(path, payload: bytes) -> None:
+    """A legacy-format (pre-zip) torch.save file whose object pickle is `payload` (raw pickle opcodes)."""
+    magic = 0x1950A86A20F9469CFC6C
+    header = {"protocol_version": 1001, "little_endian": True, "type_sizes": {"short": 2, "int": 4, "long": 4}}
+    with open(path, "wb") as f:
+        for part in (magic, 1001, header):
+            f.write(pickle.dumps(part, protocol=2))
+        f.write(payload)
+        f.write(pickle.dumps([], protocol=2))  # the storage keys
+
+
+def test_a_pickle_cannot_change_an_allowed_class(tmp_path):
+    # BUILD with slot state on the class itself: setattr(collections.Counter, "most_common", _codecs.encode)
+    name = b"most_common"
+    payload = (b"\x80\x02ccollections\nCounter\nN}X" + struct.pack("<I", len(name)) + name
+               + b"c_codecs\nencode\ns\x86b0}.")
+    _legacy_file(tmp_path / "patch.pt", payload)
+    before = collections.Counter.most_common
+    with pytest.raises(pickle.UnpicklingError, match="Counter"):
+        load_untrusted(tmp_path / "patch.pt")
+    assert collections.Counter.most_common is before
+    with pytest.raises(ValueError, match="patch.pt"):
+        Recognizer.from_pretrained(tmp_path / "patch.pt")
+    assert collections.Counter.most_common is before
 
 
 def test_errors_name_the_file_as_what_was_asked_for(tmp_path):

@@ -61,7 +61,20 @@ def _allowed() -> dict[str, Any]:
     return dict(_weights_only_unpickler._get_allowed_globals())
 
 
-class _Unpickler(pickle.Unpickler):
+class _Unpickler(pickle._Unpickler):
+    # The pure-Python unpickler, for its opcode table: BUILD (set an object's state) must not reach the globals
+    # themselves, or a file could replace a method of an allowed class for the rest of the process.
+    dispatch = dict(pickle._Unpickler.dispatch)
+
+    def load_build(self) -> None:
+        target = self.stack[-2]  # below the state on the stack
+        if not isinstance(target, (Inert, dict, torch.Tensor)):  # what checkpoints build: stand-ins, dicts, tensors
+            name = getattr(target, "__qualname__", type(target).__qualname__)
+            raise pickle.UnpicklingError(f"it sets the state of {name}, which no checkpoint does")
+        super().load_build()
+
+    dispatch[pickle.BUILD[0]] = load_build
+
     def find_class(self, module: str, name: str) -> Any:
         # torch.save writes protocol 2, which names Python 2 modules (__builtin__.set); those names never occur
         # in Python 3 pickles, so mapping them always is what pickle's own fix_imports does.

@@ -1,4 +1,6 @@
 import io
+import subprocess
+import sys
 import warnings
 
 import lmdb
@@ -103,9 +105,47 @@ def test_truncated_database_gives_a_clear_error(tmp_path):
     (tmp_path / "empty" / "data.mdb").write_bytes(b"")
     with pytest.raises(ValueError, match="damaged|truncated|num-samples"):
         lmdb_dataset(tmp_path / "empty")
+    for bad in (b"abc", b"-5", b"1.5"):
+        write_lmdb([("a", _png("w"), "w")], tmp_path / "counted", force=True)
+        env = lmdb.open(str(tmp_path / "counted"))
+        with env.begin(write=True) as txn:
+            txn.put(b"num-samples", bad)
+        env.close()
+        with pytest.raises(ValueError, match="counted.*num-samples"):
+            lmdb_dataset(tmp_path / "counted")
     with pytest.raises(FileNotFoundError, match="no LMDB"):
         (tmp_path / "nothing").mkdir()
         lmdb_dataset(tmp_path / "nothing")
+
+
+def test_a_database_cut_after_its_header_is_refused_not_a_bus_error(tmp_path):
+    # Reading a page past the end of a memory-mapped file kills the process (SIGBUS): run it in a child.
+    write_lmdb([(str(i), _png("w"), f"w{i}") for i in range(50)], tmp_path / "db")
+    data = (tmp_path / "db" / "data.mdb").read_bytes()
+    (tmp_path / "db" / "data.mdb").write_bytes(data[:8192])  # the two header pages
+    code = "import sys; from clip4str.data.lmdb import lmdb_dataset; lmdb_dataset(sys.argv[1])"
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path / "db")], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 1, done.stderr[-500:]
+    assert "ValueError" in done.stderr and "truncated" in done.stderr
+
+
+def test_force_replaces_only_an_lmdb_folder(tmp_path):
+    src = _folder(tmp_path, ["one", "two"])
+    samples = [(str(p), str(p), "w") for p in sorted((src / "sub").iterdir())]
+    with pytest.raises(FileExistsError, match="not an LMDB folder"):
+        write_lmdb(samples, src, force=True)  # the source itself
+    assert sorted(p.name for p in src.iterdir()) == ["labels.tsv", "sub"]
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(FileExistsError, match="is a file"):
+        write_lmdb(samples, tmp_path / "file", force=True)
+    (tmp_path / "link").symlink_to(tmp_path / "nowhere")
+    with pytest.raises(FileExistsError, match="symbolic link"):
+        write_lmdb(samples, tmp_path / "link", force=True)
+    write_lmdb(samples, tmp_path / "db")
+    assert write_lmdb(samples[:1], tmp_path / "db", force=True).written == 1
+    assert LmdbDataset(tmp_path / "db").labels == ["w"]
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
 
 def test_many_lmdbs_under_one_root(tmp_path):

@@ -62,8 +62,20 @@ def open_lmdb(path: Path) -> lmdb.Environment:
             except lmdb.Error as e:
                 raise ValueError(f"LMDB {str(path)!r} cannot be opened ({e}); the data.mdb is damaged or "
                                  "truncated: rebuild it with `clip4str data lmdb`") from e
+            _check_length(env, Path(path))
             _ENVIRONMENTS[key] = env
         return env
+
+
+def _check_length(env: lmdb.Environment, path: Path) -> None:
+    """Refuse a data.mdb shorter than the pages its header says it holds: reading a page past the end of a
+    memory-mapped file kills the process with SIGBUS instead of raising."""
+    needed = (env.info()["last_pgno"] + 1) * env.stat()["psize"]
+    size = (path / "data.mdb").stat().st_size
+    if size < needed:
+        env.close()
+        raise ValueError(f"LMDB {str(path)!r} is truncated (data.mdb has {size} bytes, its header needs "
+                         f"{needed}); copy it again or rebuild it with `clip4str data lmdb`")
 
 
 def forget_lmdb(path: Path | None = None) -> None:
@@ -100,7 +112,13 @@ class LmdbDataset(Dataset):
                 raw = txn.get(b"num-samples")
                 if raw is None:
                     raise ValueError(f"LMDB {str(self.path)!r} has no 'num-samples' key; not a clovaai-format LMDB")
-                self.raw_count = int(raw)
+                try:
+                    self.raw_count = int(raw)
+                except ValueError:
+                    self.raw_count = -1
+                if self.raw_count < 0:
+                    raise ValueError(f"LMDB {str(self.path)!r} has num-samples {raw[:40]!r}, not a count; "
+                                     "rebuild it with `clip4str data lmdb`")
                 for i in range(1, self.raw_count + 1):
                     label = txn.get(_label_key(i))
                     if label is None:
@@ -170,8 +188,7 @@ def write_lmdb(samples: Iterable[tuple[str | bytes, str, str]], out: str | Path,
     half-written database; an existing `out` is replaced only with `force`.
     """
     out = Path(out)
-    if out.exists() and not force:
-        raise FileExistsError(f"{str(out)!r} already exists; pass --force to replace it")
+    _check_replaceable(out, force)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -203,6 +220,28 @@ def write_lmdb(samples: Iterable[tuple[str | bytes, str, str]], out: str | Path,
     forget_lmdb(out)  # a handle of the database this replaces must not serve reads of the new one
     tmp.rename(out)
     return report
+
+
+LMDB_FILES = {"data.mdb", "lock.mdb"}
+
+
+def _check_replaceable(out: Path, force: bool) -> None:
+    """Refuse, before any work, an output that is not a new path or (with force) an LMDB folder and nothing else:
+    --force must never delete a folder of images (such as the source itself) or a file."""
+    if out.is_symlink():
+        raise FileExistsError(f"{str(out)!r} is a symbolic link; give the LMDB folder's real path")
+    if not out.exists():
+        return
+    if not force:
+        raise FileExistsError(f"{str(out)!r} already exists; pass --force to replace it")
+    if not out.is_dir():
+        raise FileExistsError(f"{str(out)!r} is a file, not an LMDB folder; --force replaces only an LMDB folder: "
+                              "choose another output path")
+    others = sorted(p.name for p in out.iterdir() if p.name not in LMDB_FILES)
+    if others or not (out / "data.mdb").is_file():
+        what = f"holds {', '.join(others[:3])}{' ...' if len(others) > 3 else ''}" if others else "has no data.mdb"
+        raise FileExistsError(f"{str(out)!r} {what}: not an LMDB folder, so --force does not replace it; choose "
+                              "another output path")
 
 
 def _invalid_reason(source: str | bytes, label: str) -> str | None:

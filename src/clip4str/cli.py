@@ -7,6 +7,7 @@ import glob
 import importlib.util
 import json
 import sys
+import warnings
 from pathlib import Path
 
 from tqdm import tqdm
@@ -15,7 +16,7 @@ from clip4str import commands
 from clip4str.charset import CHARSETS
 from clip4str.data.cli import add_data_commands
 from clip4str.evaluate import collect_benchmarks, format_table, run_benchmarks
-from clip4str.reading import BaseRecognizer
+from clip4str.reading import MAX_WINDOWS, BaseRecognizer
 
 # PyTorch is imported only by the commands that need it: reading with the ONNX backend runs without it.
 
@@ -30,8 +31,8 @@ def expand_inputs(specs: list[str]) -> list[str]:
             out.extend(line.strip() for line in sys.stdin if line.strip())
         elif Path(spec).is_dir():
             out.extend(str(p) for p in sorted(Path(spec).rglob("*")) if p.suffix.lower() in IMAGE_SUFFIXES)
-        elif any(c in spec for c in "*?["):
-            matches = sorted(glob.glob(spec, recursive=True))
+        elif not Path(spec).exists() and glob.has_magic(spec):  # an existing 'word[1].png' is a file name
+            matches = glob_files(spec)
             if not matches:
                 raise FileNotFoundError(f"no file matches {spec!r}")
             out.extend(matches)
@@ -39,6 +40,13 @@ def expand_inputs(specs: list[str]) -> list[str]:
             out.append(spec)  # a missing file becomes an error entry of its own
     return out
 
+
+def glob_files(pattern: str) -> list[str]:
+    """Files matching a glob, sorted; '**' does not descend into linked folders (a link loop would never end)."""
+    parts = Path(pattern).parts
+    fixed = next(i for i, part in enumerate(parts) if glob.has_magic(part))
+    base = Path(*parts[:fixed]) if fixed else Path()
+    return sorted(str(p) for p in base.glob(str(Path(*parts[fixed:]))) if p.is_file())
 
 TORCH_EXTRA = "pip install 'clip4str[torch]'"
 # Packages of the [torch] extra: a command that imports one of them without it installed says what to install.
@@ -84,7 +92,7 @@ def cmd_read(args: argparse.Namespace) -> int:
     bar = tqdm(total=len(paths), unit="img", file=sys.stderr, disable=len(paths) < 50 or args.quiet)
     failures = []
     results = rec.iter_read(paths, args.batch_size, mode=args.mode, refine_iters=args.refine_iters,
-                            **decoding_options(args))
+                            max_windows=args.max_windows, **decoding_options(args))
     for path, r in zip(paths, results, strict=True):
         bar.update(1)
         if r.error:
@@ -108,12 +116,21 @@ def cmd_read(args: argparse.Namespace) -> int:
 def cmd_test(args: argparse.Namespace) -> int:
     """Score a model on benchmark datasets and print the table."""
     charset = CHARSETS[args.charset]
+    if args.csv is not None and args.csv.is_dir():
+        raise ValueError(f"--csv {args.csv} is a folder; give the path of a file to write")
     benches = collect_benchmarks(args.data, charset, args.by_folder)
+    for bench in benches:
+        if not len(bench.data):
+            print(f"warning: {bench.name} has no sample with a label in the {args.charset}-character charset",
+                  file=sys.stderr)
+    if not any(len(b.data) for b in benches):
+        raise ValueError(f"nothing to score in {' '.join(map(str, args.data))}: no sample has a label of up to 25 "
+                         f"characters in the {args.charset}-character charset")
     rec = recognizer(args)
     total = sum(len(b.data) for b in benches)
     with tqdm(total=total, unit="img", file=sys.stderr, disable=args.quiet) as bar:
         rows, ms = run_benchmarks(rec, benches, charset, args.batch_size, args.csv, bar.update,
-                                  **decoding_options(args))
+                                  max_windows=args.max_windows, **decoding_options(args))
     print(format_table(rows, charset, args.format))
     if args.format == "md":
         backend = "torch" if hasattr(rec, "model") else "onnx"  # what --backend auto chose
@@ -128,6 +145,19 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
     return value
+
+
+def refine_count(text: str) -> int:
+    """argparse type: refinement passes, 0-8 (each is a decoder pass over every position)."""
+    value = int(text)
+    if not 0 <= value <= 8:
+        raise argparse.ArgumentTypeError(f"must be 0-8, got {value}")
+    return value
+
+
+def _window_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-windows", type=positive_int, default=MAX_WINDOWS, help="an image wider than this many "
+                   f"windows (about 7 heights each) gets an error instead of a reading (default {MAX_WINDOWS})")
 
 
 def _decoding_options(p: argparse.ArgumentParser) -> None:
@@ -172,7 +202,9 @@ def build_parser() -> argparse.ArgumentParser:
     _decoding_options(read)
     read.add_argument("--format", choices=["text", "tsv", "json"], default="tsv")
     read.add_argument("--mode", choices=["ar", "nar"], default=None, help="decoding mode (default: model's)")
-    read.add_argument("--refine-iters", type=int, default=None, help="refinement passes (default: model's)")
+    read.add_argument("--refine-iters", type=refine_count, default=None, help="refinement passes, 0-8 (default: "
+                      "model's)")
+    _window_option(read)
     read.set_defaults(func=cmd_read)
     test = sub.add_parser("test", help="score a model on LMDB roots or labels.tsv folders")
     test.add_argument("data", nargs="+", help="LMDB roots or folders with labels.tsv")
@@ -182,6 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     test.add_argument("--format", choices=["md", "json"], default="md")
     test.add_argument("--by-folder", action="store_true", help="report each sub-folder of a labels.tsv folder")
     test.add_argument("--csv", type=Path, help="write per-sample predictions here")
+    _window_option(test)
     test.set_defaults(func=cmd_test)
     bench = sub.add_parser("bench", help="parameters, GFLOPs, latency, throughput and memory of a model")
     bench.add_argument("--model", type=Path, help="checkpoint folder (default: the built-in model)")
@@ -254,9 +287,16 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `clip4str` console script."""
     args = build_parser().parse_args(argv)
+    # A skipped sample's warning is one line for the user, not the source line that raised it.
+    warnings.formatwarning = lambda message, category, *rest, **kw: f"warning: {message}\n"
+    # File names are bytes to the OS: one that is not UTF-8 passes through as it is, instead of ending the run.
+    for stream, errors in ((sys.stdin, "surrogateescape"), (sys.stdout, "surrogateescape"),
+                           (sys.stderr, "backslashreplace")):
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors=errors)
     try:
         return args.func(args)
-    except (FileNotFoundError, FileExistsError, ValueError) as e:
+    except (OSError, ValueError) as e:  # missing, unreadable or odd files and values: one line, not a traceback
         print(f"error: {e}", file=sys.stderr)
         return 2
     except ModuleNotFoundError as e:

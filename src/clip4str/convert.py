@@ -71,7 +71,8 @@ def read_authors_state(path: str | Path) -> dict[str, torch.Tensor]:
     """The VL4STR state dict of a `.ckpt` (Lightning) or `.pt` file; clear errors for anything else."""
     p = Path(path)
     if not p.is_file():
-        raise FileNotFoundError(f"checkpoint {str(p)!r} does not exist")
+        what = "is a folder; give the .ckpt or .pt file" if p.is_dir() else "does not exist"
+        raise FileNotFoundError(f"checkpoint {str(p)!r} {what}")
     raw, _ = read_tensors(p, kind="authors' checkpoint")
     state = {k: v for k, v in raw.items() if isinstance(v, torch.Tensor)}
     if not any(k.startswith("visual_decoder.") for k in state):

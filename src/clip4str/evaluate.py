@@ -13,6 +13,7 @@ from clip4str.data.compat import Dataset, Subset
 from clip4str.data.folder import FolderDataset
 from clip4str.data.lmdb import LmdbDataset, find_lmdbs
 from clip4str.metrics import Scores
+from clip4str.reading import ReadResult
 
 
 @dataclass
@@ -38,7 +39,7 @@ def collect_benchmarks(paths: list[str | Path], charset: str, by_folder: bool = 
         if (p / "labels.tsv").is_file():
             ds = FolderDataset(p, LabelNormalizer(charset, max_length), report=False)
             if not by_folder:
-                out.append(Benchmark(p.name, ds))
+                out.append(Benchmark(p.resolve().name, ds))  # '.' has no name of its own
                 continue
             groups: dict[str, list[int]] = {}
             for i in range(len(ds)):
@@ -46,9 +47,13 @@ def collect_benchmarks(paths: list[str | Path], charset: str, by_folder: bool = 
             out.extend(Benchmark(Path(g).name, Subset(ds, idx)) for g, idx in sorted(groups.items()))
         else:
             for db in find_lmdbs(p):
-                name = str(db.relative_to(p)) if db != p else p.name
+                name = str(db.relative_to(p)) if db != p else p.resolve().name
                 out.append(Benchmark(name, LmdbDataset(db, LabelNormalizer(charset, max_length))))
     return out
+
+
+# The reading of a sample its dataset could not load (the dataset's warning says why).
+UNLOADED = ReadResult("", 0.0, [], "the image could not be loaded from the dataset (see the warning that names it)")
 
 
 def run_benchmarks(recognizer, benchmarks: list[Benchmark], charset: str, batch_size: int = 32,
@@ -72,9 +77,10 @@ def run_benchmarks(recognizer, benchmarks: list[Benchmark], charset: str, batch_
                 labels = [it[1] if it is not None else label_at(bench.data, i)
                           for it, i in zip(items, span, strict=True)]
                 t0 = time.perf_counter()
-                results = recognizer.read([it[0] if it is not None else b"" for it in items], batch_size=batch_size,
-                                          **decode_options)
+                readable = iter(recognizer.read([it[0] for it in items if it is not None], batch_size=batch_size,
+                                                **decode_options))
                 seconds += time.perf_counter() - t0
+                results = [next(readable) if it is not None else UNLOADED for it in items]
                 images += len(items)
                 hits = scores.update([r.text for r in results], labels, [r.confidence for r in results])
                 if writer:

@@ -62,16 +62,25 @@ class OnnxRecognizer(BaseRecognizer):
 
     def __init__(self, folder: str | Path | None = None, providers: list[str] | None = None,
                  threads: int | None = None) -> None:
-        import onnxruntime as ort
-
         folder = Path(folder) if folder is not None else default_onnx_model_path()
         if not (folder / "config.json").is_file() or not (folder / IMAGE_ENCODER).is_file():
             raise FileNotFoundError(f"{str(folder)!r} is not an exported model (config.json + *.onnx); "
                                     "make one with `clip4str export onnx`")
+        try:
+            self._load(folder, providers or ["CPUExecutionProvider"], threads)
+        except Exception as e:  # bad JSON, missing keys or graphs, damaged protobuf (ONNX Runtime's own types)
+            reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            raise ValueError(f"{str(folder)!r} is not a readable ONNX export ({type(e).__name__}: {reason}); "
+                             "export it again with `clip4str export onnx`") from e
+        self.window_aspect = self._default_window()
+        self.device, self.precision = "onnxruntime", "fp32"
+
+    def _load(self, folder: Path, providers: list[str], threads: int | None) -> None:
+        import onnxruntime as ort
+
         doc = json.loads((folder / "config.json").read_text(encoding="utf-8"))
         self.cfg = doc["model"]
         self.tokenizer = Tokenizer(self.cfg["charset"])
-        providers = providers or ["CPUExecutionProvider"]
 
         def session(name: str, threads: int | None = 1):  # noqa: ANN202
             opts = ort.SessionOptions()
@@ -92,9 +101,7 @@ class OnnxRecognizer(BaseRecognizer):
         self.image_size = tuple(self.cfg["clip"]["vision_cfg"]["image_size"]) \
             if isinstance(self.cfg["clip"]["vision_cfg"]["image_size"], list) else \
             (self.cfg["clip"]["vision_cfg"]["image_size"],) * 2
-        self.window_aspect = self._default_window()
         self.second_look_confidence = self.cfg.get("second_look_confidence")
-        self.device, self.precision = "onnxruntime", "fp32"
 
     def preprocess(self, images: Sequence[ImageInput]) -> np.ndarray:
         """Images -> the model's input array (the one preprocessing function, NumPy flavour)."""

@@ -111,6 +111,10 @@ def merge_windows(parts: list[ReadResult]) -> ReadResult:
     return ReadResult(text, float(np.prod(probs)) if probs else 0.0, probs)
 
 
+# A crop wider than this many windows is refused, not read: real text lines take a few dozen at most.
+MAX_WINDOWS = 64
+
+
 class BaseRecognizer:
     """Reading logic shared by the PyTorch and ONNX Runtime backends.
 
@@ -137,9 +141,9 @@ class BaseRecognizer:
         """Read one image or a list (paths, bytes, PIL images, arrays; any mix); one result per image.
 
         Options are the decoding options: mode ('ar'|'nar'), refine_iters, max_length, early_exit, guard, rescore,
-        cascade, draft (both backends), compiled (PyTorch); and second_look (default True: where the model sets
+        cascade, draft (both backends), compiled (PyTorch); second_look (default True: where the model sets
         `second_look_confidence`, a crop read with less is read again at two other vertical scales and the most
-        confident reading is kept).
+        confident reading is kept); max_windows (default MAX_WINDOWS: a wider image gets an error result).
         """
         items = list(images) if isinstance(images, (list, tuple)) else [images]
         return list(self.iter_read(items, batch_size, **options))
@@ -149,12 +153,19 @@ class BaseRecognizer:
         """Like `read`, yielding results in order as batches finish (for progress bars and long lists)."""
         options = {k: v for k, v in options.items() if v is not None}
         threshold = self.second_look_confidence if options.pop("second_look", True) else None
+        max_windows = int(options.pop("max_windows", MAX_WINDOWS))
         for start in range(0, len(items), batch_size):
             pieces: list[Image.Image] = []
             owners: list[tuple[int, int] | ReadResult] = []
             for item in items[start:start + batch_size]:
                 try:
-                    windows = split_long(load_image(item), self.window_aspect)
+                    image = load_image(item)
+                    n = window_count(*image.size, self.window_aspect)
+                    if n > max_windows:  # a 100-byte 20000x1 PNG would be read as thousands of crops
+                        raise ImageDecodeError(f"image of {image.width}x{image.height} pixels is {n} windows wide, "
+                                               f"more than {max_windows}: crop it to the text, or raise "
+                                               "--max-windows")
+                    windows = split_long(image, self.window_aspect)
                 except ImageDecodeError as e:
                     owners.append(ReadResult("", 0.0, [], str(e)))
                     continue

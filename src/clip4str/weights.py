@@ -62,15 +62,27 @@ def read_checkpoint_config(path: str | Path) -> tuple[dict[str, Any], Path]:
         doc = json.loads(config_path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{config_path} is not valid JSON ({e}); the checkpoint is damaged") from e
-    if doc.get("format") != FORMAT or "model" not in doc:
-        raise ValueError(f"{config_path} is not a clip4str checkpoint config (format {doc.get('format')!r})")
+    if not isinstance(doc, dict) or doc.get("format") != FORMAT or not isinstance(doc.get("model"), dict):
+        found = doc.get("format") if isinstance(doc, dict) else type(doc).__name__
+        raise ValueError(f"{config_path} is not a clip4str checkpoint config (format {found!r}, or no model "
+                         "section)")
     return doc, weights_path
+
+
+def model_config(doc: dict[str, Any], config_path: Path) -> ModelConfig:
+    """The model section of a checkpoint config, with an error naming the file where a value is wrong."""
+    try:
+        return ModelConfig.from_dict(doc["model"])
+    except (TypeError, ValueError, KeyError, AttributeError) as e:
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise ValueError(f"{config_path}: the model settings are invalid ({reason}); the checkpoint is damaged "
+                         "or not made by this version of clip4str") from e
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> CLIP4STR:
     """Load a CLIP4STR checkpoint folder in eval mode; needs no other file."""
     doc, weights_path = read_checkpoint_config(path)
-    model = CLIP4STR(ModelConfig.from_dict(doc["model"]))
+    model = CLIP4STR(model_config(doc, weights_path.parent / CONFIG_NAME))
     try:
         state = load_file(str(weights_path))
     except (SafetensorError, OSError) as e:
@@ -192,7 +204,12 @@ def read_clip_checkpoint(path: str | Path, quick_gelu: bool | None = None) -> Cl
     if quick_gelu is None:
         quick_gelu = openai
         if not openai and sidecar.is_file():
-            quick_gelu = bool(json.loads(sidecar.read_text()).get("model_cfg", {}).get("quick_gelu", False))
+            try:
+                doc = json.loads(sidecar.read_text(encoding="utf-8"))
+                quick_gelu = bool(doc.get("model_cfg", {}).get("quick_gelu", False))
+            except (ValueError, KeyError, TypeError, AttributeError) as e:  # JSON or Unicode errors, wrong shape
+                raise ValueError(f"{sidecar} is not an open_clip config ({type(e).__name__}: {e}); fix or remove "
+                                 "it (it only says whether the model uses QuickGELU)") from e
     state = {k: v.float() for k, v in state.items()}
     return ClipWeights(state, "openai" if openai else "open_clip", infer_clip_config(state, quick_gelu))
 

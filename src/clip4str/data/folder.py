@@ -28,7 +28,12 @@ def read_label_file(path: str | Path) -> list[tuple[Path, str]]:
         raise FileNotFoundError(f"label file {str(path)!r} does not exist; a folder dataset needs {LABELS_NAME}")
     rows = []
     # Lines end at \n (\r\n too) only: str.splitlines() would also cut at U+2028, \x85, \x0c or \x1c inside a label.
-    lines = [line.removesuffix("\r") for line in path.read_text(encoding="utf-8-sig").split("\n")]
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = path.read_bytes()[: e.start].count(b"\n") + 1
+        raise ValueError(f"{path}:{line}: not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8") from e
+    lines = [line.removesuffix("\r") for line in text.split("\n")]
     for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue

@@ -24,9 +24,11 @@ from clip4str.train.callbacks import ResumableCheckpoint
 from clip4str.train.config import TrainConfig
 from clip4str.train.system import STRSystem
 from clip4str.weights import (
+    CONFIG_NAME,
     add_identity_blocks,
     fit_positions,
     load_exact,
+    model_config,
     read_checkpoint_config,
     read_tensors,
     save_checkpoint,
@@ -60,7 +62,7 @@ def load_weights_into(model: CLIP4STR, folder: str | Path) -> None:
     """Start from a clip4str checkpoint's weights; the training-only CTC head may be on either side alone, and the
     input size may differ (same patches: the image positions are resampled to the new grid)."""
     doc, weights = read_checkpoint_config(folder)
-    parent = ModelConfig.from_dict(doc["model"])
+    parent = model_config(doc, weights.parent / CONFIG_NAME)
     ours, theirs = _sizeless(model.config.to_dict()), _sizeless(parent.to_dict())
     differ = [f"{k}: checkpoint {theirs[k]!r}, config {ours[k]!r}" for k in ours
               if k not in TRAINING_ONLY_KEYS and ours[k] != theirs[k]]

@@ -1,0 +1,118 @@
+"""Odd and hostile files given to the command line: one-line errors naming the thing, no hang, no traceback."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+from PIL import Image
+
+from clip4str.cli import expand_inputs, main
+from clip4str.data.folder import read_label_file
+from clip4str.inference import default_model_path
+from clip4str.onnx_backend import OnnxRecognizer, default_onnx_model_path
+from clip4str.weights import load_model
+from conftest import render_word
+
+CLI = [sys.executable, "-c", "import sys; from clip4str.cli import main; sys.exit(main())"]
+
+
+def test_an_existing_file_name_with_glob_characters_is_that_file(tmp_path):
+    render_word("hello").save(tmp_path / "word[1].png")
+    assert expand_inputs([str(tmp_path / "word[1].png")]) == [str(tmp_path / "word[1].png")]
+    with pytest.raises(FileNotFoundError, match="no file matches"):
+        expand_inputs([str(tmp_path / "other[1].png")])
+
+
+def test_a_recursive_glob_does_not_follow_link_loops(tmp_path):
+    (tmp_path / "a").mkdir()
+    render_word("hi").save(tmp_path / "a" / "x.png")
+    (tmp_path / "a" / "up").symlink_to("..")
+    (tmp_path / "a" / "up2").symlink_to("../..")
+    code = "import sys; from clip4str.cli import expand_inputs; print(expand_inputs([sys.argv[1]]))"
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path / "**" / "*.png")], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-300:]
+    assert done.stdout.strip() == repr([str(tmp_path / "a" / "x.png")])
+
+
+def test_a_file_name_that_is_not_utf8_is_read_and_printed_as_it_is(tmp_path):
+    folder = tmp_path / "crops"
+    folder.mkdir()
+    odd = os.fsencode(folder) + b"/bad\xff.png"
+    render_word("hello").save(os.fsdecode(odd))
+    render_word("world").save(folder / "z.png")
+    env = {**os.environ, "PYTHONIOENCODING": "utf-8:strict"}  # what a UTF-8 locale gives a terminal
+    done = subprocess.run([*CLI, "read", str(folder), "--backend", "onnx"], capture_output=True, env=env,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-500:]
+    lines = done.stdout.splitlines()
+    assert [line.split(b"\t")[0] for line in lines] == [odd, os.fsencode(folder / "z.png")]
+
+
+def test_an_image_of_thousands_of_windows_is_refused_not_read_for_minutes(tmp_path, capsys):
+    Image.new("L", (20000, 1)).save(tmp_path / "wide.png")  # about 100 bytes
+    render_word("hello").save(tmp_path / "ok.png")
+    args = ["read", str(tmp_path / "wide.png"), str(tmp_path / "ok.png"), "--backend", "onnx"]
+    assert main(args) == 1
+    out, err = capsys.readouterr()
+    assert "wide.png: image of 20000x1 pixels is" in err and "--max-windows" in err
+    assert out.splitlines()[1].startswith(f"{tmp_path / 'ok.png'}\t")
+    with pytest.raises(SystemExit):
+        main([*args, "--max-windows", "0"])
+
+
+def test_test_refuses_a_csv_folder_and_a_set_with_nothing_to_score(tmp_path, capsys):
+    folder = tmp_path / "set"
+    folder.mkdir()
+    render_word("hello").save(folder / "a.png")
+    (folder / "labels.tsv").write_text("a.png\t###\n", encoding="utf-8")  # empty in the 36-character charset
+    assert main(["test", str(folder), "--backend", "onnx", "--quiet"]) == 2
+    assert "nothing to score" in capsys.readouterr().err
+    (folder / "labels.tsv").write_text("a.png\thello\n", encoding="utf-8")
+    assert main(["test", str(folder), "--backend", "onnx", "--csv", str(tmp_path), "--quiet"]) == 2
+    assert "is a folder" in capsys.readouterr().err
+
+
+def test_a_labels_file_that_is_not_utf8_is_named_with_its_line(tmp_path):
+    (tmp_path / "labels.tsv").write_bytes(b"a.png\thello\nb.png\tcaf\xe9\n")
+    with pytest.raises(ValueError, match=r"labels.tsv:2: not UTF-8"):
+        read_label_file(tmp_path / "labels.tsv")
+
+
+@pytest.mark.parametrize(("config", "message"), [
+    ([1, 2], "not a clip4str checkpoint config"),
+    ({"format": "clip4str-checkpoint-v1", "model": None}, "not a clip4str checkpoint config"),
+    ("max_label_length", "model settings are invalid"),
+])
+def test_a_damaged_checkpoint_config_is_named(tmp_path, config, message):
+    folder = tmp_path / "ckpt"
+    shutil.copytree(default_model_path(), folder)
+    if config == "max_label_length":
+        doc = json.loads((folder / "config.json").read_text())
+        doc["model"]["max_label_length"] = "25"
+        config = doc
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=message) as err:
+        load_model(folder)
+    assert "config.json" in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("damage", ["truncated graph", "missing graph", "no charset", "bad json"])
+def test_a_damaged_onnx_export_is_named(tmp_path, damage):
+    folder = tmp_path / "export"
+    shutil.copytree(default_onnx_model_path(), folder)
+    if damage == "truncated graph":
+        graph = folder / "image_decoder.onnx"
+        graph.write_bytes(graph.read_bytes()[:1000])
+    elif damage == "missing graph":
+        (folder / "image_decoder.onnx").unlink()
+    elif damage == "no charset":
+        (folder / "config.json").write_text(json.dumps({"model": {}}))
+    else:
+        (folder / "config.json").write_text("{ not json")
+    with pytest.raises(ValueError, match="is not a readable ONNX export") as err:
+        OnnxRecognizer(folder)
+    assert str(folder) in str(err.value) and "\n" not in str(err.value)

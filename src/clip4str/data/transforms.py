@@ -50,11 +50,14 @@ def to_rgb(image: Image.Image) -> Image.Image:
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
     if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        arr = np.asarray(image, dtype=np.float64)
+        # One float32 copy, scaled in place: a large 16-bit image is a large array already.
+        arr = np.array(image, dtype=np.float32)
         top = 65535.0 if image.mode.startswith("I;16") or arr.max(initial=0) > 255 else 255.0
         if image.mode == "F" and arr.max(initial=0) <= 1.0:
             top = 1.0
-        image = Image.fromarray(np.clip(arr * 255.0 / top + 0.5, 0, 255).astype(np.uint8))
+        arr *= 255.0 / top
+        arr += 0.5
+        image = Image.fromarray(np.clip(arr, 0, 255, out=arr).astype(np.uint8))
     return image.convert("RGB") if image.mode != "RGB" else image
 
 

@@ -100,7 +100,7 @@ def test_a_damaged_checkpoint_config_is_named(tmp_path, config, message):
     assert "config.json" in str(err.value) and "\n" not in str(err.value)
 
 
-@pytest.mark.parametrize("damage", ["truncated graph", "missing graph", "no charset", "bad json"])
+@pytest.mark.parametrize("damage", ["truncated graph", "missing graph", "no charset", "bad json", "other size"])
 def test_a_damaged_onnx_export_is_named(tmp_path, damage):
     folder = tmp_path / "export"
     shutil.copytree(default_onnx_model_path(), folder)
@@ -111,8 +111,12 @@ def test_a_damaged_onnx_export_is_named(tmp_path, damage):
         (folder / "image_decoder.onnx").unlink()
     elif damage == "no charset":
         (folder / "config.json").write_text(json.dumps({"model": {}}))
-    else:
+    elif damage == "bad json":
         (folder / "config.json").write_text("{ not json")
+    else:  # config.json of a model with another input size beside these graphs
+        doc = json.loads((folder / "config.json").read_text())
+        doc["model"]["clip"]["vision_cfg"]["image_size"] = [32, 128]
+        (folder / "config.json").write_text(json.dumps(doc))
     with pytest.raises(ValueError, match="is not a readable ONNX export") as err:
         OnnxRecognizer(folder)
     assert str(folder) in str(err.value) and "\n" not in str(err.value)

@@ -102,6 +102,10 @@ class OnnxRecognizer(BaseRecognizer):
             if isinstance(self.cfg["clip"]["vision_cfg"]["image_size"], list) else \
             (self.cfg["clip"]["vision_cfg"]["image_size"],) * 2
         self.second_look_confidence = self.cfg.get("second_look_confidence")
+        # Graphs of another export beside this config.json: fail here, not at the first batch.
+        graph_size = tuple(self.image_encoder.get_inputs()[0].shape[2:])
+        if all(isinstance(d, int) for d in graph_size) and graph_size != self.image_size:
+            raise ValueError(f"{IMAGE_ENCODER} takes {graph_size} images but config.json says {self.image_size}")
 
     def preprocess(self, images: Sequence[ImageInput]) -> np.ndarray:
         """Images -> the model's input array (the one preprocessing function, NumPy flavour)."""

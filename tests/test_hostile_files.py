@@ -13,7 +13,7 @@ from clip4str.cli import expand_inputs, main
 from clip4str.data.folder import read_label_file
 from clip4str.inference import default_model_path
 from clip4str.onnx_backend import OnnxRecognizer, default_onnx_model_path
-from clip4str.weights import load_model
+from clip4str.weights import load_model, save_checkpoint
 from conftest import render_word
 
 CLI = [sys.executable, "-c", "import sys; from clip4str.cli import main; sys.exit(main())"]
@@ -120,3 +120,27 @@ def test_a_damaged_onnx_export_is_named(tmp_path, damage):
     with pytest.raises(ValueError, match="is not a readable ONNX export") as err:
         OnnxRecognizer(folder)
     assert str(folder) in str(err.value) and "\n" not in str(err.value)
+
+
+def test_writing_a_model_never_mixes_kinds_or_replaces_one_without_force(tmp_path, capsys):
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(default_model_path(), ckpt)
+    before = (ckpt / "config.json").read_bytes()
+    # export onnx into the checkpoint it reads: refused before any work, the checkpoint untouched
+    assert main(["export", "onnx", "--model", str(ckpt), "--out", str(ckpt), "--force"]) == 2
+    assert "another kind of model" in capsys.readouterr().err
+    assert (ckpt / "config.json").read_bytes() == before and not list(ckpt.glob("*.onnx"))
+    export = tmp_path / "export"
+    shutil.copytree(default_onnx_model_path(), export)
+    assert main(["export", "onnx", "--out", str(export)]) == 2
+    assert "--force" in capsys.readouterr().err
+    model = load_model(ckpt)
+    with pytest.raises(FileExistsError, match="another kind of model"):
+        save_checkpoint(model, export, force=True)
+    with pytest.raises(FileExistsError, match="--force"):
+        save_checkpoint(model, ckpt)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(FileExistsError, match="is a file"):
+        save_checkpoint(model, tmp_path / "file")
+    assert save_checkpoint(model, ckpt, force=True) == ckpt
+    load_model(ckpt)

@@ -47,7 +47,7 @@ def test_the_builtin_onnx_graphs_are_an_export_of_the_shipped_weights():
     shipped = hashlib.sha256((PRETRAINED / "tiny" / "model.safetensors").read_bytes()).hexdigest()
     assert doc["source_sha256"] == shipped, (
         "src/clip4str/pretrained/tiny changed without a new ONNX export: run clip4str export onnx --out "
-        "src/clip4str/pretrained/tiny-onnx --fp16-weights")
+        "src/clip4str/pretrained/tiny-onnx --fp16-weights --force")
     torch_doc = json.loads((PRETRAINED / "tiny" / "config.json").read_text())
     assert doc["model"] == torch_doc["model"], "the two copies of the built-in model decode with other settings"
 

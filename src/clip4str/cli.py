@@ -238,6 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
     onnx.add_argument("--out", type=Path, required=True)
     onnx.add_argument("--fp16-weights", action="store_true",
                       help="store weights as float16 in the files (half the size; ONNX Runtime computes in float32)")
+    onnx.add_argument("--force", action="store_true", help="replace an ONNX export already in --out")
     onnx.set_defaults(func=commands.cmd_export_onnx, backend="torch", device="cpu", precision="fp32")
     serve = sub.add_parser("serve", help="HTTP API (POST /v1/read) and a web page to try the recognizer")
     _model_options(serve)
@@ -257,6 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("src", type=Path)
     conv.add_argument("out", type=Path)
     conv.add_argument("--charset", help="only for checkpoints of a charset other than 36/62/94 (in token order)")
+    conv.add_argument("--force", action="store_true", help="replace a checkpoint already in OUT")
     conv.set_defaults(func=commands.cmd_convert)
     att = sub.add_parser("attention", help="draw where the decoders look for each character (PNG)")
     att.add_argument("image", type=Path)
@@ -280,6 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--export-last", metavar="DEST", help="do not train: write the model of OUT_DIR/last.ckpt "
                        "as a checkpoint folder at DEST (for a run stopped before max_steps)")
     train.add_argument("--half", action="store_true", help="with --export-last: store the weights in float16")
+    train.add_argument("--force", action="store_true", help="with --export-last: replace a checkpoint already in DEST")
     train.set_defaults(func=commands.cmd_train)
     return parser
 

@@ -101,7 +101,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.export_last:
         import torch
 
-        out = export_last(cfg, args.export_last, torch.float16 if args.half else None)
+        out = export_last(cfg, args.export_last, torch.float16 if args.half else None, force=args.force)
         print(f"exported {cfg.train.out_dir}/last.ckpt to {out}")
         return 0
     result = train(cfg, resume=args.resume)
@@ -118,11 +118,14 @@ def cmd_export_onnx(args: argparse.Namespace) -> int:
     from clip4str.export import export_onnx
     from clip4str.inference import default_model_path
     from clip4str.onnx_backend import OnnxRecognizer
+    from clip4str.weights import WEIGHTS_NAME, check_destination
 
+    # Checked before any work, as export_onnx checks it again.
+    check_destination(args.out, ("*.onnx", "config.json"), (WEIGHTS_NAME,), "ONNX export", args.force)
     rec = _recognizer(args, "export")
     source = (args.model or default_model_path()) / "model.safetensors"
     digest = hashlib.sha256(source.read_bytes()).hexdigest() if source.is_file() else None
-    out = export_onnx(rec.model, args.out, fp16_weights=args.fp16_weights, source_sha256=digest)
+    out = export_onnx(rec.model, args.out, fp16_weights=args.fp16_weights, source_sha256=digest, force=args.force)
     x = rec.preprocess([word_image()])
     ours = OnnxRecognizer(out)
     logits, _ = ours.decode(x.numpy())
@@ -138,13 +141,14 @@ def cmd_convert(args: argparse.Namespace) -> int:
     """An authors' checkpoint -> our format (safetensors + JSON config), reporting unused source keys."""
     from clip4str.charset import resolve_charset
     from clip4str.convert import architecture_name, load_authors_checkpoint
-    from clip4str.weights import save_checkpoint
+    from clip4str.weights import CONFIG_NAME, WEIGHTS_NAME, check_destination, save_checkpoint
 
+    check_destination(args.out, (CONFIG_NAME, WEIGHTS_NAME), ("*.onnx",), "checkpoint", args.force)  # before work
     model, report = load_authors_checkpoint(args.src, resolve_charset(args.charset) if args.charset else None)
     cfg = model.config
     v = cfg.clip["vision_cfg"]
     provenance = {"converted_from": str(args.src), "unused_keys": report["unused"]}
-    out = save_checkpoint(model, args.out, provenance=provenance)
+    out = save_checkpoint(model, args.out, provenance=provenance, force=args.force)
     print(f"converted {args.src} -> {out}: {architecture_name(cfg)} (width {v['width']} x {v['layers']} layers, "
           f"patch {v['patch_size']}),"
           f"{v['image_size']}px, shared width {cfg.embed_dim}, {len(cfg.charset)} characters, cross branch "

@@ -19,6 +19,7 @@ from clip4str.bpe import VOCAB_NAME
 from clip4str.model import CLIP4STR
 from clip4str.model.decoder import Decoder
 from clip4str.onnx_backend import CROSS_DECODER, CTC_HEAD, IMAGE_DECODER, IMAGE_ENCODER, TEXT_ENCODER
+from clip4str.weights import WEIGHTS_NAME, check_destination
 
 ONNX_FORMAT = "clip4str-onnx-v1"
 
@@ -109,12 +110,14 @@ def store_weights_fp16(path: Path, min_size: int = 1024) -> None:
 
 
 @torch.no_grad()
-def export_onnx(model: CLIP4STR, out_dir: str | Path, fp16_weights: bool = False, source_sha256: str | None = None
-                ) -> Path:
+def export_onnx(model: CLIP4STR, out_dir: str | Path, fp16_weights: bool = False, source_sha256: str | None = None,
+                force: bool = False) -> Path:
     """Write image_encoder.onnx, image_decoder.onnx, [cross_decoder.onnx, text_encoder.onnx], [ctc_head.onnx],
     config.json. fp16_weights: store weights as float16 (`store_weights_fp16`); source_sha256: the hash of the
-    weights file exported, recorded so that a stale export can be told from a current one."""
+    weights file exported, recorded so that a stale export can be told from a current one. A folder holding an
+    export already is replaced only with `force`; one holding a PyTorch checkpoint never."""
     out = Path(out_dir)
+    check_destination(out, ("*.onnx", "config.json"), (WEIGHTS_NAME,), "ONNX export", force)
     out.mkdir(parents=True, exist_ok=True)
     model = model.float().eval()
     cfg = model.config

@@ -25,7 +25,9 @@ from clip4str.train.config import TrainConfig
 from clip4str.train.system import STRSystem
 from clip4str.weights import (
     CONFIG_NAME,
+    WEIGHTS_NAME,
     add_identity_blocks,
+    check_destination,
     fit_positions,
     load_exact,
     model_config,
@@ -232,7 +234,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path | None:
     extra = {"budget_minutes": t.max_minutes} if budget is not None else {}
     provenance = run_provenance(cfg, trainer.global_step, effective,
                                 wall_seconds_last_run=round(time.time() - start), **extra)
-    final = save_checkpoint(model, out / "final", provenance)
+    final = save_checkpoint(model, out / "final", provenance, force=True)  # the run's own output
     plot_history(out)
     return final
 
@@ -250,8 +252,10 @@ def read_training_checkpoint(path: Path) -> dict:
     return ckpt
 
 
-def export_last(cfg: TrainConfig, dest: str | Path, dtype: torch.dtype | None = None) -> Path:
-    """Write the model of the run's last.ckpt as a checkpoint folder (e.g. a run stopped before max_steps)."""
+def export_last(cfg: TrainConfig, dest: str | Path, dtype: torch.dtype | None = None, force: bool = False) -> Path:
+    """Write the model of the run's last.ckpt as a checkpoint folder (e.g. a run stopped before max_steps); a
+    folder holding a checkpoint already is replaced only with `force`."""
+    check_destination(Path(dest), (CONFIG_NAME, WEIGHTS_NAME), ("*.onnx",), "checkpoint", force)
     last = Path(cfg.train.out_dir) / "last.ckpt"
     if not last.is_file():
         raise FileNotFoundError(f"no checkpoint at {last}: train first (train.out_dir of this config)")
@@ -262,7 +266,7 @@ def export_last(cfg: TrainConfig, dest: str | Path, dtype: torch.dtype | None = 
     load_exact(model, state, str(last))
     effective = ckpt.get("effective_batch", cfg.data.batch_size * cfg.train.accumulate_grad_batches)
     provenance = run_provenance(cfg, step, effective, max_steps=cfg.train.max_steps)
-    return save_checkpoint(model.eval(), dest, provenance, dtype=dtype)
+    return save_checkpoint(model.eval(), dest, provenance, dtype=dtype, force=force)
 
 
 def read_history(out: Path) -> list[dict[str, float]]:

@@ -176,3 +176,67 @@ def test_hostile_requests_are_refused_or_bounded_while_normal_ones_keep_their_la
     p99 = latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))]
     assert p99 < 1.0, f"normal requests slowed down: p99 {p99:.2f} s over {len(latencies)} requests"
     assert max(peak) - idle < 200, f"server memory grew from {idle:.0f} MB to {max(peak):.0f} MB"
+
+
+def _held(sock: socket.socket) -> bool:
+    """Whether the server still holds this connection open (no EOF or reset waiting on it)."""
+    sock.setblocking(False)
+    try:
+        return sock.recv(1) != b""
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+
+
+def test_idle_and_slow_connections_are_closed_and_json_floods_refused_cheaply():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "clip4str.cli", "serve", "--port", str(port), "--backend", "onnx",
+                             "--max-connections", "20", "--header-timeout", "1", "--body-timeout", "2"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    sockets = []
+    try:
+        for _ in range(300):
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1)
+                break
+            except OSError:
+                if proc.poll() is not None:
+                    pytest.fail(f"server exited: {proc.stderr.read().decode()[-2000:]}")
+                time.sleep(0.2)
+        trickle = socket.create_connection(("127.0.0.1", port))
+        slow_body = socket.create_connection(("127.0.0.1", port))
+        slow_body.sendall(b"POST /v1/read HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                          b"Content-Length: 1000\r\n\r\n{\"images\": [")
+        sockets = [socket.create_connection(("127.0.0.1", port)) for _ in range(30)]  # idle: never send
+        time.sleep(0.3)
+        assert sum(not _held(s) for s in sockets) >= 12, "connections over --max-connections were not closed at once"
+        start, closed_after = time.monotonic(), None
+        for _ in range(12):  # headers a byte at a time, each byte within uvicorn's keep-alive time
+            try:
+                trickle.sendall(b"G")
+            except OSError:  # the server closed it
+                closed_after = time.monotonic() - start
+                break
+            time.sleep(0.3)
+        assert closed_after is not None and closed_after < 3, "a connection trickling its headers was kept"
+        assert not any(_held(s) for s in sockets), "idle connections still open after the header timeout"
+        slow_body.settimeout(10)
+        assert b" 408 " in slow_body.recv(200).split(b"\r\n")[0]
+        hello, kind = _multipart("hello.png", HELLO)
+        status, body = _post(port, hello, kind)
+        assert status == 200 and body["results"][0]["text"] == "hello"
+        start = time.monotonic()
+        flood = json.dumps({"images": ["AAAA"] * 200_000}).encode()
+        status, body = _post(port, flood, "application/json")
+        assert status == 413 and "200000 images" in body["error"]
+        assert time.monotonic() - start < 10
+        status, body = _post(port, b"--x\r\nnot a part", "multipart/form-data")  # no boundary parameter
+        assert status == 400 and "bad multipart body" in body["error"]
+    finally:
+        for s in sockets:
+            s.close()
+        proc.terminate()
+        proc.wait(timeout=30)

@@ -253,6 +253,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-request-windows", type=positive_int, default=256, help="windows per request")
     serve.add_argument("--max-queue-windows", type=positive_int, default=512,
                        help="windows waiting for the model before requests get 503")
+    serve.add_argument("--max-connections", type=positive_int, default=256,
+                       help="open connections; more are closed at once (idle sockets cannot use up descriptors)")
+    serve.add_argument("--header-timeout", type=float, default=10.0, help="seconds a connection has to send a "
+                       "request's headers, after opening or after its last response; it is closed otherwise")
+    serve.add_argument("--body-timeout", type=float, default=60.0, help="seconds an upload has to arrive (408 "
+                       "otherwise)")
     serve.set_defaults(func=commands.cmd_serve)
     conv = sub.add_parser("convert", help="the authors' .ckpt/.pt checkpoint -> clip4str checkpoint folder")
     conv.add_argument("src", type=Path)

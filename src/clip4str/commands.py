@@ -162,7 +162,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from clip4str.cli import decoding_options
     from clip4str.serve.app import create_app
+    from clip4str.serve.connections import guarded_protocol
 
+    for option, seconds in (("--header-timeout", args.header_timeout), ("--body-timeout", args.body_timeout)):
+        if not seconds > 0:
+            raise ValueError(f"{option} must be a positive number of seconds, got {seconds}")
     rec = _recognizer(args)
     if getattr(rec, "compiled", False):  # compile before the first request, for one image and for batches
         import time
@@ -177,8 +181,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     app = create_app(rec, max_batch=args.max_batch, max_upload_mb=args.max_upload_mb,
                      max_images=args.max_images, max_windows=args.max_windows,
                      max_request_windows=args.max_request_windows, max_queue_windows=args.max_queue_windows,
-                     decode_options=decoding_options(args))
-    uvicorn.run(app, host=args.host, port=args.port, workers=1, log_level="warning")
+                     decode_options=decoding_options(args), body_seconds=args.body_timeout)
+    uvicorn.run(app, host=args.host, port=args.port, workers=1, log_level="warning",
+                http=guarded_protocol(args.max_connections, args.header_timeout))
     return 0
 
 

@@ -113,11 +113,13 @@ async def _read_body(request: Request, limit: int) -> bytes | None:
 
 def create_app(recognizer, max_batch: int = 32, max_upload_mb: float = 10.0, max_images: int = 64,
                max_wait_ms: float = 5.0, max_windows: int = 24, max_request_windows: int = 256,
-               max_queue_windows: int = 512, decode_options: dict | None = None) -> FastAPI:
+               max_queue_windows: int = 512, decode_options: dict | None = None, body_seconds: float = 60.0
+               ) -> FastAPI:
     """The ASGI app around a Recognizer (PyTorch or ONNX backend). Work is bounded in windows (a long crop is
     read in several): per image, per request and in the queue; where the second look is on, a window may be read
     up to three times. decode_options: keywords of every read (guard, rescore, cascade, second_look; the model's
-    defaults otherwise)."""
+    defaults otherwise). An upload must arrive within `body_seconds` (60: 10 MB at 170 kB/s), or 408: a slow
+    body holds no task forever."""
     app = FastAPI(title="clip4str", version="1", description="CLIP4STR scene text recognition")
     model_lock = threading.Lock()  # the batcher and attention maps share one model (and its recording flags)
 
@@ -162,17 +164,21 @@ def create_app(recognizer, max_batch: int = 32, max_upload_mb: float = 10.0, max
                            "pixels_per_request": REQUEST_PIXELS}}
 
     @app.post("/v1/read", response_model=ReadResponse,
-              responses={400: {"model": ErrorResponse}, 413: {"model": ErrorResponse},
+              responses={400: {"model": ErrorResponse}, 408: {"model": ErrorResponse}, 413: {"model": ErrorResponse},
                          415: {"model": ErrorResponse}, 503: {"model": ErrorResponse}})
     async def read(request: Request, attention: bool = Query(False, description="add attention strips (PNG)")):
-        body = await _read_body(request, limit)
+        try:
+            body = await asyncio.wait_for(_read_body(request, limit), body_seconds)
+        except TimeoutError:
+            return _error(408, f"the upload did not arrive within {body_seconds:g} s; send it again")
         if body is None:
             return _error(413, f"upload over the {max_upload_mb:g} MB limit")
         kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if not body:
             return _error(400, "no images in the request (empty body); send multipart files or JSON images")
         try:
-            named = await _images_of(request, kind, body, max_images)
+            named = await _images_of(request, kind, body, max_images) if kind == "multipart/form-data" else \
+                await asyncio.to_thread(_images_of_json, kind, body, max_images)  # parsing is CPU work
         except UnsupportedType as e:
             return _error(415, str(e))
         except ImageRefused as e:
@@ -212,19 +218,25 @@ def create_app(recognizer, max_batch: int = 32, max_upload_mb: float = 10.0, max
 
 
 async def _images_of(request: Request, kind: str, body: bytes, max_images: int) -> list[tuple[str, bytes]]:
-    if kind == "multipart/form-data":
-        try:  # Starlette stops parsing past max_files with an HTTPException of its own ({"detail": ...})
-            form = await request.form(max_files=max_images + 1, max_fields=max_images + 16)
-        except (HTTPException, MultiPartException) as e:
-            reason = getattr(e, "detail", None) or getattr(e, "message", str(e))
+    try:  # Starlette stops parsing past max_files with an HTTPException of its own ({"detail": ...})
+        form = await request.form(max_files=max_images + 1, max_fields=max_images + 16)
+    except (HTTPException, MultiPartException) as e:
+        reason = str(getattr(e, "detail", None) or getattr(e, "message", str(e)))
+        if reason.startswith("Too many"):
             raise ImageRefused(f"multipart body refused: {reason}; at most {max_images} images per request") from e
-        return [(f.filename or f"image{i}", await f.read()) for i, f in enumerate(form.getlist("files"))
-                if hasattr(f, "read")]
+        raise ValueError(f"bad multipart body: {reason}") from e
+    return [(f.filename or f"image{i}", await f.read()) for i, f in enumerate(form.getlist("files"))
+            if hasattr(f, "read")]
+
+
+def _images_of_json(kind: str, body: bytes, max_images: int) -> list[tuple[str, bytes]]:
     if kind == "application/json":
         try:
             payload = JsonImages.model_validate_json(body or b"{}")
         except ValueError as e:
             raise ValueError(f"bad JSON body: expected {{\"images\": [base64, ...]}} ({str(e)[:120]})") from e
+        if len(payload.images) > max_images:  # before any per-image work: a body may list a million tiny strings
+            raise ImageRefused(f"{len(payload.images)} images in one request; at most {max_images}")
         names = payload.names or [f"image{i}" for i in range(len(payload.images))]
         if len(names) != len(payload.images):
             raise ValueError(f"{len(names)} names for {len(payload.images)} images; give one name per image")

@@ -1,6 +1,7 @@
 """The decoding cascade: rows whose image-branch reading equals the CTC head's, confidently, skip the cross branch."""
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -151,10 +152,10 @@ def test_the_decoding_flags_reach_read_and_serve_and_only_commands_that_decode_t
         "guard": True, "rescore": False, "cascade": False, "second_look": True}
     assert cli.main(["read", str(image), "--no-second-look"]) == 0
     assert seen[-1]["second_look"] is False
-    monkeypatch.setattr(cli, "collect_benchmarks", lambda *a: [])
+    monkeypatch.setattr(cli, "collect_benchmarks", lambda *a: [SimpleNamespace(name="set", data=[None])])
     monkeypatch.setattr(cli, "run_benchmarks", lambda *a, **options: (seen.append(options), ([], 0.0))[1])
     assert cli.main(["test", str(tmp_path), "--no-second-look", "--no-guard"]) == 0
-    assert seen[-1] == {"guard": False, "rescore": True, "cascade": True, "second_look": False}
+    assert seen[-1] == {"guard": False, "rescore": True, "cascade": True, "second_look": False, "max_windows": 64}
     monkeypatch.setattr(serve_app, "create_app", lambda rec, **kwargs: seen.append(kwargs["decode_options"]))
     monkeypatch.setattr(uvicorn, "run", lambda *a, **k: None)
     assert cli.main(["serve", "--no-cascade"]) == 0

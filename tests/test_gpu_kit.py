@@ -3,6 +3,7 @@ built-in model for a budget of seconds from it, exports float16 weights and benc
 read. A hang or a missing file fails here, not on a lent GPU."""
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -33,7 +34,9 @@ def test_bundle_then_budgeted_training_exports_weights_that_read(tmp_path):
                           timeout=480, capture_output=True, text=True)
     log = (tmp_path / "out" / "log.txt").read_text()
     assert proc.returncode == 0, log[-3000:]
-    assert "] done" in log and "synthetic words: 3 fonts" in log, log[-3000:]
+    # The bundle's fonts, not the machine's (MAX_FONTS=3; a math or symbol font among them is left out)
+    fonts = re.search(r"synthetic words: (\d+) fonts", log)
+    assert "] done" in log and fonts and 1 <= int(fonts.group(1)) <= 3, log[-3000:]
     weights = tmp_path / "weights"
     weights.mkdir()
     parts = sorted((tmp_path / "out" / "w").glob("model.safetensors.part-*"))

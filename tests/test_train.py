@@ -442,7 +442,7 @@ def test_a_run_from_a_checkpoint_records_that_checkpoints_provenance(tmp_path, f
     final = train(cfg)
     # The parent is replaced after the run started (as the built-in model is when a stage ships): the export
     # still names the checkpoint the run started from.
-    save_checkpoint(create_model("tiny", **SMALL), tmp_path / "parent", provenance={"note": "replaced"})
+    save_checkpoint(create_model("tiny", **SMALL), tmp_path / "parent", provenance={"note": "replaced"}, force=True)
     for folder_ in (final, export_last(cfg, tmp_path / "exported")):
         doc = json.loads((folder_ / "config.json").read_text())["provenance"]
         assert doc["steps"] == 2 and doc["images_seen"] == 16

@@ -10,6 +10,7 @@ from typing import Any
 import yaml
 
 from clip4str.model.config import ModelConfig
+from clip4str.train.checks import check_sources, check_values
 
 
 @dataclass
@@ -61,7 +62,7 @@ class TrainSection:
     accumulate_grad_batches: int = 1
     seed: int = 0
     val_every_steps: int = 500
-    checkpoint_every_minutes: float = 10.0
+    checkpoint_every_minutes: float | None = 10.0
     checkpoint_every_steps: int | None = None
     log_every_steps: int = 10
     threads: int | None = None
@@ -105,12 +106,19 @@ def build_config(doc: dict[str, Any]) -> TrainConfig:
         raise ValueError(f"unknown config section(s) {unknown}; sections are {sorted(SECTIONS)}")
     sections = {}
     for name, cls in SECTIONS.items():
-        values = dict(doc.get(name) or {})
+        raw = doc.get(name) or {}
+        if not isinstance(raw, dict):
+            raise ValueError(f"config section '{name}' must be a mapping of keys to values, got {raw!r}")
+        values = dict(raw)
         _check_keys(name, values)
+        check_values(name, cls, values)
         if name == "model":
+            check_values(name, ModelConfig, values)
             own = {f.name for f in dataclasses.fields(cls)}
             values = {**{k: v for k, v in values.items() if k in own},
                       "overrides": {k: v for k, v in values.items() if k not in own}}
+        if name == "data" and "train" in values:
+            check_sources(values["train"])
         sections[name] = cls(**values)
     return TrainConfig(**sections)
 
@@ -130,13 +138,22 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConf
         p = Path(path)
         if not p.is_file():
             raise FileNotFoundError(f"config file {str(p)!r} does not exist")
-        doc = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        try:
+            doc = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        except (yaml.YAMLError, UnicodeDecodeError) as e:
+            reason = " ".join(str(e).split())[:200]
+            raise ValueError(f"{p} is not valid YAML ({reason})") from e
         if not isinstance(doc, dict):
             raise ValueError(f"{p} must hold a mapping with sections {sorted(SECTIONS)}")
     for item in overrides:
         keys, value = parse_override(item)
         node = doc
-        for k in keys[:-1]:
-            node = node.setdefault(k, {})
+        for depth, k in enumerate(keys[:-1]):
+            if node.get(k) is None:
+                node[k] = {}
+            node = node[k]
+            if not isinstance(node, dict):
+                raise ValueError(f"override {item!r}: {'.'.join(keys[:depth + 1])} is {node!r}, not a section "
+                                 "with keys")
         node[keys[-1]] = value
     return build_config(doc)

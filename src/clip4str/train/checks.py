@@ -1,0 +1,88 @@
+"""Type and range checks of experiment config values, before anything is built: a wrong value is one line naming
+its key, not a traceback from deep inside Lightning or the model."""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from typing import Any, Union
+
+# Values that must be > 0 or >= 0 (None, where a key allows it, always passes).
+POSITIVE = {"data.batch_size", "train.max_steps", "train.max_minutes", "train.base_lr", "train.num_nodes",
+            "train.accumulate_grad_batches", "train.val_every_steps", "train.log_every_steps", "train.threads",
+            "train.checkpoint_every_minutes", "train.checkpoint_every_steps", "train.grad_clip", "train.swa_lr",
+            "model.max_label_length", "model.decoder_depth"}
+NON_NEGATIVE = {"data.num_workers", "data.synth_val_size", "data.curriculum_images", "train.weight_decay",
+                "train.warmup_pct", "train.decoder_lr_scale", "model.refine_iters"}
+
+
+def matches(value: Any, hint: Any) -> bool:
+    """Whether a YAML value fits a type annotation (int, float, str, bool, X | None, list[X], tuple, dict)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any:
+        return True
+    if hint is type(None):
+        return value is None
+    if origin in (Union, types.UnionType):
+        return any(matches(value, a) for a in args)
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str)
+    if origin in (list, tuple) or hint in (list, tuple):
+        items = [a for a in args if a is not Ellipsis]
+        return isinstance(value, (list, tuple)) and (not items or all(matches(v, items[0]) for v in value))
+    if origin is dict or hint is dict:
+        return isinstance(value, dict)
+    return True  # other annotations (dataclasses, literals) are checked where they are used
+
+
+NAMES = {int: "an integer", float: "a number", str: "a string", bool: "true or false", type(None): "null",
+         dict: "a mapping", list: "a list", tuple: "a list"}
+
+
+def _describe(hint: Any) -> str:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (Union, types.UnionType):
+        return " or ".join(_describe(a) for a in args)
+    if origin in (list, tuple) and args:
+        return f"a list of {_describe(args[0]).removeprefix('a ').removeprefix('an ')}s"
+    return NAMES.get(origin or hint, str(hint))
+
+
+def check_values(section: str, cls: type, values: dict[str, Any]) -> None:
+    """Raise ValueError naming the first key of `values` whose value has the wrong type or range for `cls`."""
+    hints = typing.get_type_hints(cls)
+    own = {f.name for f in dataclasses.fields(cls)}
+    for key, value in values.items():
+        if key not in own:
+            continue
+        name = f"{section}.{key}"
+        if not matches(value, hints[key]):
+            raise ValueError(f"{name} must be {_describe(hints[key])}, got {value!r}")
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if name in POSITIVE and not value > 0 or name in NON_NEGATIVE and not value >= 0:
+                raise ValueError(f"{name} must be {'> 0' if name in POSITIVE else '>= 0'}, got {value!r}")
+
+
+def check_sources(entries: Any) -> None:
+    """data.train: a list of {path, weight > 0, holdout in [0, 1)} mappings."""
+    if not isinstance(entries, list) or not entries:
+        raise ValueError(f"data.train must be a non-empty list of {{path: ..., weight: ...}}, got {entries!r}")
+    for entry in entries:
+        if not isinstance(entry, dict) or not isinstance(entry.get("path"), str):
+            raise ValueError(f"data.train entries are {{path: <folder or synth>, weight: <share>}}, got {entry!r}")
+        unknown = sorted(set(entry) - {"path", "weight", "holdout"})
+        if unknown:
+            raise ValueError(f"data.train entry {entry['path']}: unknown key(s) {unknown}; keys: path, weight, "
+                             "holdout")
+        weight, holdout = entry.get("weight", 1.0), entry.get("holdout", 0.0)
+        if not matches(weight, float) or not weight > 0:
+            raise ValueError(f"data.train entry {entry['path']}: weight must be a number > 0, got {weight!r}")
+        if not matches(holdout, float) or not 0 <= holdout < 1:
+            raise ValueError(f"data.train entry {entry['path']}: holdout must be in [0, 1), got {holdout!r}")

@@ -1,0 +1,47 @@
+"""Experiment configs: a wrong value is one line naming its key, before anything is built."""
+
+import pytest
+
+from clip4str.train.checks import matches
+from clip4str.train.config import load_config
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ("train.max_steps=abc", "train.max_steps must be an integer, got 'abc'"),
+    ("train.max_steps=-5", "train.max_steps must be > 0"),
+    ("train.accumulate_grad_batches=0", "train.accumulate_grad_batches must be > 0"),
+    ("train.threads=abc", "train.threads must be an integer or null"),
+    ("train.compile_encoder='false'", "train.compile_encoder must be true or false"),
+    ("data.batch_size=0", "data.batch_size must be > 0"),
+    ("data.num_workers=-1", "data.num_workers must be >= 0"),
+    ("data.fonts=/usr/share/fonts", "data.fonts must be a list of strings or null"),
+    ("data.train=[{path: synth, weight: 0}]", "weight must be a number > 0"),
+    ("data.train=[{path: synth, holdout: 1}]", "holdout must be in [0, 1)"),
+    ("data.train=[{path: synth, wieght: 1}]", "unknown key(s) ['wieght']"),
+    ("model.init=5", "model.init must be a string"),
+    ("model.decoder_depth=abc", "model.decoder_depth must be an integer"),
+    ("model.image_mean=[1, 2, x]", "model.image_mean must be a list of numbers"),
+    ("train.max_steps.x=1", "train.max_steps must be an integer, got {"),
+])
+def test_a_wrong_value_is_named(override, message):
+    with pytest.raises(ValueError) as err:
+        load_config(None, [override])
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_bad_yaml_and_sections_that_are_not_mappings(tmp_path):
+    (tmp_path / "a.yaml").write_text("model:\n  bad: [unclosed\n")
+    with pytest.raises(ValueError, match="a.yaml is not valid YAML"):
+        load_config(tmp_path / "a.yaml")
+    (tmp_path / "b.yaml").write_text("model: [1, 2]\n")
+    with pytest.raises(ValueError, match="section 'model' must be a mapping"):
+        load_config(tmp_path / "b.yaml")
+    (tmp_path / "c.yaml").write_text("train:\n")  # an empty section takes overrides
+    assert load_config(tmp_path / "c.yaml", ["train.max_steps=2"]).train.max_steps == 2
+
+
+def test_good_values_pass():
+    cfg = load_config(None, ["train.max_minutes=1.5", "train.threads=null", "data.val=[a, b]", "train.devices=auto",
+                             "model.clip={vision_cfg: {image_size: [32, 160]}}"])
+    assert cfg.train.max_minutes == 1.5 and cfg.data.val == ["a", "b"] and cfg.train.devices == "auto"
+    assert matches(3, float) and not matches(True, int) and matches([1, 2.5], tuple[float, ...])

@@ -487,3 +487,24 @@ def test_gradients_are_clipped_before_the_fused_optimizer_steps():
     system.on_before_optimizer_step(opt)
     norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in system.parameters() if p.grad is not None]))
     assert float(norm) == pytest.approx(0.5, rel=1e-4)
+
+
+def test_resuming_with_another_model_or_schedule_is_refused_before_any_work(tmp_path, folder):
+    from clip4str.train.resume import check_resumable
+
+    cfg = load_config(_config(tmp_path, folder, max_steps=40))
+    model = build_model(cfg)
+    ckpt = {"state_dict": {f"model.{k}": v for k, v in model.state_dict().items()}, "global_step": 3,
+            "lr_schedulers": [{"total_steps": 40, "last_epoch": 3}]}
+    check_resumable(ckpt, model, cfg.train, Path("last.ckpt"))  # the same model and schedule
+    with pytest.raises(ValueError, match="ends at step 40, not train.max_steps=80"):
+        check_resumable(ckpt, model, load_config(_config(tmp_path, folder, max_steps=80)).train, Path("last.ckpt"))
+    with pytest.raises(ValueError, match="not a time budget"):
+        check_resumable(ckpt, model, load_config(_config(tmp_path, folder, max_minutes=5)).train, Path("last.ckpt"))
+    budget = {**ckpt, "lr_schedulers": [{"base_lrs": [0.1], "last_epoch": 3}]}
+    with pytest.raises(ValueError, match="time budget"):
+        check_resumable(budget, model, cfg.train, Path("last.ckpt"))
+    other = build_model(load_config(_config(tmp_path, folder), ["model.decoder_depth=2"]))
+    with pytest.raises(ValueError, match="does not fit this model") as err:
+        check_resumable(ckpt, other, cfg.train, Path("last.ckpt"))
+    assert "\n" not in str(err.value)

@@ -115,6 +115,13 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> CLIP4STR
 
 def load_exact(module: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
     """Load a state dict that must match `module` key for key and shape for shape."""
+    check_fits(module, state, source)
+    expected = module.state_dict()
+    module.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()})
+
+
+def check_fits(module: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Raise ValueError unless `state` matches `module`'s state dict key for key and shape for shape."""
     expected = module.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
@@ -123,7 +130,6 @@ def load_exact(module: torch.nn.Module, state: dict[str, torch.Tensor], source: 
         parts = [f"{name}: {', '.join(keys[:5])}{' ...' if len(keys) > 5 else ''}"
                  for name, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)) if keys]
         raise ValueError(f"{source} does not fit this model ({'; '.join(parts)})")
-    module.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()})
 
 
 # -- CLIP weights from local files ------------------------------------------------------------------------

@@ -22,6 +22,7 @@ from clip4str.model.config import ModelConfig
 from clip4str.train.budget import TimeBudget
 from clip4str.train.callbacks import ResumableCheckpoint
 from clip4str.train.config import TrainConfig
+from clip4str.train.resume import check_resumable, read_training_checkpoint
 from clip4str.train.system import STRSystem
 from clip4str.weights import (
     CONFIG_NAME,
@@ -180,7 +181,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path | None:
     if resume:
         if not last.is_file():
             raise FileNotFoundError(f"--resume: no checkpoint at {last}; start without --resume")
-        read_training_checkpoint(last)  # a truncated or foreign file stops here, before any work
+        ckpt = read_training_checkpoint(last)  # a truncated or foreign file stops here, before any work
     elif last.is_file():
         raise FileExistsError(f"{out} already holds a run (last.ckpt); pass --resume to continue it or choose "
                               "another train.out_dir")
@@ -188,6 +189,9 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path | None:
         torch.set_num_threads(t.threads)
     L.seed_everything(t.seed, workers=True, verbose=False)
     model = build_model(cfg, init=not resume)
+    if resume:
+        check_resumable(ckpt, model, t, last)
+        del ckpt  # Lightning reads the file itself
     dm = build_datamodule(cfg, model)
     out.mkdir(parents=True, exist_ok=True)
     run_id = len(list(out.glob("logs/run-*")))
@@ -237,19 +241,6 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path | None:
     final = save_checkpoint(model, out / "final", provenance, force=True)  # the run's own output
     plot_history(out)
     return final
-
-
-def read_training_checkpoint(path: Path) -> dict:
-    """A run's last.ckpt read without running code from it (tensors and plain containers only)."""
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict) or "global_step" not in ckpt:
-            raise ValueError("no state_dict or global_step in it")
-    except Exception as e:  # a truncated, foreign or hostile file: name it instead of a pickle traceback
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ValueError(f"{path} is not a readable training checkpoint ({type(e).__name__}: {reason}); "
-                         "resume from an earlier copy or train again") from e
-    return ckpt
 
 
 def export_last(cfg: TrainConfig, dest: str | Path, dtype: torch.dtype | None = None, force: bool = False) -> Path:

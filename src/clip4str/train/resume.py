@@ -1,0 +1,45 @@
+"""Resuming a run: its last.ckpt read without running code from it, and checked against the config before any
+work."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from clip4str.model import CLIP4STR
+from clip4str.train.config import TrainSection
+from clip4str.weights import check_fits
+
+
+def check_resumable(ckpt: dict, model: CLIP4STR, t: TrainSection, path: Path) -> None:
+    """Refuse, before any work, to resume a run whose last.ckpt holds another model or another schedule: Lightning
+    would stop with a long traceback, or at the old schedule's last step."""
+    state = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
+    check_fits(model, state, f"{path} (resumed with this config's model)")
+    schedulers = ckpt.get("lr_schedulers") or [{}]
+    total = schedulers[0].get("total_steps") if isinstance(schedulers[0], dict) else None
+    if t.max_minutes is None and total is None:
+        raise ValueError(f"{path} was trained with a time budget (train.max_minutes); resume it with the same "
+                         "train.max_minutes")
+    if t.max_minutes is not None and total is not None:
+        raise ValueError(f"{path} was trained with a schedule of {total} steps, not a time budget; resume it "
+                         "without train.max_minutes")
+    if total is not None and total != t.max_steps:
+        raise ValueError(f"{path}'s schedule ends at step {total}, not train.max_steps={t.max_steps}: a schedule "
+                         f"is fixed when a run starts; resume with train.max_steps={total} or start a new run")
+
+
+def read_training_checkpoint(path: Path) -> dict:
+    """A run's last.ckpt read without running code from it (tensors and plain containers only)."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict) or "global_step" not in ckpt:
+            raise ValueError("no state_dict or global_step in it")
+    except Exception as e:  # a truncated, foreign or hostile file: name it instead of a pickle traceback
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if reason.startswith("Weights only load failed"):  # not torch's advice to unpickle an untrusted file
+            reason = "it holds objects other than tensors and plain containers"
+        raise ValueError(f"{path} is not a readable training checkpoint ({type(e).__name__}: {reason}); "
+                         "resume from an earlier copy or train again") from e
+    return ckpt

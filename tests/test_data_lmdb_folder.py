@@ -186,3 +186,11 @@ def test_collate_drops_failed_samples():
     import torch
     images, labels = collate([None, (torch.zeros(3, 2, 2), "a"), None])
     assert images.shape == (1, 3, 2, 2) and labels == ["a"]
+
+
+def test_nothing_to_write_is_an_error_not_an_empty_database(tmp_path):
+    with pytest.raises(ValueError, match="no sample to write.*1 skipped: a: not a decodable image"):
+        write_lmdb([("a", b"junk", "x")], tmp_path / "db")
+    with pytest.raises(ValueError, match="none were given"):
+        write_lmdb([], tmp_path / "db")
+    assert not (tmp_path / "db").exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]

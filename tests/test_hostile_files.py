@@ -144,3 +144,13 @@ def test_writing_a_model_never_mixes_kinds_or_replaces_one_without_force(tmp_pat
         save_checkpoint(model, tmp_path / "file")
     assert save_checkpoint(model, ckpt, force=True) == ckpt
     load_model(ckpt)
+
+
+def test_data_commands_refuse_counts_below_one_and_a_grid_without_an_image_suffix(tmp_path, capsys):
+    for args in (["data", "synth", str(tmp_path / "s"), "--count", "0"],
+                 ["data", "inspect", str(tmp_path), "--samples", "0"],
+                 ["data", "inspect", str(tmp_path), "--grid-count", "-1"]):
+        with pytest.raises(SystemExit):
+            main(args)
+    assert main(["data", "inspect", str(tmp_path), "--grid", str(tmp_path / "sheet")]) == 2
+    assert "give a .png" in capsys.readouterr().err

@@ -14,7 +14,7 @@ from tqdm import tqdm
 
 from clip4str import commands
 from clip4str.charset import CHARSETS
-from clip4str.data.cli import add_data_commands
+from clip4str.data.cli import add_data_commands, positive_int
 from clip4str.evaluate import collect_benchmarks, format_table, run_benchmarks
 from clip4str.reading import MAX_WINDOWS, BaseRecognizer
 
@@ -137,14 +137,6 @@ def cmd_test(args: argparse.Namespace) -> int:
         print(f"\n{ms:.1f} ms/image (batch {args.batch_size}, {backend} backend, {args.device}, "
               f"{rec.precision})")
     return 0
-
-
-def positive_int(text: str) -> int:
-    """argparse type: an integer >= 1."""
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
 
 
 def refine_count(text: str) -> int:

@@ -73,8 +73,18 @@ def contact_sheet(items: list[tuple[Image.Image, str]], columns: int = 4,
     return sheet
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def cmd_inspect(args: argparse.Namespace) -> int:
     """Count, label lengths, charset coverage, samples, optional contact sheet."""
+    if args.grid and args.grid.suffix.lower() not in {".png", ".jpg", ".jpeg", ".webp"}:
+        raise ValueError(f"--grid {args.grid}: give a .png (or .jpg, .webp) file name")
     data = open_labelled(args.path, None)
     labels = dataset_labels(data)
     charset = resolve_charset(args.charset)
@@ -117,13 +127,13 @@ def add_data_commands(sub: argparse._SubParsersAction) -> None:
     ins = data.add_parser("inspect", help="count, label lengths, charset coverage and samples of a dataset")
     ins.add_argument("path", type=Path, help="LMDB root or folder with labels.tsv")
     ins.add_argument("--charset", default="94", help="charset to check coverage against (36|62|94|string|file)")
-    ins.add_argument("--samples", type=int, default=12)
+    ins.add_argument("--samples", type=positive_int, default=12)
     ins.add_argument("--grid", type=Path, help="save a contact sheet PNG of samples with labels")
-    ins.add_argument("--grid-count", type=int, default=48)
+    ins.add_argument("--grid-count", type=positive_int, default=48)
     ins.set_defaults(func=cmd_inspect)
     sy = data.add_parser("synth", help="render synthetic word images into an LMDB")
     sy.add_argument("out", type=Path)
-    sy.add_argument("--count", type=int, required=True)
+    sy.add_argument("--count", type=positive_int, required=True)
     sy.add_argument("--seed", type=int, default=0)
     sy.add_argument("--charset", default=CHARSETS["94"])
     sy.add_argument("--fonts", nargs="+", help="font folders (default: system font folders, $CLIP4STR_FONTS)")

@@ -208,6 +208,9 @@ def write_lmdb(samples: Iterable[tuple[str | bytes, str, str]], out: str | Path,
             if report.written % 1000 == 0:
                 txn.commit()
                 txn = env.begin(write=True)
+        if not report.written:
+            reasons = "; ".join(f"{name}: {why}" for name, why in report.skipped[:3]) or "none were given"
+            raise ValueError(f"no sample to write to {str(out)!r} ({len(report.skipped)} skipped: {reasons})")
         txn.put(b"num-samples", str(report.written).encode())
         txn.commit()
     except BaseException:

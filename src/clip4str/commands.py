@@ -98,6 +98,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from clip4str.train.run import export_last, train
 
     cfg = load_config(args.config, args.overrides)
+    if (args.half or args.force) and not args.export_last:
+        raise ValueError("--half and --force go with --export-last DEST (they say how to write the export)")
     if args.export_last:
         import torch
 

@@ -178,6 +178,8 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path | None:
     t, d = cfg.train, cfg.data
     out = Path(t.out_dir)
     last = out / "last.ckpt"
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"train.out_dir {str(out)!r} is a file; give a folder for the run")
     if resume:
         if not last.is_file():
             raise FileNotFoundError(f"--resume: no checkpoint at {last}; start without --resume")

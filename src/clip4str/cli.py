@@ -288,13 +288,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `clip4str` console script."""
     args = build_parser().parse_args(argv)
-    # A skipped sample's warning is one line for the user, not the source line that raised it.
-    warnings.formatwarning = lambda message, category, *rest, **kw: f"warning: {message}\n"
     # File names are bytes to the OS: one that is not UTF-8 passes through as it is, instead of ending the run.
     for stream, errors in ((sys.stdin, "surrogateescape"), (sys.stdout, "surrogateescape"),
                            (sys.stderr, "backslashreplace")):
         if hasattr(stream, "reconfigure"):
             stream.reconfigure(errors=errors)
+    # A skipped sample's warning is one line for the user, not the source line that raised it.
+    formatwarning, warnings.formatwarning = warnings.formatwarning, lambda message, *rest, **kw: f"warning: {message}\n"
     try:
         return args.func(args)
     except (OSError, ValueError) as e:  # missing, unreadable or odd files and values: one line, not a traceback
@@ -306,6 +306,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: `clip4str {args.command}` needs {e.name}, which comes with PyTorch's extra: {TORCH_EXTRA}",
               file=sys.stderr)
         return 2
+    finally:
+        warnings.formatwarning = formatwarning
 
 
 if __name__ == "__main__":

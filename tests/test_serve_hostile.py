@@ -62,21 +62,28 @@ def _rss_mb(pid: int) -> float:
     raise AssertionError("no VmRSS")
 
 
-@pytest.fixture(scope="module")
-def server():
+def _start_server(*options: str) -> tuple[int, subprocess.Popen]:
+    """`clip4str serve` on a free port, once it answers /healthz."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "clip4str.cli", "serve", "--port", str(port)],
+    proc = subprocess.Popen([sys.executable, "-m", "clip4str.cli", "serve", "--port", str(port), *options],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     for _ in range(300):
         try:
             urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1)
-            break
+            return port, proc
         except OSError:
             if proc.poll() is not None:
                 pytest.fail(f"server exited: {proc.stderr.read().decode()[-2000:]}")
             time.sleep(0.2)
+    proc.terminate()
+    pytest.fail("the server did not answer /healthz within a minute")
+
+
+@pytest.fixture(scope="module")
+def server():
+    port, proc = _start_server()
     yield port, proc.pid
     proc.terminate()
     proc.wait(timeout=30)
@@ -190,22 +197,10 @@ def _held(sock: socket.socket) -> bool:
 
 
 def test_idle_and_slow_connections_are_closed_and_json_floods_refused_cheaply():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "clip4str.cli", "serve", "--port", str(port), "--backend", "onnx",
-                             "--max-connections", "20", "--header-timeout", "1", "--body-timeout", "2"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    port, proc = _start_server("--backend", "onnx", "--max-connections", "20", "--header-timeout", "1",
+                               "--body-timeout", "2")
     sockets = []
     try:
-        for _ in range(300):
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1)
-                break
-            except OSError:
-                if proc.poll() is not None:
-                    pytest.fail(f"server exited: {proc.stderr.read().decode()[-2000:]}")
-                time.sleep(0.2)
         trickle = socket.create_connection(("127.0.0.1", port))
         slow_body = socket.create_connection(("127.0.0.1", port))
         slow_body.sendall(b"POST /v1/read HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"

@@ -22,6 +22,10 @@ from clip4str.train.config import load_config
     ("model.decoder_depth=abc", "model.decoder_depth must be an integer"),
     ("model.image_mean=[1, 2, x]", "model.image_mean must be a list of numbers"),
     ("train.max_steps.x=1", "train.max_steps must be an integer, got {"),
+    ("train.precision=16", "train.precision must be a string, got 16 (write it in quotes"),
+    ("train.warmup_pct=1.5", "train.warmup_pct must be in [0, 1]"),
+    ("model.dropout=2", "model.dropout must be in [0, 1]"),
+    ("model.decoder_heads=0", "model.decoder_heads must be > 0"),
 ])
 def test_a_wrong_value_is_named(override, message):
     with pytest.raises(ValueError) as err:
@@ -42,6 +46,8 @@ def test_bad_yaml_and_sections_that_are_not_mappings(tmp_path):
 
 def test_good_values_pass():
     cfg = load_config(None, ["train.max_minutes=1.5", "train.threads=null", "data.val=[a, b]", "train.devices=auto",
-                             "model.clip={vision_cfg: {image_size: [32, 160]}}"])
+                             "model.clip={vision_cfg: {image_size: [32, 160]}}", "train.base_lr=1e-3"])
     assert cfg.train.max_minutes == 1.5 and cfg.data.val == ["a", "b"] and cfg.train.devices == "auto"
+    assert cfg.train.base_lr == 1e-3  # YAML 1.1 reads 1e-3 (no dot) as a string
+    assert load_config(None, ["train.devices=[0, 1]"]).train.devices == [0, 1]
     assert matches(3, float) and not matches(True, int) and matches([1, 2.5], tuple[float, ...])

@@ -5,6 +5,7 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -16,6 +17,7 @@ from clip4str.onnx_backend import OnnxRecognizer, default_onnx_model_path
 from clip4str.weights import load_model, save_checkpoint
 from conftest import render_word
 
+HELLO = Path(__file__).resolve().parents[1] / "examples" / "hello.png"
 CLI = [sys.executable, "-c", "import sys; from clip4str.cli import main; sys.exit(main())"]
 
 
@@ -60,8 +62,9 @@ def test_an_image_of_thousands_of_windows_is_refused_not_read_for_minutes(tmp_pa
     out, err = capsys.readouterr()
     assert "wide.png: image of 20000x1 pixels is" in err and "--max-windows" in err
     assert out.splitlines()[1].startswith(f"{tmp_path / 'ok.png'}\t")
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as exit_:
         main([*args, "--max-windows", "0"])
+    assert exit_.value.code == 2
 
 
 def test_test_refuses_a_csv_folder_and_a_set_with_nothing_to_score(tmp_path, capsys):
@@ -134,6 +137,9 @@ def test_writing_a_model_never_mixes_kinds_or_replaces_one_without_force(tmp_pat
     shutil.copytree(default_onnx_model_path(), export)
     assert main(["export", "onnx", "--out", str(export)]) == 2
     assert "--force" in capsys.readouterr().err
+    (export / "stale.onnx").write_bytes(b"a graph of an earlier export")
+    assert main(["export", "onnx", "--out", str(export), "--force"]) == 0
+    assert not (export / "stale.onnx").exists() and OnnxRecognizer(export).read(HELLO)[0].text == "hello"
     model = load_model(ckpt)
     with pytest.raises(FileExistsError, match="another kind of model"):
         save_checkpoint(model, export, force=True)
@@ -150,7 +156,19 @@ def test_data_commands_refuse_counts_below_one_and_a_grid_without_an_image_suffi
     for args in (["data", "synth", str(tmp_path / "s"), "--count", "0"],
                  ["data", "inspect", str(tmp_path), "--samples", "0"],
                  ["data", "inspect", str(tmp_path), "--grid-count", "-1"]):
-        with pytest.raises(SystemExit):
+        with pytest.raises(SystemExit) as exit_:
             main(args)
+        assert exit_.value.code == 2 and "must be at least 1" in capsys.readouterr().err
     assert main(["data", "inspect", str(tmp_path), "--grid", str(tmp_path / "sheet")]) == 2
     assert "give a .png" in capsys.readouterr().err
+
+
+def test_globs_match_as_glob_does_without_following_links(tmp_path):
+    (tmp_path / "imgs" / "sub").mkdir(parents=True)
+    for name in ("imgs/a.png", "imgs/sub/b.png", "imgs/._a.png", "imgs/.hidden.png"):
+        render_word("x").save(tmp_path / name)
+    found = [os.path.relpath(p, tmp_path) for p in expand_inputs([str(tmp_path / "imgs" / "**")])]
+    assert found == ["imgs/a.png", "imgs/sub/b.png"]
+    assert [os.path.relpath(p, tmp_path) for p in expand_inputs([str(tmp_path / "imgs" / "*.png")])] == ["imgs/a.png"]
+    assert [os.path.relpath(p, tmp_path) for p in expand_inputs([str(tmp_path / "imgs" / ".h*")])] == \
+        ["imgs/.hidden.png"]

@@ -128,3 +128,21 @@ def test_page_is_self_contained(served):
     html = client.get("/").text
     assert "<script>" in html and "/v1/read" in html
     assert "http://" not in html and "https://" not in html  # no CDN or other external resource
+
+
+def test_the_server_reads_every_image_it_accepts_whatever_its_window_limit():
+    from PIL import Image
+
+    from clip4str.onnx_backend import OnnxRecognizer
+
+    rec = OnnxRecognizer()
+    wide = Image.new("RGB", (70 * 8 * 32, 32), "white")  # more windows than read()'s default limit of 64
+    buf = io.BytesIO()
+    wide.save(buf, "PNG")
+    app = create_app(rec, max_windows=1000, max_request_windows=1000, max_queue_windows=1000)
+    seen = []
+    read = rec.read
+    rec.read = lambda images, **options: seen.append(options["max_windows"]) or read(images, **options)
+    with TestClient(app) as client:
+        response = client.post("/v1/read", files=[("files", ("wide.png", buf.getvalue(), "image/png"))])
+    assert response.status_code == 200 and seen == [1000]

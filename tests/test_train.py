@@ -501,9 +501,11 @@ def test_resuming_with_another_model_or_schedule_is_refused_before_any_work(tmp_
         check_resumable(ckpt, model, load_config(_config(tmp_path, folder, max_steps=80)).train, Path("last.ckpt"))
     with pytest.raises(ValueError, match="not a time budget"):
         check_resumable(ckpt, model, load_config(_config(tmp_path, folder, max_minutes=5)).train, Path("last.ckpt"))
-    budget = {**ckpt, "lr_schedulers": [{"base_lrs": [0.1], "last_epoch": 3}]}
+    budget = {**ckpt, "lr_schedulers": [{"base_lrs": [0.1], "last_epoch": 3, "lr_lambdas": [None]}]}
     with pytest.raises(ValueError, match="time budget"):
         check_resumable(budget, model, cfg.train, Path("last.ckpt"))
+    swa = {**ckpt, "lr_schedulers": [{"base_lrs": [0.1], "last_epoch": 3, "anneal_epochs": 10}]}
+    check_resumable(swa, model, cfg.train, Path("last.ckpt"))
     other = build_model(load_config(_config(tmp_path, folder), ["model.decoder_depth=2"]))
     with pytest.raises(ValueError, match="does not fit this model") as err:
         check_resumable(ckpt, other, cfg.train, Path("last.ckpt"))

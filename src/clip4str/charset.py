@@ -5,7 +5,7 @@ from __future__ import annotations
 import string
 import unicodedata
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from itertools import pairwise
 from pathlib import Path
@@ -210,3 +210,18 @@ def caption_updates(passes: Sequence[Sequence[str]]) -> tuple[list[str], list[li
     for old, new in pairwise(passes):
         rows.append([i for i, (a, b) in enumerate(zip(new, old, strict=True)) if a != b])
     return [passes[k][i] for k, ids in enumerate(rows) for i in ids], rows
+
+
+def pass_memories(first: Any, text: Any, rows: list[list[int]], width: int, copy: Callable[[Any], Any]) -> list:
+    """One cross memory per caption pass (either backend's arrays), from the first pass's and `caption_updates`'
+    rows: each later pass copies the one before and writes its changed rows' text features (from `text`, after
+    the first pass's rows) after the `width` image tokens; a pass that changed nothing gets the same object."""
+    memories, start = [first], len(rows[0])
+    for changed in rows[1:]:
+        memory = memories[-1]
+        if changed:
+            memory = copy(memory)
+            memory[changed, width:] = text[start:start + len(changed)]
+            start += len(changed)
+        memories.append(memory)
+    return memories

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import glob
 import importlib.util
 import json
 import sys
@@ -16,37 +15,10 @@ from clip4str import commands
 from clip4str.charset import CHARSETS
 from clip4str.data.cli import add_data_commands, positive_int
 from clip4str.evaluate import collect_benchmarks, format_table, run_benchmarks
+from clip4str.inputs import expand_inputs
 from clip4str.reading import MAX_WINDOWS, BaseRecognizer
 
 # PyTorch is imported only by the commands that need it: reading with the ONNX backend runs without it.
-
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
-
-
-def expand_inputs(specs: list[str]) -> list[str]:
-    """Files, folders (their images, sorted), globs, and '-' (paths read from stdin), in order."""
-    out: list[str] = []
-    for spec in specs:
-        if spec == "-":
-            out.extend(line.strip() for line in sys.stdin if line.strip())
-        elif Path(spec).is_dir():
-            out.extend(str(p) for p in sorted(Path(spec).rglob("*")) if p.suffix.lower() in IMAGE_SUFFIXES)
-        elif not Path(spec).exists() and glob.has_magic(spec):  # an existing 'word[1].png' is a file name
-            matches = glob_files(spec)
-            if not matches:
-                raise FileNotFoundError(f"no file matches {spec!r}")
-            out.extend(matches)
-        else:
-            out.append(spec)  # a missing file becomes an error entry of its own
-    return out
-
-
-def glob_files(pattern: str) -> list[str]:
-    """Files matching a glob, sorted; '**' does not descend into linked folders (a link loop would never end)."""
-    parts = Path(pattern).parts
-    fixed = next(i for i, part in enumerate(parts) if glob.has_magic(part))
-    base = Path(*parts[:fixed]) if fixed else Path()
-    return sorted(str(p) for p in base.glob(str(Path(*parts[fixed:]))) if p.is_file())
 
 TORCH_EXTRA = "pip install 'clip4str[torch]'"
 # Packages of the [torch] extra: a command that imports one of them without it installed says what to install.

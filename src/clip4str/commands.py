@@ -117,13 +117,12 @@ def cmd_export_onnx(args: argparse.Namespace) -> int:
     import numpy as np
 
     from clip4str.bench import word_image
+    from clip4str.destinations import check_onnx_destination
     from clip4str.export import export_onnx
     from clip4str.inference import default_model_path
     from clip4str.onnx_backend import OnnxRecognizer
-    from clip4str.weights import WEIGHTS_NAME, check_destination
 
-    # Checked before any work, as export_onnx checks it again.
-    check_destination(args.out, ("*.onnx", "config.json"), (WEIGHTS_NAME,), "ONNX export", args.force)
+    check_onnx_destination(args.out, args.force)  # before any work (export_onnx checks it again)
     rec = _recognizer(args, "export")
     source = (args.model or default_model_path()) / "model.safetensors"
     digest = hashlib.sha256(source.read_bytes()).hexdigest() if source.is_file() else None
@@ -143,9 +142,10 @@ def cmd_convert(args: argparse.Namespace) -> int:
     """An authors' checkpoint -> our format (safetensors + JSON config), reporting unused source keys."""
     from clip4str.charset import resolve_charset
     from clip4str.convert import architecture_name, load_authors_checkpoint
-    from clip4str.weights import CONFIG_NAME, WEIGHTS_NAME, check_destination, save_checkpoint
+    from clip4str.destinations import check_checkpoint_destination
+    from clip4str.weights import save_checkpoint
 
-    check_destination(args.out, (CONFIG_NAME, WEIGHTS_NAME), ("*.onnx",), "checkpoint", args.force)  # before work
+    check_checkpoint_destination(args.out, args.force)  # before any work
     model, report = load_authors_checkpoint(args.src, resolve_charset(args.charset) if args.charset else None)
     cfg = model.config
     v = cfg.clip["vision_cfg"]

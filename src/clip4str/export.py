@@ -16,10 +16,10 @@ import torch
 from torch import nn
 
 from clip4str.bpe import VOCAB_NAME
+from clip4str.destinations import check_onnx_destination
 from clip4str.model import CLIP4STR
 from clip4str.model.decoder import Decoder
 from clip4str.onnx_backend import CROSS_DECODER, CTC_HEAD, IMAGE_DECODER, IMAGE_ENCODER, TEXT_ENCODER
-from clip4str.weights import WEIGHTS_NAME, check_destination
 
 ONNX_FORMAT = "clip4str-onnx-v1"
 
@@ -117,8 +117,10 @@ def export_onnx(model: CLIP4STR, out_dir: str | Path, fp16_weights: bool = False
     weights file exported, recorded so that a stale export can be told from a current one. A folder holding an
     export already is replaced only with `force`; one holding a PyTorch checkpoint never."""
     out = Path(out_dir)
-    check_destination(out, ("*.onnx", "config.json"), (WEIGHTS_NAME,), "ONNX export", force)
+    check_onnx_destination(out, force)
     out.mkdir(parents=True, exist_ok=True)
+    for stale in out.glob("*.onnx"):  # a graph the new model lacks (a CTC head) must not outlive the export
+        stale.unlink()
     model = model.float().eval()
     cfg = model.config
     h, w = cfg.image_size

@@ -16,7 +16,7 @@ import numpy as np
 
 from clip4str.bpe import VOCAB_NAME, BPETokenizer
 from clip4str.cascade import confident_rows
-from clip4str.charset import CharsetAdapter, Tokenizer, caption_updates
+from clip4str.charset import CharsetAdapter, Tokenizer, caption_updates, pass_memories
 from clip4str.data.transforms import ImageInput, preprocess_array
 from clip4str.draft import ctc_drafts, settle
 from clip4str.reading import BaseRecognizer, ReadResult
@@ -128,16 +128,8 @@ class OnnxRecognizer(BaseRecognizer):
         """As `CLIP4STR.cross_memories`: one text-encoder run for the first pass and every caption changed later."""
         texts, rows = caption_updates(passes)
         text = self.text_encoder.run(None, {"token_ids": self.bpe(texts, self.cfg["text_context_length"])})[0]
-        memories = [np.concatenate([tokens, text[: len(rows[0])]], axis=1)]
-        start = len(rows[0])
-        for changed in rows[1:]:
-            memory = memories[-1]
-            if changed:
-                memory = memory.copy()
-                memory[changed, tokens.shape[1]:] = text[start:start + len(changed)]
-                start += len(changed)
-            memories.append(memory)
-        return memories
+        first = np.concatenate([tokens, text[: len(rows[0])]], axis=1)
+        return pass_memories(first, text, rows, tokens.shape[1], np.copy)
 
     # -- decoding (mirrors CLIP4STR.decode) ------------------------------------------------------------------
     def _first_pass(self, decoder, memory: np.ndarray, steps: int, mode: str, early_exit: bool,

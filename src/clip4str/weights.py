@@ -6,7 +6,6 @@ import json
 import re
 import zipfile
 from dataclasses import dataclass
-from fnmatch import fnmatch
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +13,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from clip4str.destinations import check_checkpoint_destination
 from clip4str.model.clip4str import CLIP4STR
 from clip4str.model.config import ModelConfig
 from clip4str.untrusted import load_untrusted
@@ -25,24 +25,6 @@ OPENAI_MARKERS = ("input_resolution", "context_length", "vocab_size")
 
 
 # -- our checkpoint format ------------------------------------------------------------------------------
-def check_destination(folder: Path, ours: tuple[str, ...], foreign: tuple[str, ...], kind: str, force: bool) -> None:
-    """Before writing a `kind` into `folder`: refuse a file, a folder holding another kind of model (files matching
-    `foreign`: the two would be one unreadable folder), and, without `force`, one that holds a `kind` already
-    (files matching `ours`)."""
-    if folder.exists() and not folder.is_dir():
-        raise FileExistsError(f"{str(folder)!r} is a file; give a folder to write the {kind} to")
-    if not folder.is_dir():
-        return
-    names = [p.name for p in folder.iterdir()]
-    other = [n for n in names if any(fnmatch(n, pattern) for pattern in foreign)]
-    if other:
-        raise FileExistsError(f"{str(folder)!r} holds {other[0]}, another kind of model; write the {kind} to "
-                              "another folder")
-    if not force and any(fnmatch(n, pattern) for n in names for pattern in ours):
-        raise FileExistsError(f"{str(folder)!r} already holds a {kind}; pass --force to replace it, or give "
-                              "another folder")
-
-
 def save_checkpoint(model: CLIP4STR, path: str | Path, provenance: dict[str, Any] | None = None,
                     dtype: torch.dtype | None = None, force: bool = False) -> Path:
     """Write `model` as a folder holding config.json and model.safetensors; returns the folder.
@@ -51,7 +33,7 @@ def save_checkpoint(model: CLIP4STR, path: str | Path, provenance: dict[str, Any
     A folder that holds a checkpoint already is replaced only with `force`; one with ONNX graphs never.
     """
     folder = Path(path)
-    check_destination(folder, (CONFIG_NAME, WEIGHTS_NAME), ("*.onnx",), "checkpoint", force)
+    check_checkpoint_destination(folder, force)
     folder.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().cpu().to(dtype if dtype is not None and v.is_floating_point() else v.dtype)
                .contiguous() for k, v in model.state_dict().items()}

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from clip4str.cascade import confident_rows
-from clip4str.charset import CharsetAdapter, DecodedText, Tokenizer, caption_updates
+from clip4str.charset import CharsetAdapter, DecodedText, Tokenizer, caption_updates, pass_memories
 from clip4str.draft import ctc_drafts
 from clip4str.model import ctc
 from clip4str.model.config import DECODE_MODES, ModelConfig
@@ -115,17 +115,8 @@ class CLIP4STR(nn.Module):
         (at small batches a batch costs little more than a row); a pass that changes nothing gets the same tensor."""
         texts, rows = caption_updates(passes)
         text = self.encode_text(texts, image_tokens.device).to(image_tokens.dtype)
-        first = image_tokens.shape[1]
-        memories = [torch.cat([image_tokens.detach(), text[: len(rows[0])]], dim=1)]
-        start = len(rows[0])
-        for changed in rows[1:]:
-            memory = memories[-1]
-            if changed:
-                memory = memory.clone()
-                memory[changed, first:] = text[start:start + len(changed)]
-                start += len(changed)
-            memories.append(memory)
-        return memories
+        first = torch.cat([image_tokens.detach(), text[: len(rows[0])]], dim=1)
+        return pass_memories(first, text, rows, image_tokens.shape[1], torch.clone)
 
     # -- training -------------------------------------------------------------------------------------
     def forward(self, images: torch.Tensor, labels: Sequence[str] | torch.Tensor, perms: torch.Tensor | None = None,

@@ -61,8 +61,8 @@ class ErrorResponse(BaseModel):
     error: str
 
 
-def _error(status: int, message: str) -> JSONResponse:
-    return JSONResponse({"error": message}, status_code=status)
+def _error(status: int, message: str, close: bool = False) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status, headers={"Connection": "close"} if close else None)
 
 
 def _decode(name: str, data: bytes, budget: list[int], windows: list[int], window_aspect: float,
@@ -125,7 +125,7 @@ def create_app(recognizer, max_batch: int = 32, max_upload_mb: float = 10.0, max
 
     def read_batch(images: list[Image.Image]) -> list:
         with model_lock:
-            return recognizer.read(images, batch_size=max_batch, **(decode_options or {}))
+            return recognizer.read(images, batch_size=max_batch, max_windows=max_windows, **(decode_options or {}))
 
     batcher = Batcher(read_batch, max_batch, max_wait_ms, max_queue_windows)
     limit = int(max_upload_mb * 2**20)
@@ -170,9 +170,10 @@ def create_app(recognizer, max_batch: int = 32, max_upload_mb: float = 10.0, max
         try:
             body = await asyncio.wait_for(_read_body(request, limit), body_seconds)
         except TimeoutError:
-            return _error(408, f"the upload did not arrive within {body_seconds:g} s; send it again")
+            # Connection: close, or the unread rest of the body would keep the connection (and its task) open.
+            return _error(408, f"the upload did not arrive within {body_seconds:g} s; send it again", close=True)
         if body is None:
-            return _error(413, f"upload over the {max_upload_mb:g} MB limit")
+            return _error(413, f"upload over the {max_upload_mb:g} MB limit", close=True)
         kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if not body:
             return _error(400, "no images in the request (empty body); send multipart files or JSON images")

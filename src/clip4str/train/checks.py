@@ -13,8 +13,10 @@ POSITIVE = {"data.batch_size", "train.max_steps", "train.max_minutes", "train.ba
             "train.accumulate_grad_batches", "train.val_every_steps", "train.log_every_steps", "train.threads",
             "train.checkpoint_every_minutes", "train.checkpoint_every_steps", "train.grad_clip", "train.swa_lr",
             "model.max_label_length", "model.decoder_depth"}
+POSITIVE |= {"model.decoder_heads", "model.text_context_length", "model.num_permutations", "model.decoder_mlp_ratio"}
 NON_NEGATIVE = {"data.num_workers", "data.synth_val_size", "data.curriculum_images", "train.weight_decay",
-                "train.warmup_pct", "train.decoder_lr_scale", "model.refine_iters"}
+                "train.decoder_lr_scale", "model.refine_iters", "model.ctc_weight", "model.cross_loss_weight"}
+SHARES = {"train.warmup_pct", "model.dropout", "model.adapter_ratio"}  # in [0, 1]
 
 
 def matches(value: Any, hint: Any) -> bool:
@@ -55,19 +57,32 @@ def _describe(hint: Any) -> str:
     return NAMES.get(origin or hint, str(hint))
 
 
+def _number(text: str) -> float | None:
+    try:
+        return float(text)
+    except ValueError:
+        return None
+
+
 def check_values(section: str, cls: type, values: dict[str, Any]) -> None:
-    """Raise ValueError naming the first key of `values` whose value has the wrong type or range for `cls`."""
+    """Raise ValueError naming the first key of `values` whose value has the wrong type or range for `cls`;
+    numbers YAML 1.1 left as strings (`1e-3`: no dot) become floats where a float is expected."""
     hints = typing.get_type_hints(cls)
     own = {f.name for f in dataclasses.fields(cls)}
-    for key, value in values.items():
+    for key, value in list(values.items()):
         if key not in own:
             continue
-        name = f"{section}.{key}"
-        if not matches(value, hints[key]):
-            raise ValueError(f"{name} must be {_describe(hints[key])}, got {value!r}")
+        name, hint = f"{section}.{key}", hints[key]
+        if isinstance(value, str) and matches(1.5, hint) and _number(value) is not None:
+            value = values[key] = _number(value)
+        if not matches(value, hint):
+            quote = " (write it in quotes)" if matches("x", hint) and isinstance(value, (int, float)) else ""
+            raise ValueError(f"{name} must be {_describe(hint)}, got {value!r}{quote}")
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             if name in POSITIVE and not value > 0 or name in NON_NEGATIVE and not value >= 0:
                 raise ValueError(f"{name} must be {'> 0' if name in POSITIVE else '>= 0'}, got {value!r}")
+            if name in SHARES and not 0 <= value <= 1:
+                raise ValueError(f"{name} must be in [0, 1], got {value!r}")
 
 
 def check_sources(entries: Any) -> None:

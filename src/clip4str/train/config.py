@@ -56,7 +56,7 @@ class TrainSection:
     swa_lr: float | None = None
     precision: str = "bf16-mixed"
     accelerator: str = "auto"
-    devices: int | str = 1
+    devices: int | str | list[int] = 1  # a count, 'auto', or the GPU ids
     num_nodes: int = 1
     strategy: str = "auto"
     accumulate_grad_batches: int = 1

@@ -15,6 +15,7 @@ import yaml
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
 from clip4str.data.datamodule import Source, STRDataModule
+from clip4str.destinations import check_checkpoint_destination
 from clip4str.factory import create_model, create_model_from_imagenet_vit
 from clip4str.inference import default_model_path
 from clip4str.model import CLIP4STR
@@ -26,9 +27,7 @@ from clip4str.train.resume import check_resumable, read_training_checkpoint
 from clip4str.train.system import STRSystem
 from clip4str.weights import (
     CONFIG_NAME,
-    WEIGHTS_NAME,
     add_identity_blocks,
-    check_destination,
     fit_positions,
     load_exact,
     model_config,
@@ -248,7 +247,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path | None:
 def export_last(cfg: TrainConfig, dest: str | Path, dtype: torch.dtype | None = None, force: bool = False) -> Path:
     """Write the model of the run's last.ckpt as a checkpoint folder (e.g. a run stopped before max_steps); a
     folder holding a checkpoint already is replaced only with `force`."""
-    check_destination(Path(dest), (CONFIG_NAME, WEIGHTS_NAME), ("*.onnx",), "checkpoint", force)
+    check_checkpoint_destination(Path(dest), force)
     last = Path(cfg.train.out_dir) / "last.ckpt"
     if not last.is_file():
         raise FileNotFoundError(f"no checkpoint at {last}: train first (train.out_dir of this config)")

@@ -1,0 +1,36 @@
+"""Where a model may be written: never over the other kind of model, and over its own kind only when asked."""
+
+from __future__ import annotations
+
+from fnmatch import fnmatch
+from pathlib import Path
+
+CHECKPOINT_FILES, ONNX_FILES = ("config.json", "model.safetensors"), ("*.onnx", "config.json")
+
+
+def check_destination(folder: Path, ours: tuple[str, ...], foreign: tuple[str, ...], kind: str, force: bool) -> None:
+    """Refuse a file, a folder holding files of another kind of model (`foreign` patterns), and, without `force`, a
+    folder holding this `kind` already (`ours` patterns)."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise FileExistsError(f"{str(folder)!r} is a file; give a folder to write the {kind} to")
+    if not folder.is_dir():
+        return
+    names = [p.name for p in folder.iterdir()]
+    other = [n for n in names if any(fnmatch(n, pattern) for pattern in foreign)]
+    if other:
+        raise FileExistsError(f"{str(folder)!r} holds {other[0]}, another kind of model; write the {kind} to "
+                              "another folder")
+    if not force and any(fnmatch(n, pattern) for n in names for pattern in ours):
+        raise FileExistsError(f"{str(folder)!r} already holds a {kind}; pass --force to replace it, or give "
+                              "another folder")
+
+
+def check_checkpoint_destination(folder: Path, force: bool) -> None:
+    """A clip4str checkpoint (config.json + model.safetensors) may be written to `folder`."""
+    check_destination(folder, CHECKPOINT_FILES, ("*.onnx",), "checkpoint", force)
+
+
+def check_onnx_destination(folder: Path, force: bool) -> None:
+    """An ONNX export (graphs + config.json) may be written to `folder`."""
+    check_destination(folder, ONNX_FILES, ("model.safetensors",), "ONNX export", force)

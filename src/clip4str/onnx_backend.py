@@ -19,6 +19,7 @@ from clip4str.cascade import confident_rows
 from clip4str.charset import CharsetAdapter, Tokenizer, caption_updates, pass_memories
 from clip4str.data.transforms import ImageInput, preprocess_array
 from clip4str.draft import ctc_drafts, settle
+from clip4str.errors import first_line
 from clip4str.reading import BaseRecognizer, ReadResult
 from clip4str.rescore import rescore_rows
 from clip4str.runaway import apply_guard, replace_rows, softmax
@@ -69,7 +70,7 @@ class OnnxRecognizer(BaseRecognizer):
         try:
             self._load(folder, providers or ["CPUExecutionProvider"], threads)
         except Exception as e:  # bad JSON, missing keys or graphs, damaged protobuf (ONNX Runtime's own types)
-            reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            reason = first_line(e, 200)
             raise ValueError(f"{str(folder)!r} is not a readable ONNX export ({type(e).__name__}: {reason}); "
                              "export it again with `clip4str export onnx`") from e
         self.window_aspect = self._default_window()

@@ -14,6 +14,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from clip4str.destinations import check_checkpoint_destination
+from clip4str.errors import first_line
 from clip4str.model.clip4str import CLIP4STR
 from clip4str.model.config import ModelConfig
 from clip4str.untrusted import load_untrusted
@@ -77,7 +78,7 @@ def model_config(doc: dict[str, Any], config_path: Path) -> ModelConfig:
     try:
         return ModelConfig.from_dict(doc["model"])
     except (TypeError, ValueError, KeyError, AttributeError) as e:
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        reason = first_line(e, 200)
         raise ValueError(f"{config_path}: the model settings are invalid ({reason}); the checkpoint is damaged "
                          "or not made by this version of clip4str") from e
 
@@ -141,7 +142,7 @@ def read_tensors(path: Path, kind: str = "CLIP checkpoint") -> tuple[dict[str, A
             return dict(torch.jit.load(str(path), map_location="cpu").state_dict()), True
         obj = load_untrusted(path)
     except Exception as e:  # torch/safetensors raise many types for a damaged file
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        reason = first_line(e)
         raise ValueError(f"{kind} {str(path)!r} could not be read ({reason}); the file is truncated or not a "
                          "PyTorch (.pt/.bin/.ckpt), TorchScript or safetensors file") from e
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):

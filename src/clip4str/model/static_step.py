@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from clip4str.errors import first_line
 from clip4str.model.decoder import KV, Decoder, additive_mask
 
 
@@ -142,7 +143,7 @@ class _CompiledStep:
         try:
             return self.step(*args)
         except torch._dynamo.exc.BackendCompilerFailed as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            first = first_line(e)
             warnings.warn(f"torch.compile could not compile the decoding step ({first[:200]}); decoding eagerly "
                           "(same results; install a C++ compiler such as g++ for compiled steps)", stacklevel=2)
             self.step = decoding_step

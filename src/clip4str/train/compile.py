@@ -9,6 +9,7 @@ import sys
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from clip4str.errors import first_line
 from clip4str.model import CLIP4STR
 from clip4str.model.towers import encode_image_tokens
 
@@ -38,7 +39,7 @@ def compile_image_encoder(model: CLIP4STR, batch_size: int, forward_context: con
             out = compiled(model.clip.visual, images)
         out.float().sum().backward()
     except Exception as e:  # noqa: BLE001 - any compiler failure means: train eagerly
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        reason = first_line(e, 200)
         print(f"train.compile_encoder: torch.compile failed on this machine ({type(e).__name__}: {reason}); "
               "training in eager mode", file=sys.stderr, flush=True)
         return False

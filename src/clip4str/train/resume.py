@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from clip4str.errors import first_line
 from clip4str.model import CLIP4STR
 from clip4str.train.config import TrainSection
 from clip4str.weights import check_fits
@@ -40,7 +41,7 @@ def read_training_checkpoint(path: Path) -> dict:
         if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict) or "global_step" not in ckpt:
             raise ValueError("no state_dict or global_step in it")
     except Exception as e:  # a truncated, foreign or hostile file: name it instead of a pickle traceback
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        reason = first_line(e)
         if reason.startswith("Weights only load failed"):  # not torch's advice to unpickle an untrusted file
             reason = "it holds objects other than tensors and plain containers"
         raise ValueError(f"{path} is not a readable training checkpoint ({type(e).__name__}: {reason}); "

@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from clip4str.charset import CHARSETS
+from clip4str.charset import CHARSETS, LabelNormalizer
 from clip4str.data.augment import OPS, RandAugment
 from clip4str.data.datamodule import Source, TrainStream
 from clip4str.data.synth import WordRenderer, WordSampler
@@ -212,3 +212,32 @@ def test_curved_text_without_glyph_width_is_an_error_not_a_division_by_zero(rend
     monkeypatch.setattr(synth, "_glyph", lambda path, size, c: (Image.new("L", (1, 20)), 0))
     with pytest.raises(ValueError, match="no width"):
         renderer._curved("abc", NoWidth(), np.random.default_rng(0))
+
+
+def test_join_real_joins_that_share_of_real_crops_with_another_of_their_source(tmp_path):
+    from clip4str.data.augment import join_horizontally
+    from clip4str.data.sources import open_labelled
+    from test_data_lmdb_folder import _folder
+
+    left, right = Image.new("RGB", (40, 20), "red"), Image.new("L", (30, 10), 255)
+    joined = np.asarray(join_horizontally(left, right))
+    assert joined.shape == (20, 100, 3) and (joined[:, :40] == (255, 0, 0)).all() and (joined[:, 40:] == 255).all()
+
+    root = _folder(tmp_path, ["ab", "cde", "fghij", "k" * 24])
+    data = open_labelled(str(root), LabelNormalizer(CHARSETS["94"], 25))
+    args = dict(batch_size=4, image_size=(32, 128), mean=(0.5,) * 3, std=(0.5,) * 3, seed=3, augment=False)
+    sources = [(Source(str(root), 1.0), data)]
+    plain, joining = TrainStream(sources, **args), TrainStream(sources, join_real=0.5, max_label_length=25, **args)
+    labels = {data[i][1] for i in range(len(data))}
+    joined_labels = []
+    for g in range(80):
+        (_, a), (_, b) = plain.sample(g), joining.sample(g)
+        if a != b:
+            assert b.startswith(a) and b[len(a):] in labels and len(b) <= 25
+            joined_labels.append(b)
+    assert 0.2 < len(joined_labels) / 80 < 0.5  # half are drawn; too long or too wide pairs stay alone
+    assert not any("k" * 24 in t for t in joined_labels)  # 24 + 2 characters would pass the limit
+    assert joining.sample(5)[1] == TrainStream(sources, join_real=0.5, max_label_length=25, **args).sample(5)[1]
+    with pytest.raises(ValueError, match="join_real"):
+        from clip4str.train.config import DataSection
+        DataSection(join_real=-0.1)

@@ -46,6 +46,17 @@ def rescale_vertically(img: Image.Image, share: float) -> Image.Image:
     return img.crop((0, cut, w, h - cut)) if cut and h - 2 * cut > 0 else img
 
 
+def join_horizontally(left: Image.Image, right: Image.Image) -> Image.Image:
+    """Two crops side by side (RGB) at the height of `left`, `right` resized with its aspect kept."""
+    left, right = left.convert("RGB"), right.convert("RGB")
+    h = left.height
+    width = max(1, int(round(right.width * h / right.height)))
+    out = Image.new("RGB", (left.width + width, h))
+    out.paste(left, (0, 0))
+    out.paste(right.resize((width, h), Image.Resampling.BILINEAR), (left.width, 0))
+    return out
+
+
 # name -> op(img, level in 0..1, rng); every level maps to the op's strength as in timm's "increasing" ops.
 OPS: dict[str, Callable[[Image.Image, float, random.Random], Image.Image]] = {
     "AutoContrast": lambda img, m, r: ImageOps.autocontrast(img),

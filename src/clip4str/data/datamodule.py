@@ -20,7 +20,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from clip4str.charset import LabelNormalizer
-from clip4str.data.augment import RandAugment, rescale_vertically
+from clip4str.data.augment import RandAugment, join_horizontally, rescale_vertically
 from clip4str.data.compat import Dataset, Subset
 from clip4str.data.sources import open_labelled
 from clip4str.data.synth import WordRenderer
@@ -31,6 +31,9 @@ PR_SET_PDEATHSIG = 1  # prctl option (linux/prctl.h)
 # `data.scale_jitter`: how far a sample's text may be rescaled vertically (share of the crop's height repeated
 # above and below, or cut), since real crops come cut loosely or tightly around their words.
 MAX_PAD, MAX_CUT = 0.25, 0.10
+# `data.join_real`: two real crops joined side by side make one longer word only up to this width:height (wider
+# crops are read in windows, not squeezed into the model's input).
+MAX_JOINED_ASPECT = 9.0
 
 
 @dataclass
@@ -113,13 +116,14 @@ class TrainStream(IterableDataset):
     which augmentation. Worker w builds batches w, w + W, ... so batches arrive in order for any worker count,
     and a resumed run continues at `start_batch` with exactly the samples an uninterrupted run would see.
     With `curriculum_images` > 0, sample g gets difficulty min(1, g / curriculum_images): synthetic words start
-    clean and gain distortions, and augmentation is applied with that probability.
+    clean and gain distortions, and augmentation is applied with that probability. With `join_real` a share of
+    the real samples are a crop joined with another crop of its source (`joined`).
     """
 
     def __init__(self, sources: list[tuple[Source, Any]], batch_size: int, image_size: tuple[int, int],
                  mean: Sequence[float], std: Sequence[float], seed: int = 0, augment: bool = True,
                  start_batch: int = 0, rank: int = 0, world: int = 1, curriculum_images: int = 0,
-                 scale_jitter: float = 0.0) -> None:
+                 scale_jitter: float = 0.0, join_real: float = 0.0, max_label_length: int = 25) -> None:
         self.sources = sources
         weights = np.array([s.weight for s, _ in sources], dtype=np.float64)
         if (weights <= 0).any() or not len(weights):
@@ -129,6 +133,7 @@ class TrainStream(IterableDataset):
         self.seed, self.start_batch, self.rank, self.world = seed, start_batch, rank, world
         self.augment = RandAugment() if augment else None
         self.curriculum_images, self.scale_jitter = curriculum_images, scale_jitter
+        self.join_real, self.max_label_length = join_real, max_label_length
 
     def sample(self, g: int) -> tuple[torch.Tensor, str] | None:
         """Global sample number g of the stream."""
@@ -144,6 +149,9 @@ class TrainStream(IterableDataset):
                 if item is None:
                     return None
                 image, label = item
+                # Drawn only when on, as scale jitter below.
+                if self.join_real and rng.random() < self.join_real:
+                    image, label = self.joined(image, label, data, rng)
             # Drawn only when on, so that streams without it stay what they were (exact resume of older runs).
             if self.scale_jitter and rng.random() < self.scale_jitter:
                 image = rescale_vertically(image, rng.uniform(-MAX_CUT, MAX_PAD))
@@ -154,6 +162,19 @@ class TrainStream(IterableDataset):
             warnings.warn(f"training sample {g} ({source.path}) failed and was skipped: {type(e).__name__}: {e}",
                           stacklevel=1)
             return None
+
+    def joined(self, image: Image.Image, label: str, data: Any, rng: np.random.Generator
+               ) -> tuple[Image.Image, str]:
+        """The crop with another crop of the same real source joined on its right, labels concatenated: real
+        textures for long words and strings no dictionary holds. The crop is kept alone when the joined label
+        would be too long, the joined crop too wide or the other crop unreadable."""
+        other = data[int(rng.integers(len(data)))]
+        if other is None or len(label) + len(other[1]) > self.max_label_length:
+            return image, label
+        right = other[0]
+        if image.width / image.height + right.width / right.height > MAX_JOINED_ASPECT:
+            return image, label
+        return join_horizontally(image, right), label + other[1]
 
     def _tensor(self, image: Image.Image) -> torch.Tensor:
         return preprocess(image, self.image_size, self.mean, self.std)[0]
@@ -192,7 +213,7 @@ class STRDataModule(L.LightningDataModule):
                  mean: Sequence[float], std: Sequence[float], batch_size: int = 64, num_workers: int = 0,
                  max_label_length: int = 25, seed: int = 0, synth_fonts: list[str] | None = None,
                  synth_backgrounds: list[str] | None = None, synth_val_size: int = 0, augment: bool = True,
-                 curriculum_images: int = 0, scale_jitter: float = 0.0) -> None:
+                 curriculum_images: int = 0, scale_jitter: float = 0.0, join_real: float = 0.0) -> None:
         super().__init__()
         self.sources, self.val_paths = sources, val_paths
         self.charset, self.image_size, self.mean, self.std = charset, tuple(image_size), mean, std
@@ -200,6 +221,7 @@ class STRDataModule(L.LightningDataModule):
             max_label_length, seed
         self.synth_fonts, self.synth_backgrounds, self.synth_val_size = synth_fonts, synth_backgrounds, synth_val_size
         self.augment, self.curriculum_images, self.scale_jitter = augment, curriculum_images, scale_jitter
+        self.join_real = join_real
         self.start_batch, self.rank, self.world = 0, 0, 1
         self._train: list[tuple[Source, Any]] | None = None
         self._val: dict[str, Dataset] = {}
@@ -230,7 +252,7 @@ class STRDataModule(L.LightningDataModule):
         """Batches of the training stream, starting at `start_batch` (set when resuming)."""
         stream = TrainStream(self._train, self.batch_size, self.image_size, self.mean, self.std, self.seed,
                              self.augment, self.start_batch, self.rank, self.world, self.curriculum_images,
-                             self.scale_jitter)
+                             self.scale_jitter, self.join_real, self.max_label_length)
         return DataLoader(stream, batch_size=self.batch_size, num_workers=self.num_workers, collate_fn=collate,
                           persistent_workers=False, prefetch_factor=4 if self.num_workers else None,
                           worker_init_fn=init_worker)

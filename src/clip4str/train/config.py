@@ -34,12 +34,15 @@ class DataSection:
     augment: bool = True
     curriculum_images: int = 0  # ramp synthetic difficulty and augmentation from 0 to 1 over this many images
     scale_jitter: float = 0.0  # share of samples whose text is rescaled vertically (edge rows added or cut)
+    join_real: float = 0.0  # share of real samples joined side by side with another crop of their source
     fonts: list[str] | None = None
     backgrounds: list[str] | None = None
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.scale_jitter <= 1.0:
             raise ValueError(f"data.scale_jitter is a share of samples in [0, 1], got {self.scale_jitter!r}")
+        if not 0.0 <= self.join_real <= 1.0:
+            raise ValueError(f"data.join_real is a share of samples in [0, 1], got {self.join_real!r}")
 
 
 @dataclass

@@ -150,7 +150,7 @@ def build_datamodule(cfg: TrainConfig, model: CLIP4STR) -> STRDataModule:
     dm = _ResumeAwareData([Source(**s) for s in d.train], d.val, mc.charset, mc.image_size, mc.image_mean,
                           mc.image_std, d.batch_size, d.num_workers, mc.max_label_length, cfg.train.seed, d.fonts,
                           d.backgrounds, d.synth_val_size, d.augment, d.curriculum_images,
-                          scale_jitter=d.scale_jitter)
+                          scale_jitter=d.scale_jitter, join_real=d.join_real)
     dm.setup()
     return dm
 

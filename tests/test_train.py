@@ -510,3 +510,28 @@ def test_resuming_with_another_model_or_schedule_is_refused_before_any_work(tmp_
     with pytest.raises(ValueError, match="does not fit this model") as err:
         check_resumable(ckpt, other, cfg.train, Path("last.ckpt"))
     assert "\n" not in str(err.value)
+
+
+def test_a_recipe_is_refused_on_a_machine_with_fewer_fonts_or_photos_than_it_asks_for(tmp_path, folder):
+    from clip4str.charset import CHARSETS
+    from clip4str.data.fonts import discover_fonts, usable_fonts
+    from clip4str.train.run import build_datamodule
+
+    fonts = tmp_path / "fonts"
+    fonts.mkdir()
+    # Two fonts that draw the charset (DejaVu at least is everywhere: matplotlib ships it), under distinct names.
+    for i, f in enumerate(usable_fonts(tuple(map(str, discover_fonts())), CHARSETS["94"])[:2]):
+        (fonts / f"{i}{Path(f.path).suffix}").write_bytes(Path(f.path).read_bytes())
+    cfg = _config(tmp_path, folder)
+    doc = yaml.safe_load(cfg.read_text())
+    doc["data"].update(train=[{"path": "synth", "weight": 1.0}], fonts=[str(fonts)], backgrounds=[str(fonts)],
+                       min_fonts=3, min_photos=0)
+    cfg.write_text(yaml.safe_dump(doc))
+    with pytest.raises(ValueError, match=r"would use 2 fonts and 0 background photos; this recipe asks for at least "
+                                         r"3 and 0 \(data.min_fonts"):
+        train(load_config(str(cfg)))
+    assert not (tmp_path / "run" / "last.ckpt").exists()
+    doc["data"]["min_fonts"] = 2
+    cfg.write_text(yaml.safe_dump(doc))
+    loaded = load_config(str(cfg))
+    assert len(build_datamodule(loaded, build_model(loaded)).renderers[0].fonts) == 2

@@ -263,12 +263,16 @@ class STRDataModule(L.LightningDataModule):
                            num_workers=self.num_workers, collate_fn=collate, worker_init_fn=init_worker)
                 for d in self._val.values()]
 
+    @property
+    def renderers(self) -> list[WordRenderer]:
+        """The synthetic word renderers of the training mix (after setup)."""
+        return [data for s, data in self._train or [] if s.is_synth]
+
     def describe(self) -> str:
         """One line on what the synthetic words are drawn with (a machine without the font and wallpaper
         packages trains on other images than the recipe's, silently otherwise)."""
-        renderers = [data for s, data in self._train or [] if s.is_synth]
         return "; ".join(f"synthetic words: {len(r.fonts)} fonts, {len(r.backgrounds.photos)} background photos"
-                         for r in renderers)
+                         for r in self.renderers)
 
     @property
     def val_names(self) -> list[str]:

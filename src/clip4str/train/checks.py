@@ -14,8 +14,9 @@ POSITIVE = {"data.batch_size", "train.max_steps", "train.max_minutes", "train.ba
             "train.checkpoint_every_minutes", "train.checkpoint_every_steps", "train.grad_clip", "train.swa_lr",
             "model.max_label_length", "model.decoder_depth", "model.decoder_heads", "model.text_context_length",
             "model.num_permutations", "model.decoder_mlp_ratio"}
-NON_NEGATIVE = {"data.num_workers", "data.synth_val_size", "data.curriculum_images", "train.weight_decay",
-                "train.decoder_lr_scale", "model.refine_iters", "model.ctc_weight", "model.cross_loss_weight"}
+NON_NEGATIVE = {"data.num_workers", "data.synth_val_size", "data.curriculum_images", "data.min_fonts",
+                "data.min_photos", "train.weight_decay", "train.decoder_lr_scale", "model.refine_iters",
+                "model.ctc_weight", "model.cross_loss_weight"}
 SHARES = {"train.warmup_pct", "model.dropout", "model.adapter_ratio"}  # in [0, 1]
 
 

@@ -37,6 +37,8 @@ class DataSection:
     join_real: float = 0.0  # share of real samples joined side by side with another crop of their source
     fonts: list[str] | None = None
     backgrounds: list[str] | None = None
+    min_fonts: int = 0  # refuse to train when the synthetic words would use fewer usable fonts than this
+    min_photos: int = 0  # ... or fewer background photos
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.scale_jitter <= 1.0:

@@ -152,7 +152,20 @@ def build_datamodule(cfg: TrainConfig, model: CLIP4STR) -> STRDataModule:
                           d.backgrounds, d.synth_val_size, d.augment, d.curriculum_images,
                           scale_jitter=d.scale_jitter, join_real=d.join_real)
     dm.setup()
+    check_synth_resources(dm, d.min_fonts, d.min_photos)
     return dm
+
+
+def check_synth_resources(dm: STRDataModule, min_fonts: int, min_photos: int) -> None:
+    """Refuse a recipe whose synthetic words would be drawn with fewer fonts or photos than it asks for (a fresh
+    machine without the font and wallpaper packages otherwise trains hours on other images, silently)."""
+    for renderer in dm.renderers:
+        fonts, photos = len(renderer.fonts), len(renderer.backgrounds.photos)
+        if fonts < min_fonts or photos < min_photos:
+            raise ValueError(f"synthetic words would use {fonts} fonts and {photos} background photos; this recipe "
+                             f"asks for at least {min_fonts} and {min_photos} (data.min_fonts, data.min_photos): "
+                             "install the packages of README 'Fonts and photos', or pass data.fonts=[DIR] "
+                             "data.backgrounds=[DIR]")
 
 
 def check_paths(cfg: TrainConfig, init: bool = True) -> None:

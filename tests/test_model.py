@@ -1,3 +1,5 @@
+import os
+
 import pytest
 import torch
 
@@ -107,7 +109,14 @@ def test_batch_decoding_equals_decoding_each_image_alone(small, options):
 def test_checkpoint_round_trip(small, tmp_path):
     small.eval()
     images, _ = _batch(small)
-    folder = save_checkpoint(small, tmp_path / "ckpt", provenance={"note": "test"})
+    old = os.umask(0o022)
+    try:
+        folder = save_checkpoint(small, tmp_path / "ckpt", provenance={"note": "test"})
+    finally:
+        os.umask(old)
+    # As any new file (safetensors alone would make the weights readable by their owner only).
+    assert {p.name: p.stat().st_mode & 0o777 for p in folder.iterdir()} == {"config.json": 0o644,
+                                                                            "model.safetensors": 0o644}
     loaded = load_model(folder)
     assert loaded.provenance == {"note": "test"}
     with torch.inference_mode():

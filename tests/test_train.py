@@ -450,6 +450,13 @@ def test_a_run_from_a_checkpoint_records_that_checkpoints_provenance(tmp_path, f
                                        "provenance": {"steps": 7, "note": "parent"}}
     fresh = train(load_config(_config(tmp_path, folder, out="fresh", max_steps=1)))
     assert "started_from" not in json.loads((fresh / "config.json").read_text())["provenance"]
+    # A new user's first guesses at "the model" of a run: its last.ckpt, its folder.
+    from clip4str.inference import Recognizer
+    with pytest.raises(ValueError, match=r"is a clip4str training checkpoint \(a run's last.ckpt\), not a model: "
+                                         r"give the run's final/ folder"):
+        Recognizer.from_pretrained(fresh.parent / "last.ckpt")
+    with pytest.raises(FileNotFoundError, match=r"training run's folder: its model is in '.*fresh/final'"):
+        Recognizer.from_pretrained(fresh.parent)
 
 
 RAISE_WITH_LIVE_WORKERS = """

@@ -6,7 +6,7 @@ import string
 import unicodedata
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import pairwise
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -60,11 +60,12 @@ class CharsetAdapter:
         self.uppercase_only = not self.lowercase_only and target == target.upper()
         self.dropped: Counter[str] = Counter()
 
+    def fold_case(self, text: str) -> str:
+        """The text in the charset's case, where it has only one."""
+        return text.lower() if self.lowercase_only else text.upper() if self.uppercase_only else text
+
     def __call__(self, text: str) -> str:
-        if self.lowercase_only:
-            text = text.lower()
-        elif self.uppercase_only:
-            text = text.upper()
+        text = self.fold_case(text)
         kept = []
         for c in text:
             if c in self._allowed:
@@ -81,10 +82,17 @@ class LabelFilterStats:
     kept: int = 0
     too_long: int = 0
     empty: int = 0
+    changed: int = 0  # kept with characters outside the charset dropped or folded to ASCII
+    examples: list[tuple[str, str]] = field(default_factory=list)  # a few (label, as kept) of those
 
     def summary(self) -> str:
-        """One line saying what was kept and dropped."""
-        return f"kept {self.kept}, dropped {self.too_long} longer than the limit, {self.empty} empty after filtering"
+        """One line saying what was kept, changed and dropped."""
+        changed = ""
+        if self.changed:
+            shown = ", ".join(f"{a!r} -> {b!r}" for a, b in self.examples)
+            changed = f" ({self.changed} with characters outside the charset dropped or folded to ASCII, e.g. {shown})"
+        return (f"kept {self.kept}{changed}, dropped {self.too_long} longer than the limit, {self.empty} empty after "
+                "filtering")
 
 
 class LabelNormalizer:
@@ -102,8 +110,12 @@ class LabelNormalizer:
     def __call__(self, label: str) -> str | None:
         """Return the normalized label, or None when the reference rules drop it."""
         label = "".join(label.split()) if self.remove_whitespace else " ".join(label.split())
+        spaced = label
         if self.unicode_to_ascii:
-            label = unicodedata.normalize("NFKD", label).encode("ascii", "ignore").decode()
+            label = unicodedata.normalize("NFKD", label)
+            # Accents fall off as combining marks; other characters without an ASCII form are dropped: count them.
+            self.adapter.dropped.update(c for c in label if not c.isascii() and not unicodedata.combining(c))
+            label = label.encode("ascii", "ignore").decode()
         if len(label) > self.max_length:
             self.stats.too_long += 1
             return None
@@ -112,6 +124,11 @@ class LabelNormalizer:
             self.stats.empty += 1
             return None
         self.stats.kept += 1
+        # Whitespace and a single-case charset's case folding are its documented rules; anything else is news.
+        if label != self.adapter.fold_case(spaced):
+            self.stats.changed += 1
+            if len(self.stats.examples) < 3:
+                self.stats.examples.append((spaced, label))
         return label
 
 

@@ -78,6 +78,10 @@ def read_authors_state(path: str | Path) -> dict[str, torch.Tensor]:
     if not any(k.startswith("visual_decoder.") for k in state):
         if "visual.conv1.weight" in state or "clip_model.visual.conv1.weight" in state:
             kind = "a CLIP model (use it as model.init=clip:FILE or create_model(..., clip_checkpoint=FILE))"
+        elif any(k.startswith("model.image_decoder.") for k in state):
+            raise ValueError(f"{str(p)!r} is a clip4str training checkpoint (a run's last.ckpt), not a model: give "
+                             "the run's final/ folder, or export it with `clip4str train --config CONFIG "
+                             "--export-last DIR` (and --resume to train on)")
         elif any(k.startswith(("decoder.", "encoder.", "model.decoder.")) for k in state):
             kind = "a PARSeq checkpoint, not CLIP4STR"
         else:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import zipfile
 from dataclasses import dataclass
@@ -39,6 +40,11 @@ def save_checkpoint(model: CLIP4STR, path: str | Path, provenance: dict[str, Any
     tensors = {k: v.detach().cpu().to(dtype if dtype is not None and v.is_floating_point() else v.dtype)
                .contiguous() for k, v in model.state_dict().items()}
     save_file(tensors, str(folder / WEIGHTS_NAME), metadata={"format": FORMAT})
+    # safetensors creates the file readable by its owner only, whatever the umask: a service account or a
+    # colleague could read config.json but not the weights.
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(folder / WEIGHTS_NAME, 0o666 & ~umask)
     doc = {"format": FORMAT, "model": model.config.to_dict(), "provenance": provenance or {}}
     (folder / CONFIG_NAME).write_text(json.dumps(doc, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     return folder
@@ -60,8 +66,11 @@ def read_checkpoint_config(path: str | Path) -> tuple[dict[str, Any], Path]:
                          "--backend onnx (Python: clip4str.onnx_backend.OnnxRecognizer)")
     for needed in (config_path, weights_path):
         if not needed.is_file():
+            run = (folder / "final").is_dir() or (folder / "last.ckpt").is_file()
+            hint = (f"; this looks like a training run's folder: its model is in {str(folder / 'final')!r} (or "
+                    "export last.ckpt with `clip4str train --config CONFIG --export-last DIR`)") if run else ""
             raise FileNotFoundError(f"checkpoint {str(folder)!r} has no {needed.name}; a clip4str checkpoint is "
-                                    "a folder with config.json and model.safetensors")
+                                    f"a folder with config.json and model.safetensors{hint}")
     try:
         doc = json.loads(config_path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
-from clip4str.charset import CHARSETS, CharsetAdapter, resolve_charset
+from clip4str.charset import CHARSETS, LabelNormalizer, resolve_charset
 from clip4str.data.folder import LABELS_NAME, read_label_file
 from clip4str.data.lmdb import write_lmdb
 from clip4str.data.sources import dataset_labels, open_labelled
@@ -94,16 +94,14 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     print("label length histogram:")
     for n in sorted(lengths):
         print(f"  {n:3d} {lengths[n]:7d} {'#' * max(1, round(40 * lengths[n] / top))}")
-    adapter = CharsetAdapter(charset)  # case folding as the model would see it, then what is dropped
-    inside = 0
+    # The labels as training and `clip4str test` read them: whitespace, NFKD to ASCII, length limit, charset.
+    normalizer = LabelNormalizer(charset, args.max_length)
     for t in labels:
-        before = sum(adapter.dropped.values())
-        adapter(t)
-        inside += sum(adapter.dropped.values()) == before
-    outside = adapter.dropped
-    print(f"charset coverage ({len(charset)} characters, after case folding): {inside}/{len(labels)} labels keep "
-          "every character" + (f"; dropped: {' '.join(f'{c!r}x{n}' for c, n in outside.most_common(15))}"
-                               if outside else ""))
+        normalizer(t)
+    outside = normalizer.adapter.dropped
+    print(f"as read for a model of {len(charset)} characters and at most {args.max_length} per label (case folded "
+          f"where the charset has one case): labels {normalizer.stats.summary()}"
+          + (f"; characters dropped: {' '.join(f'{c!r}x{n}' for c, n in outside.most_common(15))}" if outside else ""))
     step = max(1, len(labels) // args.samples)
     picks = list(range(0, len(labels), step))[: args.samples]
     print("samples: " + ", ".join(repr(labels[i]) for i in picks))
@@ -127,6 +125,7 @@ def add_data_commands(sub: argparse._SubParsersAction) -> None:
     ins = data.add_parser("inspect", help="count, label lengths, charset coverage and samples of a dataset")
     ins.add_argument("path", type=Path, help="LMDB root or folder with labels.tsv")
     ins.add_argument("--charset", default="94", help="charset to check coverage against (36|62|94|string|file)")
+    ins.add_argument("--max-length", type=positive_int, default=25, help="the model's label length limit")
     ins.add_argument("--samples", type=positive_int, default=12)
     ins.add_argument("--grid", type=Path, help="save a contact sheet PNG of samples with labels")
     ins.add_argument("--grid-count", type=positive_int, default=48)

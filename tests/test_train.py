@@ -3,6 +3,7 @@ trainable, bad configs fail before any work."""
 
 import csv
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -173,6 +174,10 @@ def test_bad_configs_fail_before_training(tmp_path, folder):
     with pytest.raises(FileNotFoundError, match="missing"):
         train(cfg)
     assert not (tmp_path / "run").exists()
+    cfg = load_config(_config(tmp_path, folder), ["data.train=[{path: crops_lmdb}]"])
+    with pytest.raises(FileNotFoundError, match=r"'crops_lmdb' \(named in the config\) does not exist \(relative paths"
+                                                 rf" are read from the current folder: '{Path.cwd()}/crops_lmdb'\)"):
+        train(cfg)
     with pytest.raises(FileNotFoundError, match="--resume"):
         train(load_config(_config(tmp_path, folder)), resume=True)
 
@@ -542,3 +547,17 @@ def test_a_recipe_is_refused_on_a_machine_with_fewer_fonts_or_photos_than_it_ask
     cfg.write_text(yaml.safe_dump(doc))
     loaded = load_config(str(cfg))
     assert len(build_datamodule(loaded, build_model(loaded)).renderers[0].fonts) == 2
+
+
+def test_a_small_source_still_holds_one_sample_out_and_each_validation_prints_one_line(tmp_path, folder, capsys):
+    from clip4str.data.datamodule import holdout_split
+
+    assert holdout_split(8, 0.05) != (list(range(8)), []) and len(holdout_split(8, 0.05)[1]) == 1
+    assert holdout_split(1, 0.5) == ([0], []) and len(holdout_split(6725, 0.05)[1]) == 336
+    cfg = _config(tmp_path, folder, max_steps=2, val_every_steps=2)
+    doc = yaml.safe_load(cfg.read_text())
+    doc["data"]["train"][0]["holdout"] = 0.05  # 5% of 8 words rounds to none
+    cfg.write_text(yaml.safe_dump(doc))
+    train(load_config(str(cfg)))
+    err = capsys.readouterr().err
+    assert re.search(rf"step 2: validation word accuracy {folder.name}-holdout \d+\.\d% of 1\n", err), err

@@ -58,7 +58,8 @@ def holdout_split(n: int, fraction: float, seed: int = 0) -> tuple[list[int], li
     if not fraction:
         return list(range(n)), []
     order = np.random.default_rng(seed).permutation(n)
-    cut = int(round(n * fraction))
+    # At least one sample of a small source: a holdout asked for is never silently empty.
+    cut = max(int(round(n * fraction)), 1 if n > 1 else 0)
     return sorted(order[cut:].tolist()), sorted(order[:cut].tolist())
 
 

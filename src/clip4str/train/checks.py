@@ -77,7 +77,8 @@ def check_values(section: str, cls: type, values: dict[str, Any]) -> None:
         if isinstance(value, str) and matches(1.5, hint) and _number(value) is not None:
             value = values[key] = _number(value)
         if not matches(value, hint):
-            quote = " (write it in quotes)" if matches("x", hint) and isinstance(value, (int, float)) else ""
+            quote = f" (write it in quotes: {key}: '{value}' in YAML, \"{name}='{value}'\" on the command line)" \
+                if matches("x", hint) and isinstance(value, (int, float)) else ""
             raise ValueError(f"{name} must be {_describe(hint)}, got {value!r}{quote}")
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             if name in POSITIVE and not value > 0 or name in NON_NEGATIVE and not value >= 0:

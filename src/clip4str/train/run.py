@@ -70,7 +70,8 @@ def load_weights_into(model: CLIP4STR, folder: str | Path) -> None:
               if k not in TRAINING_ONLY_KEYS and ours[k] != theirs[k]]
     if differ:
         raise ValueError(f"checkpoint {folder} was built with other model settings ({'; '.join(differ)}); "
-                         "set those model.* keys to the checkpoint's values or start from another checkpoint")
+                         "set those model.* keys to the checkpoint's values, start from another checkpoint, or "
+                         "train a new model from random weights (model.init=random)")
     state = read_tensors(weights)[0]
     own = model.state_dict()
     # Another input size with the same patches: the image tokens' positions are resampled to the new grid.
@@ -181,7 +182,9 @@ def check_paths(cfg: TrainConfig, init: bool = True) -> None:
         paths.append(cfg.model.init.partition(":")[2])
     for p in paths:
         if not Path(p).exists():
-            raise FileNotFoundError(f"{p!r} (named in the config) does not exist")
+            where = "" if Path(p).is_absolute() else \
+                f" (relative paths are read from the current folder: {str(Path.cwd() / p)!r})"
+            raise FileNotFoundError(f"{p!r} (named in the config) does not exist{where}")
 
 
 def train(cfg: TrainConfig, resume: bool = False) -> Path | None:

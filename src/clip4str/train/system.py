@@ -141,3 +141,8 @@ class STRSystem(L.LightningModule):
             combined.merge(scores)
         if self.val_names:
             self.log("val_accuracy", combined.accuracy, prog_bar=True, add_dataloader_idx=False)
+            if self.trainer.is_global_zero and not self.trainer.sanity_checking:
+                # One line per validation in the run's log (the progress bar shows it only on a terminal).
+                parts = ", ".join(f"{name} {s.accuracy:.1f}% of {s.n}" for name, s in zip(self.val_names,
+                                                                                        self._scores, strict=True))
+                print(f"step {self.global_step}: validation word accuracy {parts}", file=sys.stderr, flush=True)

@@ -140,6 +140,12 @@ def test_writing_a_model_never_mixes_kinds_or_replaces_one_without_force(tmp_pat
     (export / "stale.onnx").write_bytes(b"a graph of an earlier export")
     assert main(["export", "onnx", "--out", str(export), "--force"]) == 0
     assert not (export / "stale.onnx").exists() and OnnxRecognizer(export).read(HELLO)[0].text == "hello"
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "config.json").write_text('{"my": 1}')  # the user's own file, not an export: named as what is in the way
+    assert main(["export", "onnx", "--out", str(mine)]) == 2
+    assert f"{str(mine)!r} already holds config.json, which writing the ONNX export would replace; pass --force" \
+        in capsys.readouterr().err
     model = load_model(ckpt)
     with pytest.raises(FileExistsError, match="another kind of model"):
         save_checkpoint(model, export, force=True)

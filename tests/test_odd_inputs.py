@@ -110,3 +110,19 @@ def test_a_rendered_sentence_read_in_windows_is_not_duplicated_at_the_seams(text
     truth = text.replace(" ", "").lower()
     assert len(reading) <= max_length, reading
     assert 1 - edit_distance(reading, truth) / max(len(reading), len(truth)) >= 0.7, reading
+
+
+def test_a_new_users_wrong_turns_get_messages_that_say_what_to_do(tmp_path, capsys):
+    from clip4str.data.folder import FolderDataset
+
+    write_lmdb([("0", _png(render_word("cat")), "cat")], tmp_path / "db")
+    assert main(["read", str(tmp_path / "db")]) == 2  # a dataset given to `read`
+    assert f"'{tmp_path / 'db'}' is a labelled dataset; score it with `clip4str test" in capsys.readouterr().err
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    render_word("cat").save(plain / "cat.png")
+    assert main(["test", str(plain)]) == 2  # images without labels given to `test`
+    assert "and no labels.tsv in it (a folder of images with a labels.tsv" in capsys.readouterr().err
+    (plain / "labels.tsv").write_text("sub\\cat.png\tcat\n", encoding="utf-8")  # a path written on Windows
+    with pytest.raises(FileNotFoundError, match="which does not exist under .*; write paths with '/'"):
+        FolderDataset(plain)

@@ -59,7 +59,11 @@ def cmd_read(args: argparse.Namespace) -> int:
     """One line per image (text, tsv or json lines); failures listed on stderr and exit status 1."""
     paths = expand_inputs(args.images)
     if not paths:
-        raise FileNotFoundError("no images to read")
+        datasets = [p for p in args.images if Path(p).is_dir() and (any(Path(p).rglob("data.mdb")) or
+                                                                   (Path(p) / "labels.tsv").is_file())]
+        hint = f": {datasets[0]!r} is a labelled dataset; score it with `clip4str test {datasets[0]}`" if datasets \
+            else ""
+        raise FileNotFoundError(f"no images to read{hint}")
     rec = recognizer(args)
     bar = tqdm(total=len(paths), unit="img", file=sys.stderr, disable=len(paths) < 50 or args.quiet)
     failures = []

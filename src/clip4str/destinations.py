@@ -21,9 +21,10 @@ def check_destination(folder: Path, ours: tuple[str, ...], foreign: tuple[str, .
     if other:
         raise FileExistsError(f"{str(folder)!r} holds {other[0]}, another kind of model; write the {kind} to "
                               "another folder")
-    if not force and any(fnmatch(n, pattern) for n in names for pattern in ours):
-        raise FileExistsError(f"{str(folder)!r} already holds a {kind}; pass --force to replace it, or give "
-                              "another folder")
+    own = [n for n in names if any(fnmatch(n, pattern) for pattern in ours)]
+    if own and not force:
+        raise FileExistsError(f"{str(folder)!r} already holds {own[0]}, which writing the {kind} would replace; pass "
+                              "--force to replace it, or give another folder")
 
 
 def check_checkpoint_destination(folder: Path, force: bool) -> None:

@@ -60,9 +60,10 @@ class FolderDataset(Dataset):
         rows = read_label_file(label_file)
         missing = [os.path.relpath(p, self.root) for p, _ in rows if not p.is_file()]
         if missing:
-            more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+            more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+            slash = "; write paths with '/'" if "\\" in missing[0] else ""
             raise FileNotFoundError(f"{label_file} lists {missing[0]!r}{more}, which does not exist under "
-                                    f"{str(self.root)!r}")
+                                    f"{str(self.root)!r}{slash}")
         self.raw_count = len(rows)
         self.paths: list[Path] = []
         self.labels: list[str] = []

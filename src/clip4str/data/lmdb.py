@@ -38,7 +38,8 @@ def find_lmdbs(root: str | Path) -> list[Path]:
         raise FileNotFoundError(f"LMDB path {str(root)!r} does not exist")
     found = sorted({p.parent for p in root.rglob("data.mdb")} | ({root} if (root / "data.mdb").is_file() else set()))
     if not found:
-        raise FileNotFoundError(f"no LMDB (folder with data.mdb) found under {str(root)!r}")
+        raise FileNotFoundError(f"no LMDB (folder with data.mdb) found under {str(root)!r}, and no labels.tsv "
+                                "in it (a folder of images with a labels.tsv of path<TAB>label lines is read too)")
     return found
 
 

@@ -31,7 +31,8 @@ def check_resumable(ckpt: dict, model: CLIP4STR, t: TrainSection, path: Path) ->
                          "without train.max_minutes")
     if total is not None and total != t.max_steps:
         raise ValueError(f"{path}'s schedule ends at step {total}, not train.max_steps={t.max_steps}: a schedule "
-                         f"is fixed when a run starts; resume with train.max_steps={total} or start a new run")
+                         f"is fixed when a run starts; resume with train.max_steps={total}, or start a new run "
+                         "from its weights (export them with --export-last DIR, then model.init=checkpoint:DIR)")
 
 
 def read_training_checkpoint(path: Path) -> dict:

@@ -224,6 +224,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path | None:
         accumulate_grad_batches=t.accumulate_grad_batches, val_check_interval=t.val_every_steps,
         check_val_every_n_epoch=None, num_sanity_val_steps=0, log_every_n_steps=t.log_every_steps,
         enable_checkpointing=False, enable_progress_bar=sys.stderr.isatty(),  # no bar spam in nohup logs
+        enable_model_summary=False,  # parameter_report below says it in one line
         # The training stream splits itself by rank; every rank validates the whole of each set, so the
         # numbers rank 0 logs are those of the full sets without gathering scores.
         use_distributed_sampler=False,

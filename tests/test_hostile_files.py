@@ -52,6 +52,16 @@ def test_a_file_name_that_is_not_utf8_is_read_and_printed_as_it_is(tmp_path):
     assert done.returncode == 0, done.stderr[-500:]
     lines = done.stdout.splitlines()
     assert [line.split(b"\t")[0] for line in lines] == [odd, os.fsencode(folder / "z.png")]
+    render_word("hello").save(folder / "tab\tand\nbreak.png")
+    done = subprocess.run([*CLI, "read", str(folder), "--backend", "onnx", "--format", "json"], capture_output=True,
+                          env=env, timeout=300)
+    docs = [json.loads(line) for line in done.stdout.decode("utf-8").splitlines()]  # valid UTF-8 JSON lines
+    assert [os.fsencode(d["path"]) for d in docs] == [odd, os.fsencode(folder / "tab\tand\nbreak.png"),
+                                                      os.fsencode(folder / "z.png")]
+    done = subprocess.run([*CLI, "read", str(folder), "--backend", "onnx"], capture_output=True, env=env,
+                          timeout=300)  # tsv: one line of three fields per image, the name's tab and break escaped
+    assert [line.split(b"\t")[:2] for line in done.stdout.splitlines()][1] == \
+        [os.fsencode(folder) + b"/tab\\tand\\nbreak.png", b"hello"]
 
 
 def test_an_image_of_thousands_of_windows_is_refused_not_read_for_minutes(tmp_path, capsys):

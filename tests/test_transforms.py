@@ -54,6 +54,14 @@ def test_numpy_arrays(arr):
     torch.testing.assert_close(x, torch.ones_like(x))
 
 
+def test_float_arrays_in_0_255_read_as_their_uint8_and_pil_mode_f_twins():
+    grey = np.random.default_rng(0).integers(0, 256, (16, 64)).astype(np.uint8)
+    want = preprocess(grey, SIZE, MEAN, STD)
+    for arr in (grey.astype(np.float32), grey.astype(np.float64), grey.astype(np.float32) / 255.0):
+        torch.testing.assert_close(preprocess(arr, SIZE, MEAN, STD), want, atol=1 / 127.5, rtol=0)
+    torch.testing.assert_close(preprocess(Image.fromarray(grey.astype(np.float32), "F"), SIZE, MEAN, STD), want)
+
+
 def test_paths_bytes_and_model_statistics(tmp_path):
     img = Image.new("RGB", (40, 20), (255, 0, 0))
     img.save(tmp_path / "r.png")

@@ -16,7 +16,7 @@ from clip4str.charset import CHARSETS
 from clip4str.data.cli import add_data_commands, positive_int
 from clip4str.evaluate import collect_benchmarks, format_table, run_benchmarks
 from clip4str.inputs import expand_inputs
-from clip4str.reading import MAX_WINDOWS, BaseRecognizer
+from clip4str.reading import MAX_REFINE_ITERS, MAX_WINDOWS, BaseRecognizer
 
 # PyTorch is imported only by the commands that need it: reading with the ONNX backend runs without it.
 
@@ -55,6 +55,21 @@ def recognizer(args: argparse.Namespace) -> BaseRecognizer:
                                       compiled=getattr(args, "compile", False))
 
 
+# A file name may hold tabs and line breaks: written escaped, one image stays one line of three fields.
+TSV_ESCAPES = str.maketrans({"\t": "\\t", "\n": "\\n", "\r": "\\r"})
+
+
+def json_line(doc: dict) -> str:
+    """One JSON line, UTF-8 as it is; a file name that is not UTF-8 (its bytes kept as surrogates) is written
+    with \\u escapes, so that the line stays valid JSON."""
+    line = json.dumps(doc, ensure_ascii=False)
+    try:
+        line.encode("utf-8")
+    except UnicodeEncodeError:
+        return json.dumps(doc)
+    return line
+
+
 def cmd_read(args: argparse.Namespace) -> int:
     """One line per image (text, tsv or json lines); failures listed on stderr and exit status 1."""
     paths = expand_inputs(args.images)
@@ -74,11 +89,10 @@ def cmd_read(args: argparse.Namespace) -> int:
         if r.error:
             failures.append(f"{path}: {r.error}")
         if args.format == "json":
-            print(json.dumps({"path": path, "text": r.text, "confidence": round(r.confidence, 6),
-                              "char_probs": [round(p, 6) for p in r.char_probs], "error": r.error},
-                             ensure_ascii=False))
+            print(json_line({"path": path, "text": r.text, "confidence": round(r.confidence, 6),
+                             "char_probs": [round(p, 6) for p in r.char_probs], "error": r.error}))
         elif args.format == "tsv":
-            print(f"{path}\t{r.text}\t{r.confidence:.4f}")
+            print(f"{path.translate(TSV_ESCAPES)}\t{r.text}\t{r.confidence:.4f}")
         else:
             print(r.text if not r.error else "")
     bar.close()
@@ -116,10 +130,10 @@ def cmd_test(args: argparse.Namespace) -> int:
 
 
 def refine_count(text: str) -> int:
-    """argparse type: refinement passes, 0-8 (each is a decoder pass over every position)."""
+    """argparse type: refinement passes, 0 to MAX_REFINE_ITERS (each is a decoder pass over every position)."""
     value = int(text)
-    if not 0 <= value <= 8:
-        raise argparse.ArgumentTypeError(f"must be 0-8, got {value}")
+    if not 0 <= value <= MAX_REFINE_ITERS:
+        raise argparse.ArgumentTypeError(f"must be 0-{MAX_REFINE_ITERS}, got {value}")
     return value
 
 

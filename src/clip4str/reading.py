@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
@@ -113,6 +114,32 @@ def merge_windows(parts: list[ReadResult]) -> ReadResult:
 
 # A crop wider than this many windows is refused, not read: real text lines take a few dozen at most.
 MAX_WINDOWS = 64
+MAX_REFINE_ITERS = 8  # more passes change nothing a reader would see and cost a decoder pass each
+
+
+def as_items(images: ImageInput | Iterable[ImageInput]) -> list[ImageInput]:
+    """One image, or any iterable of images (list, tuple, generator), as a list."""
+    if isinstance(images, (str, bytes, bytearray, Path, Image.Image, np.ndarray)):
+        return [images]
+    if isinstance(images, Iterable):
+        return list(images)
+    return [images]  # not an image either: its result says so
+
+
+def check_read_options(batch_size: object, options: dict) -> None:
+    """Refuse option values that would fail deep inside decoding or be silently ignored, naming the option."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    refine = options.get("refine_iters")
+    if refine is not None and (isinstance(refine, bool) or not isinstance(refine, int)
+                               or not 0 <= refine <= MAX_REFINE_ITERS):
+        raise ValueError(f"refine_iters must be an integer from 0 to {MAX_REFINE_ITERS}, got {refine!r}")
+    for flag in ("second_look", "cascade", "draft", "guard", "rescore", "early_exit", "compiled"):
+        if flag in options and not isinstance(options[flag], (bool, int)):
+            raise ValueError(f"{flag} must be True or False, got {options[flag]!r}")
+    windows = options.get("max_windows")
+    if windows is not None and (isinstance(windows, bool) or not isinstance(windows, int) or windows < 1):
+        raise ValueError(f"max_windows must be an integer >= 1, got {windows!r}")
 
 
 class BaseRecognizer:
@@ -136,22 +163,24 @@ class BaseRecognizer:
         # Crops up to 1.5x the model's own aspect (at least 6:1) are read whole; wider ones in windows.
         return max(w / h, 4.0) * 1.5
 
-    def read(self, images: ImageInput | Sequence[ImageInput], batch_size: int = 32, **options: object
+    def read(self, images: ImageInput | Iterable[ImageInput], batch_size: int = 32, **options: object
              ) -> list[ReadResult]:
-        """Read one image or a list (paths, bytes, PIL images, arrays; any mix); one result per image.
+        """Read one image or several (a list or any iterable of paths, bytes, PIL images, arrays; any mix); one
+        result per image.
 
         Options are the decoding options: mode ('ar'|'nar'), refine_iters, max_length, early_exit, guard, rescore,
         cascade, draft (both backends), compiled (PyTorch); second_look (default True: where the model sets
         `second_look_confidence`, a crop read with less is read again at two other vertical scales and the most
         confident reading is kept); max_windows (default MAX_WINDOWS: a wider image gets an error result).
         """
-        items = list(images) if isinstance(images, (list, tuple)) else [images]
-        return list(self.iter_read(items, batch_size, **options))
+        return list(self.iter_read(images, batch_size, **options))
 
-    def iter_read(self, items: Sequence[ImageInput], batch_size: int = 32, **options: object
+    def iter_read(self, images: ImageInput | Iterable[ImageInput], batch_size: int = 32, **options: object
                   ) -> Iterator[ReadResult]:
         """Like `read`, yielding results in order as batches finish (for progress bars and long lists)."""
+        items = as_items(images)
         options = {k: v for k, v in options.items() if v is not None}
+        check_read_options(batch_size, options)
         threshold = self.second_look_confidence if options.pop("second_look", True) else None
         max_windows = int(options.pop("max_windows", MAX_WINDOWS))
         for start in range(0, len(items), batch_size):
@@ -163,8 +192,8 @@ class BaseRecognizer:
                     n = window_count(*image.size, self.window_aspect)
                     if n > max_windows:  # a 100-byte 20000x1 PNG would be read as thousands of crops
                         raise ImageDecodeError(f"image of {image.width}x{image.height} pixels is {n} windows wide, "
-                                               f"more than {max_windows}: crop it to the text, or raise "
-                                               "--max-windows")
+                                               f"more than the limit of {max_windows}: crop it to the text, or "
+                                               "raise the limit (max_windows; --max-windows)")
                     windows = split_long(image, self.window_aspect)
                 except ImageDecodeError as e:
                     owners.append(ReadResult("", 0.0, [], str(e)))

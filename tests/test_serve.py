@@ -42,6 +42,10 @@ def test_health_model_and_openapi(served):
     schema = spec["paths"]["/v1/read"]["post"]["responses"]["200"]["content"]["application/json"]["schema"]
     assert schema["$ref"].endswith("/ReadResponse")
     assert {"413", "400", "415", "503"} <= set(spec["paths"]["/v1/read"]["post"]["responses"])
+    body = spec["paths"]["/v1/read"]["post"]["requestBody"]["content"]  # generated clients can upload
+    assert body["multipart/form-data"]["schema"]["properties"]["files"]["items"]["format"] == "binary"
+    assert "images" in body["application/json"]["schema"]["properties"]
+    assert (info["backend"], info["device"]) == ("torch", "cpu")
 
 
 def test_multipart_and_json_reads(served):
@@ -57,6 +61,12 @@ def test_multipart_and_json_reads(served):
     body = client.post("/v1/read?attention=1", json=payload).json()
     assert body["results"][0]["text"] == "cafe"
     assert body["results"][0]["attention_png"].startswith("data:image/png;base64,")
+    # base64 as clients produce it: wrapped in lines (base64.encodebytes, `base64 FILE`), a data URL, URL-safe
+    png = _png(rendered[4])
+    forms = [base64.encodebytes(png).decode(), "data:image/png;base64," + base64.b64encode(png).decode(),
+             base64.urlsafe_b64encode(png).decode().rstrip("=")]
+    body = client.post("/v1/read", json={"images": forms}).json()
+    assert [r["text"] for r in body["results"]] == ["cafe"] * 3
 
 
 def test_concurrent_requests_share_batches(served):
@@ -95,9 +105,13 @@ def _bomb() -> bytes:
     ("empty", 400, "no images"),
     ("too-many", 413, "at most 4"),
     ("content-type", 415, "unsupported content type"),
-    ("bad-base64", 400, "base64"),
+    ("bad-base64", 400, "image 1 ('b') is not valid base64"),
     ("bad-json", 400, "JSON"),
     ("names-mismatch", 400, "one name per image"),
+    ("wrong-field", 400, "field(s) ['file'] but no file in a field named 'files'"),
+    ("bad-query", 400, "bad request (query.attention:"),
+    ("not-found", 404, "Not Found"),
+    ("wrong-method", 405, "Method Not Allowed"),
 ])
 def test_bad_input_gets_a_clear_4xx_and_the_server_keeps_serving(served, case, status, message):
     client, rendered, _ = served
@@ -111,7 +125,12 @@ def test_bad_input_gets_a_clear_4xx_and_the_server_keeps_serving(served, case, s
         "too-many": lambda: client.post("/v1/read",
                                         files=[("files", (f"{i}.png", good, "image/png")) for i in range(5)]),
         "content-type": lambda: client.post("/v1/read", content=good, headers={"content-type": "image/png"}),
-        "bad-base64": lambda: client.post("/v1/read", json={"images": ["!!!not base64"]}),
+        "bad-base64": lambda: client.post("/v1/read", json={"images": [base64.b64encode(good).decode(), "!!!"],
+                                                            "names": ["a", "b"]}),
+        "wrong-field": lambda: client.post("/v1/read", files=[("file", ("a.png", good, "image/png"))]),
+        "bad-query": lambda: client.post("/v1/read?attention=maybe", files=[("files", ("a.png", good, "image/png"))]),
+        "not-found": lambda: client.get("/v2/read"),
+        "wrong-method": lambda: client.get("/v1/read"),
         "bad-json": lambda: client.post("/v1/read", content=b"{nope", headers={"content-type": "application/json"}),
         "names-mismatch": lambda: client.post("/v1/read", json={"images": [base64.b64encode(good).decode()] * 2,
                                                                 "names": ["one"]}),

@@ -43,6 +43,12 @@ def recognizer(args: argparse.Namespace) -> BaseRecognizer:
 
         if getattr(args, "compile", False):
             raise ValueError("--compile compiles PyTorch decoding; use it with --backend torch, or drop it")
+        ignored = [f"--{name} {value}" for name, value, default in (("device", getattr(args, "device", "cpu"), "cpu"),
+                   ("precision", getattr(args, "precision", "fp32"), "fp32")) if value != default]
+        if ignored:
+            verb, them = ("needs", "it") if len(ignored) == 1 else ("need", "them")
+            raise ValueError(f"the ONNX backend reads in fp32 on the CPU; {' and '.join(ignored)} {verb} the PyTorch "
+                             f"backend (--backend torch; {TORCH_EXTRA}), or drop {them}")
         if args.model is not None and not any(Path(args.model).glob("*.onnx")) and Path(args.model).exists():
             raise ValueError(f"{args.model} is not an ONNX export; reading it needs PyTorch ({TORCH_EXTRA}), or "
                              "export it with `clip4str export onnx` where PyTorch is installed")

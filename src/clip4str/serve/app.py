@@ -10,6 +10,7 @@ import threading
 from importlib import resources
 
 from fastapi import FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse
 from PIL import Image
 from pydantic import BaseModel
@@ -63,6 +64,25 @@ class ErrorResponse(BaseModel):
 
 def _error(status: int, message: str, close: bool = False) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status, headers={"Connection": "close"} if close else None)
+
+
+# The request body of POST /v1/read for the OpenAPI schema (the endpoint parses it itself, to bound its work).
+READ_BODY = {"required": True, "content": {
+    "multipart/form-data": {"schema": {"type": "object", "required": ["files"], "properties": {
+        "files": {"type": "array", "items": {"type": "string", "format": "binary"}}}}},
+    "application/json": {"schema": {"type": "object", "required": ["images"], "properties": {
+        "images": {"type": "array", "items": {"type": "string", "description": "base64 (or a data: URL)"}},
+        "names": {"type": "array", "items": {"type": "string"}}}}}}}
+
+
+def _base64_image(data: str) -> bytes:
+    """An image file from base64 as clients send it: plain, wrapped in lines (MIME), URL-safe, or a data URL."""
+    if data.startswith("data:"):
+        data = data.partition(",")[2]
+    data = "".join(data.split())
+    if "-" in data or "_" in data:
+        data = data.replace("-", "+").replace("_", "/")
+    return base64.b64decode(data + "=" * (-len(data) % 4), validate=True)
 
 
 def _decode(name: str, data: bytes, budget: list[int], windows: list[int], window_aspect: float,
@@ -121,6 +141,16 @@ def create_app(recognizer, max_batch: int = 32, max_upload_mb: float = 10.0, max
     defaults otherwise). An upload must arrive within `body_seconds` (60: 10 MB at 170 kB/s), or 408: a slow
     body holds no task forever."""
     app = FastAPI(title="clip4str", version="1", description="CLIP4STR scene text recognition")
+
+    # Every error answer has the documented shape {"error": ...}, FastAPI's own (a bad query value, 404, 405) too.
+    @app.exception_handler(RequestValidationError)
+    async def bad_request(request: Request, e: RequestValidationError) -> JSONResponse:
+        where = "; ".join(f"{'.'.join(map(str, err.get('loc', ())))}: {err.get('msg', '')}" for err in e.errors())
+        return _error(400, f"bad request ({where})")
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, e: HTTPException) -> JSONResponse:
+        return JSONResponse({"error": str(e.detail)}, status_code=e.status_code, headers=e.headers)
     model_lock = threading.Lock()  # the batcher and attention maps share one model (and its recording flags)
 
     def read_batch(images: list[Image.Image]) -> list:
@@ -157,13 +187,14 @@ def create_app(recognizer, max_batch: int = 32, max_upload_mb: float = 10.0, max
                                            "second_look_confidence": cfg.get("second_look_confidence"),
                                            **(decode_options or {})},
                 "cross_branch": cfg["cross_branch"], "provenance": getattr(model, "provenance", {}),
-                "backend": getattr(recognizer, "device", "cpu").__str__(), "max_batch": max_batch,
+                "backend": "torch" if model is not None else "onnx",
+                "device": str(getattr(recognizer, "device", "cpu")), "max_batch": max_batch,
                 "limits": {"upload_mb": max_upload_mb, "images_per_request": max_images,
                            "windows_per_image": max_windows, "windows_per_request": max_request_windows,
                            "queued_windows": max_queue_windows, "pixels_per_image": MAX_PIXELS,
                            "pixels_per_request": REQUEST_PIXELS}}
 
-    @app.post("/v1/read", response_model=ReadResponse,
+    @app.post("/v1/read", response_model=ReadResponse, openapi_extra={"requestBody": READ_BODY},
               responses={400: {"model": ErrorResponse}, 408: {"model": ErrorResponse}, 413: {"model": ErrorResponse},
                          415: {"model": ErrorResponse}, 503: {"model": ErrorResponse}})
     async def read(request: Request, attention: bool = Query(False, description="add attention strips (PNG)")):
@@ -226,8 +257,12 @@ async def _images_of(request: Request, kind: str, body: bytes, max_images: int) 
         if reason.startswith("Too many"):
             raise ImageRefused(f"multipart body refused: {reason}; at most {max_images} images per request") from e
         raise ValueError(f"bad multipart body: {reason}") from e
-    return [(f.filename or f"image{i}", await f.read()) for i, f in enumerate(form.getlist("files"))
-            if hasattr(f, "read")]
+    files = [(f.filename or f"image{i}", await f.read()) for i, f in enumerate(form.getlist("files"))
+             if hasattr(f, "read")]
+    if not files and len(form):
+        raise ValueError(f"no images in the request: the multipart body has field(s) {sorted(set(form.keys()))} "
+                         "but no file in a field named 'files' (curl -F files=@word.png)")
+    return files
 
 
 def _images_of_json(kind: str, body: bytes, max_images: int) -> list[tuple[str, bytes]]:
@@ -241,10 +276,13 @@ def _images_of_json(kind: str, body: bytes, max_images: int) -> list[tuple[str, 
         names = payload.names or [f"image{i}" for i in range(len(payload.images))]
         if len(names) != len(payload.images):
             raise ValueError(f"{len(names)} names for {len(payload.images)} images; give one name per image")
-        try:
-            return [(n, base64.b64decode(d, validate=True)) for n, d in zip(names, payload.images, strict=True)]
-        except (binascii.Error, ValueError) as e:
-            raise ValueError(f"an image is not valid base64 ({e})") from e
+        out = []
+        for i, (n, d) in enumerate(zip(names, payload.images, strict=True)):
+            try:
+                out.append((n, _base64_image(d)))
+            except (binascii.Error, ValueError) as e:
+                raise ValueError(f"image {i} ({n!r}) is not valid base64 ({e})") from e
+        return out
     raise UnsupportedType(f"unsupported content type {kind or 'none'!r}: use multipart/form-data or application/json")
 
 

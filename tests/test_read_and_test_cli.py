@@ -1,5 +1,6 @@
 """`Recognizer`, `clip4str read` and `clip4str test` on a tiny model trained in the test."""
 
+import csv
 import io
 import json
 import subprocess
@@ -90,6 +91,9 @@ def test_test_command_accuracy_matches_hand_computed_values(images, tmp_path, ca
     assert rows["bench"]["accuracy"] == 75.0  # 43 vs 42 is the only miss
     assert rows["Combined"]["samples"] == 8 and rows["Combined"]["accuracy"] == 62.5
     assert (tmp_path / "pred.csv").read_text().count("\n") == 9
+    sources = [(r["dataset"], r["source"]) for r in csv.DictReader((tmp_path / "pred.csv").open())]
+    assert sources == [(root.name, paths[0].name), (root.name, paths[1].name), (root.name, paths[0].name),
+                       (root.name, paths[4].name)] + [("bench", f"image-{i:09d}") for i in range(1, 5)]
 
 
 def test_console_script_runs(images):
@@ -134,9 +138,13 @@ def test_an_unreadable_image_counts_as_wrong(images, tmp_path, capsys):
     (folder / "broken.png").write_bytes(b"\x89PNG broken")
     (folder / "labels.tsv").write_text(f"{paths[0].name}\thello\n{paths[1].name}\tworld\nbroken.png\tsomething\n")
     with pytest.warns(UserWarning, match="broken.png"):
-        assert main(["test", str(folder), "--model", str(ckpt), "--format", "json", "--quiet"]) == 0
+        assert main(["test", str(folder), "--model", str(ckpt), "--format", "json", "--quiet",
+                     "--csv", str(tmp_path / "p.csv")]) == 0
     rows = {r["dataset"]: r for r in json.loads(capsys.readouterr().out)}
     assert rows["mixed"]["samples"] == 3 and rows["mixed"]["accuracy"] == pytest.approx(66.67, abs=0.01)
+    broken = list(csv.DictReader((tmp_path / "p.csv").open()))[2]  # the row names the file and says what it means
+    assert (broken["source"], broken["correct"], broken["error"]) == ("broken.png", "0", "the image could not be "
+                                                                      "loaded from the dataset; counted as wrong")
 
 
 def test_window_merge_without_eos_keeps_every_character_probability():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,7 +12,7 @@ from pathlib import Path
 from clip4str.charset import LabelNormalizer
 from clip4str.data.compat import Dataset, Subset
 from clip4str.data.folder import FolderDataset
-from clip4str.data.lmdb import LmdbDataset, find_lmdbs
+from clip4str.data.lmdb import LmdbDataset, find_lmdbs, image_key
 from clip4str.metrics import Scores
 from clip4str.reading import ReadResult
 
@@ -53,7 +54,7 @@ def collect_benchmarks(paths: list[str | Path], charset: str, by_folder: bool = 
 
 
 # The reading of a sample its dataset could not load (the dataset's warning says why).
-UNLOADED = ReadResult("", 0.0, [], "the image could not be loaded from the dataset (see the warning that names it)")
+UNLOADED = ReadResult("", 0.0, [], "the image could not be loaded from the dataset; counted as wrong")
 
 
 def run_benchmarks(recognizer, benchmarks: list[Benchmark], charset: str, batch_size: int = 32,
@@ -66,7 +67,7 @@ def run_benchmarks(recognizer, benchmarks: list[Benchmark], charset: str, batch_
     if csv_path:
         handle = open(csv_path, "w", newline="", encoding="utf-8")  # noqa: SIM115 - closed below
         writer = csv.writer(handle)
-        writer.writerow(["dataset", "index", "label", "prediction", "confidence", "correct", "error"])
+        writer.writerow(["dataset", "index", "source", "label", "prediction", "confidence", "correct", "error"])
     try:
         for bench in benchmarks:
             scores = Scores(charset)
@@ -85,8 +86,8 @@ def run_benchmarks(recognizer, benchmarks: list[Benchmark], charset: str, batch_
                 hits = scores.update([r.text for r in results], labels, [r.confidence for r in results])
                 if writer:
                     for k, (r, label, hit) in enumerate(zip(results, labels, hits, strict=True)):
-                        writer.writerow([bench.name, start + k, label, r.text, f"{r.confidence:.6f}", int(hit),
-                                         r.error or ""])
+                        writer.writerow([bench.name, start + k, sample_source(bench.data, start + k), label,
+                                         r.text, f"{r.confidence:.6f}", int(hit), r.error or ""])
                 if progress:
                     progress(len(items))
             rows.append((bench.name, scores))
@@ -94,6 +95,17 @@ def run_benchmarks(recognizer, benchmarks: list[Benchmark], charset: str, batch_
         if handle:
             handle.close()
     return rows, 1000.0 * seconds / max(images, 1)
+
+
+def sample_source(data: Dataset, index: int) -> str:
+    """Where sample `index` comes from: its file (relative to the folder) or its LMDB image key."""
+    if isinstance(data, Subset):
+        return sample_source(data.dataset, data.indices[index])
+    if isinstance(data, FolderDataset):
+        return os.path.relpath(data.paths[index], data.root)
+    if isinstance(data, LmdbDataset):
+        return image_key(data.keys[index]).decode()
+    return ""
 
 
 def label_at(data: Dataset, index: int) -> str:

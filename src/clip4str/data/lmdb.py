@@ -23,7 +23,8 @@ from clip4str.data.transforms import ImageDecodeError, load_image
 MAP_SIZE = 1 << 40  # address space only; the file grows with the data
 
 
-def _image_key(i: int) -> bytes:
+def image_key(i: int) -> bytes:
+    """The clovaai key of sample i (1-based)."""
     return b"image-%09d" % i
 
 
@@ -140,7 +141,7 @@ class LmdbDataset(Dataset):
 
     def read_bytes(self, index: int) -> bytes | None:
         """Encoded image bytes of sample `index`, or None (with a warning) if the entry cannot be read."""
-        key = _image_key(self.keys[index])
+        key = image_key(self.keys[index])
         try:
             with open_lmdb(self.path).begin() as txn:
                 data = txn.get(key)
@@ -158,7 +159,7 @@ class LmdbDataset(Dataset):
         try:
             image = load_image(data)  # the one decoding path: EXIF rotation, transparency on white, 16-bit
         except ImageDecodeError as e:
-            warnings.warn(f"{self.path}: {_image_key(self.keys[index]).decode()} is not a decodable image ({e}); "
+            warnings.warn(f"{self.path}: {image_key(self.keys[index]).decode()} is not a decodable image ({e}); "
                           "skipped", stacklevel=2)
             return None
         return (self.transform(image) if self.transform else image), self.labels[index]
@@ -204,7 +205,7 @@ def write_lmdb(samples: Iterable[tuple[str | bytes, str, str]], out: str | Path,
                 continue
             data = source if isinstance(source, bytes) else Path(source).read_bytes()
             report.written += 1
-            txn.put(_image_key(report.written), data)
+            txn.put(image_key(report.written), data)
             txn.put(_label_key(report.written), label.encode("utf-8"))
             if report.written % 1000 == 0:
                 txn.commit()

@@ -124,7 +124,7 @@ def cmd_test(args: argparse.Namespace) -> int:
                          f"characters in the {args.charset}-character charset")
     rec = recognizer(args)
     total = sum(len(b.data) for b in benches)
-    with tqdm(total=total, unit="img", file=sys.stderr, disable=args.quiet) as bar:
+    with tqdm(total=total, unit="img", file=sys.stderr, disable=total < 50 or args.quiet) as bar:
         rows, ms = run_benchmarks(rec, benches, charset, args.batch_size, args.csv, bar.update,
                                   max_windows=args.max_windows, **decoding_options(args))
     print(format_table(rows, charset, args.format))

@@ -31,8 +31,15 @@ def test_any_iterable_of_images_is_read_and_bad_options_are_refused_by_name():
                              ({"refine_iters": 9}, "refine_iters must be an integer from 0 to 8, got 9"),
                              ({"refine_iters": -1}, "refine_iters must be an integer from 0 to 8"),
                              ({"second_look": "no"}, "second_look must be True or False, got 'no'"),
-                             ({"max_windows": 0}, "max_windows must be an integer >= 1")]:
+                             ({"max_windows": 0}, "max_windows must be an integer >= 1"),
+                             ({"mode": "NAR"}, "mode must be 'ar' or 'nar', got 'NAR'")]:
         with pytest.raises(ValueError, match=message):
             rec.read([EXAMPLE], **options)
     wide = rec.read([EXAMPLE], max_windows=1, second_look=False)  # one window: read as it is
     assert wide[0].text == "hello"
+    import io
+
+    import numpy as np
+    assert rec.read([EXAMPLE], batch_size=np.int64(2), refine_iters=np.int32(1))[0].text == "hello"
+    one = rec.read(io.BytesIO(b"line 1\nline 2\n"))  # a file object is one (unreadable) input, not its lines
+    assert len(one) == 1 and one[0].error

@@ -42,6 +42,7 @@ def test_health_model_and_openapi(served):
     schema = spec["paths"]["/v1/read"]["post"]["responses"]["200"]["content"]["application/json"]["schema"]
     assert schema["$ref"].endswith("/ReadResponse")
     assert {"413", "400", "415", "503"} <= set(spec["paths"]["/v1/read"]["post"]["responses"])
+    assert "422" not in spec["paths"]["/v1/read"]["post"]["responses"]  # a bad query value is a 400 here
     body = spec["paths"]["/v1/read"]["post"]["requestBody"]["content"]  # generated clients can upload
     assert body["multipart/form-data"]["schema"]["properties"]["files"]["items"]["format"] == "binary"
     assert "images" in body["application/json"]["schema"]["properties"]

@@ -234,6 +234,7 @@ def test_join_real_joins_that_share_of_real_crops_with_another_of_their_source(t
         (_, a), (_, b) = plain.sample(g), joining.sample(g)
         if a != b:
             assert b.startswith(a) and b[len(a):] in labels and len(b) <= 25
+            assert not torch.equal(plain.sample(g)[0], joining.sample(g)[0])  # the image is the joined one
             joined_labels.append(b)
     assert 0.2 < len(joined_labels) / 80 < 0.5  # half are drawn; too long or too wide pairs stay alone
     assert not any("k" * 24 in t for t in joined_labels)  # 24 + 2 characters would pass the limit

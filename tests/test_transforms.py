@@ -56,8 +56,11 @@ def test_numpy_arrays(arr):
 
 def test_float_arrays_in_0_255_read_as_their_uint8_and_pil_mode_f_twins():
     grey = np.random.default_rng(0).integers(0, 256, (16, 64)).astype(np.uint8)
+    grey[0, 0] = 255
     want = preprocess(grey, SIZE, MEAN, STD)
-    for arr in (grey.astype(np.float32), grey.astype(np.float64), grey.astype(np.float32) / 255.0):
+    overshoot = grey.astype(np.float32) / 255.0
+    overshoot[0, 0] = 1.0001  # a resize of a 0..1 image overshoots a little: still 0..1
+    for arr in (grey.astype(np.float32), grey.astype(np.float64), grey.astype(np.float32) / 255.0, overshoot):
         torch.testing.assert_close(preprocess(arr, SIZE, MEAN, STD), want, atol=1 / 127.5, rtol=0)
     torch.testing.assert_close(preprocess(Image.fromarray(grey.astype(np.float32), "F"), SIZE, MEAN, STD), want)
 

@@ -110,16 +110,17 @@ class LabelNormalizer:
     def __call__(self, label: str) -> str | None:
         """Return the normalized label, or None when the reference rules drop it."""
         label = "".join(label.split()) if self.remove_whitespace else " ".join(label.split())
-        spaced = label
-        if self.unicode_to_ascii:
+        spaced, unmapped = label, ""
+        if self.unicode_to_ascii and not label.isascii():
             label = unicodedata.normalize("NFKD", label)
-            # Accents fall off as combining marks; other characters without an ASCII form are dropped: count them.
-            self.adapter.dropped.update(c for c in label if not c.isascii() and not unicodedata.combining(c))
+            # Accents fall off as combining marks; other characters without an ASCII form are dropped.
+            unmapped = "".join(c for c in label if not c.isascii() and not unicodedata.combining(c))
             label = label.encode("ascii", "ignore").decode()
         if len(label) > self.max_length:
             self.stats.too_long += 1
             return None
         label = self.adapter(label)
+        self.adapter.dropped.update(unmapped)  # as the adapter counts what it drops: labels within the length limit
         if not label:
             self.stats.empty += 1
             return None

@@ -62,7 +62,7 @@ def recognizer(args: argparse.Namespace) -> BaseRecognizer:
 
 
 # A file name may hold tabs and line breaks: written escaped, one image stays one line of three fields.
-TSV_ESCAPES = str.maketrans({"\t": "\\t", "\n": "\\n", "\r": "\\r"})
+TSV_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
 
 
 def json_line(doc: dict) -> str:

@@ -184,8 +184,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
                      max_images=args.max_images, max_windows=args.max_windows,
                      max_request_windows=args.max_request_windows, max_queue_windows=args.max_queue_windows,
                      decode_options=decoding_options(args), body_seconds=args.body_timeout)
-    print(f"clip4str serve: http://{args.host}:{args.port}/ (POST /v1/read, GET /v1/model; Ctrl-C stops it)",
-          file=sys.stderr, flush=True)
+    host = f"[{args.host}]" if ":" in args.host else args.host
+    print(f"clip4str serve: starting on http://{host}:{args.port}/ (POST /v1/read, GET /v1/model; Ctrl-C stops "
+          "it)", file=sys.stderr, flush=True)
     uvicorn.run(app, host=args.host, port=args.port, workers=1, log_level="warning",
                 http=guarded_protocol(args.max_connections, args.header_timeout))
     return 0

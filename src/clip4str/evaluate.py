@@ -67,7 +67,7 @@ def run_benchmarks(recognizer, benchmarks: list[Benchmark], charset: str, batch_
     if csv_path:
         handle = open(csv_path, "w", newline="", encoding="utf-8")  # noqa: SIM115 - closed below
         writer = csv.writer(handle)
-        writer.writerow(["dataset", "index", "source", "label", "prediction", "confidence", "correct", "error"])
+        writer.writerow(["dataset", "index", "label", "prediction", "confidence", "correct", "error", "source"])
     try:
         for bench in benchmarks:
             scores = Scores(charset)
@@ -86,8 +86,8 @@ def run_benchmarks(recognizer, benchmarks: list[Benchmark], charset: str, batch_
                 hits = scores.update([r.text for r in results], labels, [r.confidence for r in results])
                 if writer:
                     for k, (r, label, hit) in enumerate(zip(results, labels, hits, strict=True)):
-                        writer.writerow([bench.name, start + k, sample_source(bench.data, start + k), label,
-                                         r.text, f"{r.confidence:.6f}", int(hit), r.error or ""])
+                        writer.writerow([bench.name, start + k, label, r.text, f"{r.confidence:.6f}", int(hit),
+                                         r.error or "", sample_source(bench.data, start + k)])
                 if progress:
                     progress(len(items))
             rows.append((bench.name, scores))

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import io
+import itertools
+import numbers
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 from PIL import Image
@@ -117,28 +119,32 @@ MAX_WINDOWS = 64
 MAX_REFINE_ITERS = 8  # more passes change nothing a reader would see and cost a decoder pass each
 
 
-def as_items(images: ImageInput | Iterable[ImageInput]) -> list[ImageInput]:
-    """One image, or any iterable of images (list, tuple, generator), as a list."""
-    if isinstance(images, (str, bytes, bytearray, Path, Image.Image, np.ndarray)):
-        return [images]
-    if isinstance(images, Iterable):
-        return list(images)
-    return [images]  # not an image either: its result says so
+def as_items(images: ImageInput | Iterable[ImageInput]) -> Iterator[ImageInput]:
+    """One image, or a list, tuple or iterator (a generator) of images, as an iterator; anything else is one
+    item (whose result says what it is not)."""
+    if isinstance(images, (list, tuple)) or (isinstance(images, Iterator) and not isinstance(images, io.IOBase)):
+        return iter(images)
+    return iter([images])
+
+
+def _integer(value: object) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def check_read_options(batch_size: object, options: dict) -> None:
     """Refuse option values that would fail deep inside decoding or be silently ignored, naming the option."""
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+    if not _integer(batch_size) or batch_size < 1:
         raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
     refine = options.get("refine_iters")
-    if refine is not None and (isinstance(refine, bool) or not isinstance(refine, int)
-                               or not 0 <= refine <= MAX_REFINE_ITERS):
+    if refine is not None and (not _integer(refine) or not 0 <= refine <= MAX_REFINE_ITERS):
         raise ValueError(f"refine_iters must be an integer from 0 to {MAX_REFINE_ITERS}, got {refine!r}")
+    if options.get("mode") not in (None, "ar", "nar"):
+        raise ValueError(f"mode must be 'ar' or 'nar', got {options['mode']!r}")
     for flag in ("second_look", "cascade", "draft", "guard", "rescore", "early_exit", "compiled"):
-        if flag in options and not isinstance(options[flag], (bool, int)):
+        if flag in options and not isinstance(options[flag], (bool, numbers.Integral)):
             raise ValueError(f"{flag} must be True or False, got {options[flag]!r}")
     windows = options.get("max_windows")
-    if windows is not None and (isinstance(windows, bool) or not isinstance(windows, int) or windows < 1):
+    if windows is not None and (not _integer(windows) or windows < 1):
         raise ValueError(f"max_windows must be an integer >= 1, got {windows!r}")
 
 
@@ -183,10 +189,10 @@ class BaseRecognizer:
         check_read_options(batch_size, options)
         threshold = self.second_look_confidence if options.pop("second_look", True) else None
         max_windows = int(options.pop("max_windows", MAX_WINDOWS))
-        for start in range(0, len(items), batch_size):
+        while batch := list(itertools.islice(items, batch_size)):  # a long iterator is read as it comes
             pieces: list[Image.Image] = []
             owners: list[tuple[int, int] | ReadResult] = []
-            for item in items[start:start + batch_size]:
+            for item in batch:
                 try:
                     image = load_image(item)
                     n = window_count(*image.size, self.window_aspect)

@@ -39,14 +39,12 @@ def save_checkpoint(model: CLIP4STR, path: str | Path, provenance: dict[str, Any
     folder.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().cpu().to(dtype if dtype is not None and v.is_floating_point() else v.dtype)
                .contiguous() for k, v in model.state_dict().items()}
-    save_file(tensors, str(folder / WEIGHTS_NAME), metadata={"format": FORMAT})
-    # safetensors creates the file readable by its owner only, whatever the umask: a service account or a
-    # colleague could read config.json but not the weights.
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(folder / WEIGHTS_NAME, 0o666 & ~umask)
     doc = {"format": FORMAT, "model": model.config.to_dict(), "provenance": provenance or {}}
     (folder / CONFIG_NAME).write_text(json.dumps(doc, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    save_file(tensors, str(folder / WEIGHTS_NAME), metadata={"format": FORMAT})
+    # safetensors creates the file readable by its owner only, whatever the umask: a service account or a
+    # colleague could read config.json but not the weights. They get config.json's mode (the umask's).
+    os.chmod(folder / WEIGHTS_NAME, (folder / CONFIG_NAME).stat().st_mode & 0o777)
     return folder
 
 

@@ -31,8 +31,8 @@ PR_SET_PDEATHSIG = 1  # prctl option (linux/prctl.h)
 # `data.scale_jitter`: how far a sample's text may be rescaled vertically (share of the crop's height repeated
 # above and below, or cut), since real crops come cut loosely or tightly around their words.
 MAX_PAD, MAX_CUT = 0.25, 0.10
-# `data.join_real`: two real crops joined side by side make one longer word only up to this width:height (wider
-# crops are read in windows, not squeezed into the model's input).
+# `data.join_real`: two real crops joined side by side make one longer word only up to this width:height, within
+# what reading takes whole (the built-in model: up to 11.25:1; wider crops are read in windows).
 MAX_JOINED_ASPECT = 9.0
 
 

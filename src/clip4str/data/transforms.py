@@ -33,10 +33,10 @@ def _array_to_pil(arr: np.ndarray) -> Image.Image:
         if not np.issubdtype(arr.dtype, np.floating) and not np.issubdtype(arr.dtype, np.integer):
             raise ImageDecodeError(f"array of dtype {arr.dtype} is not an image")
         if np.issubdtype(arr.dtype, np.floating):
-            # Floats are 0..1 (the usual convention) unless a value is above 1: then 0..255 (a uint8 image
-            # converted with .astype(float)), as PIL's mode F is read. Integers wider than 8 bits by their range.
+            # Floats are 0..1 (the usual convention; a resize may overshoot it a little) unless a value is above 2:
+            # then 0..255 (a uint8 image converted with .astype(float)). Integers wider than 8 bits by their range.
             arr = np.nan_to_num(arr.astype(np.float32))
-            scale = 255.0 if arr.max(initial=0) <= 1.0 else 1.0
+            scale = 255.0 if arr.max(initial=0) <= 2.0 else 1.0
             arr = np.clip(arr * scale + 0.5, 0, 255).astype(np.uint8)
         else:
             top = 65535 if arr.max(initial=0) > 255 else 255

@@ -151,6 +151,17 @@ def create_app(recognizer, max_batch: int = 32, max_upload_mb: float = 10.0, max
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, e: HTTPException) -> JSONResponse:
         return JSONResponse({"error": str(e.detail)}, status_code=e.status_code, headers=e.headers)
+
+    schema = app.openapi
+
+    def openapi() -> dict:
+        """The schema without the 422 FastAPI lists for every parameter: bad values get 400 {"error": ...}."""
+        doc = schema()
+        for operation in (op for path in doc.get("paths", {}).values() for op in path.values()):
+            operation.get("responses", {}).pop("422", None)
+        return doc
+
+    app.openapi = openapi
     model_lock = threading.Lock()  # the batcher and attention maps share one model (and its recording flags)
 
     def read_batch(images: list[Image.Image]) -> list:
@@ -188,7 +199,7 @@ def create_app(recognizer, max_batch: int = 32, max_upload_mb: float = 10.0, max
                                            **(decode_options or {})},
                 "cross_branch": cfg["cross_branch"], "provenance": getattr(model, "provenance", {}),
                 "backend": "torch" if model is not None else "onnx",
-                "device": str(getattr(recognizer, "device", "cpu")), "max_batch": max_batch,
+                "device": str(recognizer.device) if model is not None else "cpu", "max_batch": max_batch,
                 "limits": {"upload_mb": max_upload_mb, "images_per_request": max_images,
                            "windows_per_image": max_windows, "windows_per_request": max_request_windows,
                            "queued_windows": max_queue_windows, "pixels_per_image": MAX_PIXELS,

@@ -14,6 +14,7 @@ from tqdm import tqdm
 from clip4str import commands
 from clip4str.charset import CHARSETS
 from clip4str.data.cli import add_data_commands, positive_int
+from clip4str.data.folder import LABELS_NAME
 from clip4str.evaluate import collect_benchmarks, format_table, run_benchmarks
 from clip4str.inputs import expand_inputs
 from clip4str.reading import MAX_REFINE_ITERS, MAX_WINDOWS, BaseRecognizer
@@ -80,8 +81,8 @@ def cmd_read(args: argparse.Namespace) -> int:
     """One line per image (text, tsv or json lines); failures listed on stderr and exit status 1."""
     paths = expand_inputs(args.images)
     if not paths:
-        datasets = [p for p in args.images if Path(p).is_dir() and (any(Path(p).rglob("data.mdb")) or
-                                                                   (Path(p) / "labels.tsv").is_file())]
+        datasets = [p for p in args.images if Path(p).is_dir() and ((Path(p) / LABELS_NAME).is_file() or
+                                                                   any(Path(p).rglob("data.mdb")))]
         hint = f": {datasets[0]!r} is a labelled dataset; score it with `clip4str test {datasets[0]}`" if datasets \
             else ""
         raise FileNotFoundError(f"no images to read{hint}")

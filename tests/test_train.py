@@ -561,3 +561,84 @@ def test_a_small_source_still_holds_one_sample_out_and_each_validation_prints_on
     train(load_config(str(cfg)))
     err = capsys.readouterr().err
     assert re.search(rf"step 2: validation word accuracy {folder.name}-holdout \d+\.\d% of 1\n", err), err
+
+
+def _weights_after_each_step(monkeypatch) -> dict[int, dict]:
+    """Record the model's own weights after every optimiser step of an in-process run."""
+    from clip4str.train.callbacks import ResumableCheckpoint
+    seen, hook = {}, ResumableCheckpoint.on_train_batch_end
+
+    def recording(self, trainer, module, *args):
+        seen[trainer.global_step] = {k: v.detach().clone() for k, v in module.model.state_dict().items()}
+        hook(self, trainer, module, *args)
+    monkeypatch.setattr(ResumableCheckpoint, "on_train_batch_end", recording)
+    return seen
+
+
+@pytest.mark.slow
+def test_average_from_exports_the_mean_of_every_steps_weights_from_that_share_on(tmp_path, folder, monkeypatch):
+    import torch
+
+    from clip4str.weights import load_model
+    seen = _weights_after_each_step(monkeypatch)
+    result = train(load_config(_config(tmp_path, folder, "avg", max_steps=8, average_from=0.5, val_every_steps=6)))
+    assert sorted(seen) == list(range(1, 9))
+    exported = load_model(result).state_dict()
+    for name in ("image_decoder.head.weight", "visual.conv1.weight", "cross_decoder.pos_queries"):
+        if name not in exported:
+            continue
+        mean = torch.stack([seen[step][name] for step in range(4, 9)]).mean(0)  # steps 4..8: from half of 8 on
+        torch.testing.assert_close(exported[name], mean, atol=1e-6, rtol=1e-5)
+        assert not torch.allclose(exported[name], seen[8][name])  # not simply the last step's weights
+    # Validation at step 6 read the average of steps 4-6 (logged beside the run's own losses).
+    assert (tmp_path / "avg" / "history.json").is_file()
+
+
+AVERAGING_SIGTERM_AT = """
+import os, sys
+from clip4str.train.callbacks import ResumableCheckpoint
+from clip4str.cli import main
+hook, at = ResumableCheckpoint.on_train_batch_end, int(sys.argv[2])
+def signalled(self, trainer, *args):
+    if trainer.global_step == at:
+        self._signal = 15  # as SIGTERM's handler does
+    hook(self, trainer, *args)
+ResumableCheckpoint.on_train_batch_end = signalled
+sys.exit(main(["train", "--config", sys.argv[1]]))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stop_at", [2, 6])  # before the average begins (step 4) and while it runs
+def test_a_run_with_averaging_stopped_and_resumed_ends_as_an_uninterrupted_one(tmp_path, folder, stop_at):
+    import torch
+
+    from clip4str.weights import load_model
+    full = train(load_config(_config(tmp_path, folder, "full", max_steps=8, average_from=0.5)))
+    cut = _config(tmp_path, folder, "cut", max_steps=8, average_from=0.5)
+    proc = subprocess.run([sys.executable, "-c", AVERAGING_SIGTERM_AT, str(cut), str(stop_at)], capture_output=True,
+                          timeout=300)
+    assert proc.returncode == 0 and f"checkpoint saved at step {stop_at}".encode() in proc.stderr, proc.stderr[-2000:]
+    ckpt = torch.load(tmp_path / "cut" / "last.ckpt", weights_only=True)
+    assert ("averaging_state" in ckpt) == (stop_at >= 4)  # before it begins, the checkpoint holds the run's weights
+    from clip4str.cli import main
+    assert main(["train", "--config", str(cut), "--resume"]) == 0
+    expected, resumed = load_model(full).state_dict(), load_model(tmp_path / "cut" / "final").state_dict()
+    for name, value in expected.items():
+        torch.testing.assert_close(resumed[name], value, atol=1e-5, rtol=1e-4, msg=name)
+    # Resuming an averaged run without its averaging would go on from the average: refused in one line.
+    if stop_at >= 4:
+        with pytest.raises(ValueError, match="resume it with the same train.average_from"):
+            from clip4str.train.resume import check_resumable
+            check_resumable(ckpt, load_model(full), load_config(cut, ["train.average_from=null"]).train,
+                            Path("last.ckpt"))
+
+
+def test_average_from_outside_its_range_and_the_old_swa_key_are_refused_in_one_line(tmp_path, folder):
+    for value in ("1.0", "-0.1"):
+        with pytest.raises(ValueError, match=r"train.average_from"):
+            load_config(_config(tmp_path, folder), [f"train.average_from={value}"])
+    with pytest.raises(ValueError, match="train.swa_lr is gone.*train.average_from"):
+        load_config(_config(tmp_path, folder), ["train.swa_lr=0.001"])
+    # An earlier run's config.yaml says `swa_lr: null`: it still reloads.
+    assert load_config(_config(tmp_path, folder), ["train.swa_lr=null"]).train.average_from is None

@@ -11,13 +11,13 @@ from typing import Any, Union
 # Values that must be > 0 or >= 0 (None, where a key allows it, always passes).
 POSITIVE = {"data.batch_size", "train.max_steps", "train.max_minutes", "train.base_lr", "train.num_nodes",
             "train.accumulate_grad_batches", "train.val_every_steps", "train.log_every_steps", "train.threads",
-            "train.checkpoint_every_minutes", "train.checkpoint_every_steps", "train.grad_clip", "train.swa_lr",
+            "train.checkpoint_every_minutes", "train.checkpoint_every_steps", "train.grad_clip",
             "model.max_label_length", "model.decoder_depth", "model.decoder_heads", "model.text_context_length",
             "model.num_permutations", "model.decoder_mlp_ratio"}
 NON_NEGATIVE = {"data.num_workers", "data.synth_val_size", "data.curriculum_images", "data.min_fonts",
                 "data.min_photos", "train.weight_decay", "train.decoder_lr_scale", "model.refine_iters",
                 "model.ctc_weight", "model.cross_loss_weight"}
-SHARES = {"train.warmup_pct", "model.dropout", "model.adapter_ratio"}  # in [0, 1]
+SHARES = {"train.warmup_pct", "train.average_from", "model.dropout", "model.adapter_ratio"}  # in [0, 1]
 
 
 def matches(value: Any, hint: Any) -> bool:

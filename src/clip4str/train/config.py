@@ -58,7 +58,7 @@ class TrainSection:
     weight_decay: float = 0.2
     warmup_pct: float = 0.075
     grad_clip: float = 20.0
-    swa_lr: float | None = None
+    average_from: float | None = None  # average the weights of every step from this share of the schedule on
     precision: str = "bf16-mixed"
     accelerator: str = "auto"
     devices: int | str | list[int] = 1  # a count, 'auto', or the GPU ids
@@ -73,6 +73,11 @@ class TrainSection:
     threads: int | None = None
     compile_encoder: bool = False  # torch.compile the image tower of training steps (1.3x faster tiny steps on CPU)
     out_dir: str = "runs/experiment"
+
+    def __post_init__(self) -> None:
+        if self.average_from is not None and not 0.0 <= self.average_from < 1.0:
+            raise ValueError(f"train.average_from is the share of the schedule after which every step's weights "
+                             f"are averaged, in [0, 1), got {self.average_from!r}")
 
 
 @dataclass
@@ -95,6 +100,11 @@ MODEL_KEYS = {f.name for f in dataclasses.fields(ModelConfig)}
 
 
 def _check_keys(section: str, values: dict[str, Any]) -> None:
+    if section == "train" and "swa_lr" in values:
+        # Lightning's epoch-based SWA never ran on the streamed data (it stopped every run at its start).
+        if values.pop("swa_lr") is not None:  # `swa_lr: null` in the config.yaml of an earlier run: nothing to do
+            raise ValueError("train.swa_lr is gone (it could not run on streamed data); use train.average_from "
+                             "(e.g. 0.75: average the weights of every step of the schedule's last quarter)")
     cls = SECTIONS[section]
     names = {f.name for f in dataclasses.fields(cls)} - {"overrides"}
     allowed = names | (MODEL_KEYS if section == "model" else set())

@@ -18,11 +18,14 @@ def check_resumable(ckpt: dict, model: CLIP4STR, t: TrainSection, path: Path) ->
     would stop with a long traceback, or at the old schedule's last step."""
     state = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
     check_fits(model, state, f"{path} (resumed with this config's model)")
+    if "averaging_state" in ckpt and t.average_from is None:
+        raise ValueError(f"{path} holds averaged weights (train.average_from) and the run's own apart; resume it "
+                         "with the same train.average_from")
     schedulers = ckpt.get("lr_schedulers") or [{}]
     state = schedulers[0] if isinstance(schedulers[0], dict) else {}
     total = state.get("total_steps")  # OneCycleLR's; LambdaLR (a time budget) has lr_lambdas instead
     if "total_steps" not in state and "lr_lambdas" not in state:
-        return  # another scheduler (SWA's, once it took over): nothing to compare
+        return  # another scheduler: nothing to compare
     if t.max_minutes is None and total is None:
         raise ValueError(f"{path} was trained with a time budget (train.max_minutes); resume it with the same "
                          "train.max_minutes")

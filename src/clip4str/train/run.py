@@ -20,6 +20,7 @@ from clip4str.factory import create_model, create_model_from_imagenet_vit
 from clip4str.inference import default_model_path
 from clip4str.model import CLIP4STR
 from clip4str.model.config import ModelConfig
+from clip4str.train.averaging import TailAveraging
 from clip4str.train.budget import TimeBudget
 from clip4str.train.callbacks import ResumableCheckpoint
 from clip4str.train.config import TrainConfig
@@ -212,12 +213,15 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path | None:
     dm = build_datamodule(cfg, model)
     out.mkdir(parents=True, exist_ok=True)
     run_id = len(list(out.glob("logs/run-*")))
-    callbacks: list[L.Callback] = [ResumableCheckpoint(out, t.checkpoint_every_minutes, t.checkpoint_every_steps)]
+    # In this order after each step: the budget's progress, which the average reads; the average; then a
+    # checkpoint, which must hold the step's average (a signal's save ends the process in that hook).
+    callbacks: list[L.Callback] = []
     budget = TimeBudget(t.max_minutes, t.max_steps) if t.max_minutes is not None else None
     if budget is not None:
         callbacks.append(budget)
-    if t.swa_lr is not None:
-        callbacks.append(L.pytorch.callbacks.StochasticWeightAveraging(swa_lrs=t.swa_lr))
+    if t.average_from is not None:
+        callbacks.append(TailAveraging(t.average_from, t.max_steps))
+    callbacks.append(ResumableCheckpoint(out, t.checkpoint_every_minutes, t.checkpoint_every_steps))
     trainer = L.Trainer(
         max_steps=t.max_steps, precision=t.precision, accelerator=t.accelerator, devices=t.devices,
         num_nodes=t.num_nodes, strategy=t.strategy,  # gradients are clipped by STRSystem (fused AdamW)

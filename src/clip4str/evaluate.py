@@ -58,10 +58,10 @@ UNLOADED = ReadResult("", 0.0, [], "the image could not be loaded from the datas
 
 
 def run_benchmarks(recognizer, benchmarks: list[Benchmark], charset: str, batch_size: int = 32,
-                   csv_path: str | Path | None = None, progress=None, **decode_options: object
-                   ) -> tuple[list[tuple[str, Scores]], float]:
-    """Score every benchmark; returns rows and milliseconds per image. Unreadable images count as wrong.
-    `decode_options` go to every read (e.g. guard=False)."""
+                   csv_path: str | Path | None = None, progress=None, unloaded: list[str] | None = None,
+                   **decode_options: object) -> tuple[list[tuple[str, Scores]], float]:
+    """Score every benchmark; returns rows and milliseconds per image. Unreadable images count as wrong (their
+    sources are appended to `unloaded`). `decode_options` go to every read (e.g. guard=False)."""
     rows, seconds, images = [], 0.0, 0
     writer, handle = None, None
     if csv_path:
@@ -83,6 +83,8 @@ def run_benchmarks(recognizer, benchmarks: list[Benchmark], charset: str, batch_
                 seconds += time.perf_counter() - t0
                 results = [next(readable) if it is not None else UNLOADED for it in items]
                 images += len(items)
+                if unloaded is not None:
+                    unloaded += [sample_source(bench.data, i) for it, i in zip(items, span, strict=True) if it is None]
                 hits = scores.update([r.text for r in results], labels, [r.confidence for r in results])
                 if writer:
                     for k, (r, label, hit) in enumerate(zip(results, labels, hits, strict=True)):

@@ -88,6 +88,6 @@ class FolderDataset(Dataset):
         try:
             image = load_image(self.paths[index])
         except ImageDecodeError as e:
-            warnings.warn(f"{e}; skipped", stacklevel=2)
+            warnings.warn(f"{e}; not loaded", stacklevel=2)
             return None
         return (self.transform(image) if self.transform else image), self.labels[index]

@@ -146,10 +146,10 @@ class LmdbDataset(Dataset):
             with open_lmdb(self.path).begin() as txn:
                 data = txn.get(key)
         except lmdb.Error as e:
-            warnings.warn(f"{self.path}: {key.decode()} unreadable ({e}); skipped", stacklevel=2)
+            warnings.warn(f"{self.path}: {key.decode()} unreadable ({e}); not loaded", stacklevel=2)
             return None
         if data is None:
-            warnings.warn(f"{self.path}: {key.decode()} missing; skipped", stacklevel=2)
+            warnings.warn(f"{self.path}: {key.decode()} missing; not loaded", stacklevel=2)
         return data
 
     def __getitem__(self, index: int) -> tuple[Any, str] | None:

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import copy
-import csv
 import json
+import logging
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import lightning as L
@@ -24,6 +25,7 @@ from clip4str.train.averaging import TailAveraging
 from clip4str.train.budget import TimeBudget
 from clip4str.train.callbacks import ResumableCheckpoint
 from clip4str.train.config import TrainConfig
+from clip4str.train.history import plot_history
 from clip4str.train.resume import check_resumable, read_training_checkpoint
 from clip4str.train.system import STRSystem
 from clip4str.weights import (
@@ -188,9 +190,22 @@ def check_paths(cfg: TrainConfig, init: bool = True) -> None:
             raise FileNotFoundError(f"{p!r} (named in the config) does not exist{where}")
 
 
+class _NoAdvert(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "litlogger" not in record.getMessage()
+
+
+def quiet_lightning() -> None:
+    """Drop two lines of Lightning's start-up that say nothing about the run: an advert for its cloud logger and a
+    deprecation warning its own code triggers in PyTorch."""
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_NoAdvert())
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
+
+
 def train(cfg: TrainConfig, resume: bool = False) -> Path | None:
     """Run (or resume) an experiment; returns the exported model folder (None on ranks other than 0)."""
     check_paths(cfg, init=not resume)  # a resumed run's weights come from last.ckpt
+    quiet_lightning()
     t, d = cfg.train, cfg.data
     out = Path(t.out_dir)
     last = out / "last.ckpt"
@@ -280,46 +295,3 @@ def export_last(cfg: TrainConfig, dest: str | Path, dtype: torch.dtype | None = 
     effective = ckpt.get("effective_batch", cfg.data.batch_size * cfg.train.accumulate_grad_batches)
     provenance = run_provenance(cfg, step, effective, max_steps=cfg.train.max_steps)
     return save_checkpoint(model.eval(), dest, provenance, dtype=dtype, force=force)
-
-
-def read_history(out: Path) -> list[dict[str, float]]:
-    """Every logged row of every run of an experiment, by step (later runs win)."""
-    rows: dict[tuple[int, str], dict[str, float]] = {}
-    for metrics in sorted((out / "logs").glob("run-*/metrics.csv"), key=lambda p: int(p.parent.name[4:])):
-        with metrics.open() as f:
-            for row in csv.DictReader(f):
-                values = {k: float(v) for k, v in row.items() if v not in ("", None)}
-                if "step" in values:
-                    kind = "val" if any(k.startswith("val") for k in values) else "train"
-                    rows[(int(values["step"]), kind)] = values
-    return [rows[k] for k in sorted(rows)]
-
-
-def plot_history(out: Path) -> Path:
-    """PNG of training loss and validation accuracy against steps."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    history = read_history(out)
-    fig, ax = plt.subplots(figsize=(8, 4.5))
-    train = [r for r in history if "loss" in r]
-    ax.plot([r["step"] for r in train], [r["loss"] for r in train], lw=0.8, label="training loss")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    val = [r for r in history if "val_accuracy" in r]
-    if val:
-        ax2 = ax.twinx()
-        ax2.plot([r["step"] for r in val], [r["val_accuracy"] for r in val], "o-", color="C1",
-                 label="validation accuracy (%)")
-        ax2.set_ylabel("validation word accuracy (%)")
-        ax2.legend(loc="center right")
-    ax.legend(loc="upper right")
-    ax.set_title(out.name)
-    fig.tight_layout()
-    path = out / "training.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    (out / "history.json").write_text(json.dumps(history))
-    return path

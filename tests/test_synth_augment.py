@@ -1,5 +1,6 @@
 import io
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -83,6 +84,38 @@ def test_missing_font_folder_is_reported(tmp_path):
         WordRenderer(fonts=[tmp_path / "nope"])
     with pytest.raises(FileNotFoundError, match="no usable font"):
         WordRenderer(fonts=[tmp_path])
+
+
+MPL_FONTS = Path(__import__("matplotlib").get_data_path()) / "fonts" / "ttf"
+
+
+@pytest.mark.skipif(not (MPL_FONTS / "LastResortHE-Regular.ttf").is_file(), reason="matplotlib's fonts not found")
+def test_fonts_that_draw_other_pictures_for_letters_are_not_used_for_synthetic_words(monkeypatch):
+    from clip4str.charset import CHARSETS
+    from clip4str.data import fonts
+
+    charset = CHARSETS["94"]
+    # matplotlib ships them beside DejaVu: a box for every character, TeX's braces, operators and arrows
+    for name in ("LastResortHE-Regular.ttf", "cmex10.ttf", "cmsy10.ttf", "cmmi10.ttf"):
+        assert fonts.inspect_font(MPL_FONTS / name, charset) is None, name
+    assert fonts.inspect_font(MPL_FONTS / "DejaVuSans.ttf", charset) is not None
+    assert fonts.inspect_font(MPL_FONTS / "cmr10.ttf", charset) is not None  # TeX's text font draws letters
+    # The box font is refused for drawing one picture for every character, whatever its name.
+    monkeypatch.setattr(fonts, "EXCLUDED_FAMILIES", ())
+    assert fonts.inspect_font(MPL_FONTS / "LastResortHE-Regular.ttf", charset) is None
+
+
+@pytest.mark.skipif(not (MPL_FONTS / "DejaVuSans.ttf").is_file(), reason="matplotlib's DejaVu Sans not found")
+def test_figures_write_characters_past_latin_letters_in_a_font_that_draws_them():
+    from PIL import ImageFont
+
+    from clip4str.data.fonts import _glyph, label_font
+
+    default = ImageFont.load_default(16)
+    assert label_font("hello", 16).getname() == default.getname()
+    assert _glyph(default, "ö") == _glyph(default, "\U0010fffd")  # Pillow's own font draws a box for it
+    font = label_font("Größe 5€", 16)  # matplotlib's DejaVu Sans (always found) draws both
+    assert all(_glyph(font, c) not in {_glyph(font, "\U0010fffd"), _glyph(font, "\uffff")} for c in "Größe5€")
 
 
 def test_augmentation_is_seeded_and_keeps_size(renderer):

@@ -6,8 +6,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw
 
+from clip4str.data.fonts import label_font
 from clip4str.data.transforms import ImageInput, load_image
 from clip4str.inference import Recognizer
 from clip4str.model.decoder import Decoder
@@ -78,7 +79,7 @@ def attention_strip(rec: Recognizer, image: ImageInput, out: str | Path, text: s
     text, maps = character_attention(rec, img, text)
     w = min(max(32, round(img.width * PANEL_HEIGHT / img.height)), MAX_PANEL_WIDTH)
     base = np.asarray(img.resize((w, PANEL_HEIGHT), Image.Resampling.BICUBIC), dtype=np.float32)
-    font = ImageFont.load_default(size=16)
+    font = label_font(text + "".join(maps), 16)  # the charset may go past what Pillow's own font draws
     panels = max(1, len(text))
     label_w, pad, cap = 120, 4, 20
     sheet = Image.new("RGB", (label_w + panels * (w + pad), len(maps) * (PANEL_HEIGHT + cap + pad) + pad), "white")

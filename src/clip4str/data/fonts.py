@@ -15,7 +15,10 @@ DEFAULT_FONT_DIRS = ("/usr/share/fonts", "/usr/local/share/fonts", "~/.fonts", "
 # Families whose glyphs are not the letters their code points name (symbol fonts map ASCII to pictures) or
 # whose case differs from the label (small capitals); matched against the font's own family name.
 EXCLUDED_FAMILIES = ("symbol", "dingbat", "d050000l", "keyboard", "math", "smallcaps", "small caps", "emoji",
-                     "awesome", "icons", "wingding", "webding")
+                     "awesome", "icons", "wingding", "webding",
+                     # matplotlib's TeX math fonts (ASCII code points drawn as arrows, braces, operators) and its
+                     # placeholder font (a box naming the Unicode block, for every character)
+                     "cmex", "cmsy", "cmmi", "last resort")
 
 
 def discover_fonts(dirs: list[str | Path] | None = None) -> list[Path]:
@@ -68,6 +71,11 @@ def inspect_font(path: str | Path, charset: str) -> FontInfo | None:
     covered = frozenset(c for c in charset if not c.isspace() and _glyph(font, c) not in missing
                         and font.getbbox(c)[2] > font.getbbox(c)[0])
     covered |= frozenset(c for c in charset if c.isspace())
+    # One drawing for many characters (matplotlib's Last Resort font: the same box for all of Basic Latin) would
+    # teach that a box reads as any label. Capitals and digits only: caps-only fonts draw lowercase as capitals.
+    basis = [c for c in covered if c.isalnum() and not c.islower()]
+    if len(basis) >= 10 and len({_glyph(font, c) for c in basis}) < 0.8 * len(basis):
+        return None
     caps = sum(_glyph(font, lo) == _glyph(font, lo.upper()) for lo in "aegmrs") >= 4
     return FontInfo(str(path), covered, caps)
 
@@ -88,3 +96,22 @@ def usable_fonts(paths: tuple[str, ...], charset: str, min_coverage: float = 0.9
 def load_font(path: str, size: int) -> ImageFont.FreeTypeFont:
     """A cached FreeType font object."""
     return ImageFont.truetype(path, size)
+
+
+def label_font(text: str, size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
+    """A font to write `text` on figures: Pillow's own, or where that draws some of its characters as boxes
+    (anything past Latin letters), the installed font that draws the most of them (DejaVu Sans first)."""
+    default = ImageFont.load_default(size=size)
+    chars = {c for c in text if not c.isspace()}
+    missing = {_glyph(default, "\U0010fffd"), _glyph(default, "\uffff")}
+    lacking = sum(_glyph(default, c) in missing for c in chars)
+    if not lacking:
+        return default
+    best, best_lacking = None, lacking
+    for path in sorted(discover_fonts(), key=lambda p: (p.name != "DejaVuSans.ttf", p.name)):
+        info = inspect_font(path, "".join(sorted(chars)))
+        if info is not None and len(chars - info.covered) < best_lacking:
+            best, best_lacking = info.path, len(chars - info.covered)
+            if not best_lacking:
+                break
+    return load_font(best, size) if best else default

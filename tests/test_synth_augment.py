@@ -34,6 +34,38 @@ def test_generator_is_deterministic_for_a_seed(renderer):
     assert [renderer[i][1] for i in range(10)] != [other[i][1] for i in range(10)]
 
 
+def test_hairline_strokes_get_full_ink_and_bold_ones_stay_as_drawn():
+    from PIL import ImageDraw, ImageFont
+
+    faint = Image.new("L", (60, 20), 0)
+    ImageDraw.Draw(faint).line([(5, 10), (55, 10)], fill=30)  # what a sub-pixel stroke leaves after anti-aliasing
+    inked = np.asarray(WordRenderer._full_ink(faint))
+    assert inked.max() == 255 and (inked > 0).sum() == (np.asarray(faint) > 0).sum()  # as thin, fully opaque
+    bold = Image.new("L", (60, 30), 0)
+    ImageDraw.Draw(bold).text((2, 2), "Hag", fill=255, font=ImageFont.load_default(24))
+    assert WordRenderer._full_ink(bold) is bold
+
+
+class _FlatBackgrounds:
+    """One flat colour per sample, drawn from the renderer's generator: the text's contrast is then exact."""
+
+    def sample(self, w, h, rng, difficulty=1.0):
+        return np.broadcast_to(rng.uniform(0, 255, 3), (h, w, 3)).astype(np.float32)
+
+
+def test_text_keeps_its_luma_contrast_after_tinting(renderer, monkeypatch):
+    from clip4str.data.synth import LUMA
+
+    monkeypatch.setattr(renderer, "backgrounds", _FlatBackgrounds())
+    mask = Image.new("L", (40, 20), 0)
+    mask.paste(255, (10, 5, 30, 15))
+    for seed in range(400):
+        rng = np.random.default_rng(seed)
+        out = np.asarray(renderer._compose(mask, rng), dtype=np.float32)
+        bg = _FlatBackgrounds().sample(1, 1, np.random.default_rng(seed))[0, 0]  # the same first draw
+        assert abs(float(out[10, 20] @ LUMA - bg @ LUMA)) >= 0.25 * 255 - 2, seed
+
+
 @pytest.mark.parametrize("charset", [CHARSETS["36"], CHARSETS["94"], "ABC123-"])
 def test_labels_always_fit_the_charset(charset):
     r = WordRenderer(charset, seed=5)

@@ -34,6 +34,9 @@ def _glyph(path: str, size: int, ch: str) -> tuple[Image.Image, float]:
     return cell, advance
 
 
+LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)  # ITU-R BT.601 weights of R, G, B
+
+
 def _perspective_coeffs(src: np.ndarray, dst: np.ndarray) -> list[float]:
     """Coefficients for PIL's PERSPECTIVE transform mapping output points `dst` to input points `src`."""
     rows = []
@@ -91,7 +94,7 @@ class WordRenderer:
             mask = self._with_neighbours(text, font, rng, self.words)
         else:
             mask = self._straight(text, font, stroke, rng)
-        mask = self._warp(mask, rng, d)
+        mask = self._full_ink(self._warp(mask, rng, d))
         image = self._compose(mask, rng, d)
         return self._degrade(image, rng, d), text
 
@@ -199,6 +202,19 @@ class WordRenderer:
         return mask.transform(size, Image.Transform.PERSPECTIVE, _perspective_coeffs(pts, out),
                               Image.Resampling.BILINEAR)
 
+    @staticmethod
+    def _full_ink(mask: Image.Image) -> Image.Image:
+        """Hairline and thin fonts at small sizes draw strokes narrower than a pixel, which anti-aliasing leaves at
+        a tenth to a half of full ink: an all but invisible word under its label. The mask is raised until its
+        strongest strokes are opaque; the strokes stay as thin as the font draws them."""
+        arr = np.asarray(mask, dtype=np.float32)
+        ink = arr[..., 0] if arr.ndim == 3 else arr
+        drawn = ink[ink > 0]
+        peak = float(np.percentile(drawn, 99)) if drawn.size else 255.0
+        if peak >= 200:
+            return mask
+        return Image.fromarray(np.clip(arr * (255.0 / max(peak, 1.0)), 0, 255).astype(np.uint8), mask.mode)
+
     def _compose(self, mask: Image.Image, rng: np.random.Generator, d: float = 1.0) -> Image.Image:
         inner = None
         if mask.mode == "RGB":
@@ -206,14 +222,18 @@ class WordRenderer:
         w, h = mask.size
         bg_arr = self.backgrounds.sample(w, h, rng, d)
         weight = np.asarray(mask, dtype=np.float32)
-        # Contrast is judged where the text lies, not over the whole (possibly busy) background.
-        bg_lum = float((bg_arr.mean(-1) * weight).sum() / max(weight.sum(), 1.0)) / 255.0
+        # Contrast is judged where the text lies, not over the whole (possibly busy) background, in luma (green
+        # looks brighter than blue of the same value).
+        bg_lum = float((bg_arr @ LUMA * weight).sum() / max(weight.sum(), 1.0)) / 255.0
         bg = Image.fromarray(bg_arr.astype(np.uint8))
         fg_lum = (bg_lum + rng.uniform(0.35, 0.65)) % 1.0 if rng.random() < 0.5 else 1.0 - bg_lum
         if abs(fg_lum - bg_lum) < 0.35 + 0.3 * (1 - d):  # easy samples get strong contrast
             fg_lum = 0.08 if bg_lum > 0.5 else 0.92
         tint = rng.uniform(-0.35, 0.35, 3) if rng.random() < 0.6 else np.zeros(3)
-        fg = tuple(int(v) for v in np.clip(fg_lum + tint * min(fg_lum, 1 - fg_lum) * 2, 0, 1) * 255)
+        colour = np.clip(fg_lum + tint * min(fg_lum, 1 - fg_lum) * 2, 0, 1)
+        if abs(float(colour @ LUMA) - bg_lum) < 0.25:  # the tint took away the contrast chosen above
+            colour = np.full(3, fg_lum)
+        fg = tuple(int(v) for v in colour * 255)
         if rng.random() < 0.2 * d:  # shadow: the text's silhouette, offset and darker
             dx, dy = (int(v) for v in rng.integers(-3, 4, 2))
             shadow = ImageChops.offset(mask, dx, dy).point(lambda v: v * 0.6)

@@ -62,7 +62,9 @@ OPS: dict[str, Callable[[Image.Image, float, random.Random], Image.Image]] = {
     "AutoContrast": lambda img, m, r: ImageOps.autocontrast(img),
     "Equalize": lambda img, m, r: ImageOps.equalize(img),
     "Invert": lambda img, m, r: ImageOps.invert(img),
-    "Rotate": lambda img, m, r: img.rotate(_signed(m * ROTATE_DEG, r), Image.Resampling.BILINEAR,
+    # expand: the whole word stays in the picture, as the upright box around a rotated word in a photo holds it
+    # (rotating inside the crop's own frame cut the first and last letters of wide crops off under their label).
+    "Rotate": lambda img, m, r: img.rotate(_signed(m * ROTATE_DEG, r), Image.Resampling.BILINEAR, expand=True,
                                            fillcolor=_fill(img)),
     "Posterize": lambda img, m, r: ImageOps.posterize(img, max(1, 8 - int(m * 4))),
     "Solarize": lambda img, m, r: ImageOps.solarize(img, 256 - int(m * 256)),

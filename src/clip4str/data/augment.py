@@ -21,8 +21,23 @@ def _fill(img: Image.Image) -> tuple[int, ...]:
     return (128,) * len(img.getbands())
 
 
-def _affine(img: Image.Image, matrix: tuple[float, ...]) -> Image.Image:
-    return img.transform(img.size, Image.Transform.AFFINE, matrix, Image.Resampling.BILINEAR, fillcolor=_fill(img))
+def _shear(img: Image.Image, sx: float = 0.0, sy: float = 0.0) -> Image.Image:
+    """Shear along x (by sx x height) or y (by sy x width) on a canvas grown to hold the whole picture: cut in the
+    crop's own frame, the letters at a wide crop's ends left the picture under their label."""
+    w, h = img.size
+    off_x, off_y = max(sx, 0.0) * h, max(sy, 0.0) * w
+    size = (w + int(round(abs(sx) * h)), h + int(round(abs(sy) * w)))
+    # PIL maps each output pixel back to the input: x_in = x + sx*y - off_x, y_in = sy*x + y - off_y
+    return img.transform(size, Image.Transform.AFFINE, (1, sx, -off_x, sy, 1, -off_y), Image.Resampling.BILINEAR,
+                         fillcolor=_fill(img))
+
+
+def _shift(img: Image.Image, dx: float = 0.0, dy: float = 0.0) -> Image.Image:
+    """The picture moved by (dx, dy) pixels within a canvas grown by as much: off centre, nothing cut."""
+    w, h = img.size
+    out = Image.new(img.mode, (w + int(round(abs(dx))), h + int(round(abs(dy)))), _fill(img))
+    out.paste(img, (int(round(max(dx, 0.0))), int(round(max(dy, 0.0)))))
+    return out
 
 
 def _poisson(img: Image.Image, lam: float, rng: random.Random) -> Image.Image:
@@ -57,13 +72,14 @@ def join_horizontally(left: Image.Image, right: Image.Image) -> Image.Image:
     return out
 
 
-# name -> op(img, level in 0..1, rng); every level maps to the op's strength as in timm's "increasing" ops.
+# name -> op(img, level in 0..1, rng); every level maps to the op's strength as in timm's "increasing" ops. The
+# geometric ops grow the picture instead of cutting it (unlike timm's, in the crop's own frame), so every letter of
+# the label stays in it.
 OPS: dict[str, Callable[[Image.Image, float, random.Random], Image.Image]] = {
     "AutoContrast": lambda img, m, r: ImageOps.autocontrast(img),
     "Equalize": lambda img, m, r: ImageOps.equalize(img),
     "Invert": lambda img, m, r: ImageOps.invert(img),
-    # expand: the whole word stays in the picture, as the upright box around a rotated word in a photo holds it
-    # (rotating inside the crop's own frame cut the first and last letters of wide crops off under their label).
+    # expand: as the upright box around a rotated word in a photo holds it
     "Rotate": lambda img, m, r: img.rotate(_signed(m * ROTATE_DEG, r), Image.Resampling.BILINEAR, expand=True,
                                            fillcolor=_fill(img)),
     "Posterize": lambda img, m, r: ImageOps.posterize(img, max(1, 8 - int(m * 4))),
@@ -72,10 +88,10 @@ OPS: dict[str, Callable[[Image.Image, float, random.Random], Image.Image]] = {
     "Color": lambda img, m, r: ImageEnhance.Color(img).enhance(1.0 + _signed(m * 0.9, r)),
     "Contrast": lambda img, m, r: ImageEnhance.Contrast(img).enhance(1.0 + _signed(m * 0.9, r)),
     "Brightness": lambda img, m, r: ImageEnhance.Brightness(img).enhance(1.0 + _signed(m * 0.9, r)),
-    "ShearX": lambda img, m, r: _affine(img, (1, _signed(m * SHEAR_X, r), 0, 0, 1, 0)),
-    "ShearY": lambda img, m, r: _affine(img, (1, 0, 0, _signed(m * SHEAR_Y, r), 1, 0)),
-    "TranslateX": lambda img, m, r: _affine(img, (1, 0, _signed(m * TRANSLATE_X, r) * img.width, 0, 1, 0)),
-    "TranslateY": lambda img, m, r: _affine(img, (1, 0, 0, 0, 1, _signed(m * TRANSLATE_Y, r) * img.height)),
+    "ShearX": lambda img, m, r: _shear(img, sx=_signed(m * SHEAR_X, r)),
+    "ShearY": lambda img, m, r: _shear(img, sy=_signed(m * SHEAR_Y, r)),
+    "TranslateX": lambda img, m, r: _shift(img, dx=_signed(m * TRANSLATE_X, r) * img.width),
+    "TranslateY": lambda img, m, r: _shift(img, dy=_signed(m * TRANSLATE_Y, r) * img.height),
     "GaussianBlur": lambda img, m, r: img.filter(ImageFilter.GaussianBlur(max(0.1, m * 2.0 * min(img.size) / 32))),
     "PoissonNoise": lambda img, m, r: _poisson(img, max(1.0, m * 40.0), r),
 }

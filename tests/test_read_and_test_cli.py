@@ -141,7 +141,7 @@ def test_an_unreadable_image_counts_as_wrong(images, tmp_path, capsys):
         assert main(["test", str(folder), "--model", str(ckpt), "--format", "json", "--quiet",
                      "--csv", str(tmp_path / "p.csv")]) == 0
     out, err = capsys.readouterr()
-    assert "1 of 3 images could not be loaded (broken.png): counted as wrong readings" in err
+    assert "1 of 3 images could not be loaded (mixed/broken.png): counted as wrong readings" in err
     rows = {r["dataset"]: r for r in json.loads(out)}
     assert rows["mixed"]["samples"] == 3 and rows["mixed"]["accuracy"] == pytest.approx(66.67, abs=0.01)
     broken = list(csv.DictReader((tmp_path / "p.csv").open()))[2]  # the row names the file and says what it means

@@ -131,7 +131,11 @@ def test_fonts_that_draw_other_pictures_for_letters_are_not_used_for_synthetic_w
     for name in ("LastResortHE-Regular.ttf", "cmex10.ttf", "cmsy10.ttf", "cmmi10.ttf"):
         assert fonts.inspect_font(MPL_FONTS / name, charset) is None, name
     assert fonts.inspect_font(MPL_FONTS / "DejaVuSans.ttf", charset) is not None
-    assert fonts.inspect_font(MPL_FONTS / "cmr10.ttf", charset) is not None  # TeX's text font draws letters
+    # TeX's text fonts draw letters, but other signs at some ASCII punctuation (OT1: < as an inverted !, { as a dash)
+    for name in ("cmr10.ttf", "cmss10.ttf", "cmb10.ttf", "cmti10.ttf"):
+        covered = fonts.inspect_font(MPL_FONTS / name, charset).covered
+        assert set("Aa0.,-") <= covered and not set('<>{}|_"`\\') & covered, name
+    assert set('<>{}|_"`\\') <= fonts.inspect_font(MPL_FONTS / "cmtt10.ttf", charset).covered  # typewriter: ASCII
     # The box font is refused for drawing one picture for every character, whatever its name.
     monkeypatch.setattr(fonts, "EXCLUDED_FAMILIES", ())
     assert fonts.inspect_font(MPL_FONTS / "LastResortHE-Regular.ttf", charset) is None

@@ -84,7 +84,8 @@ def run_benchmarks(recognizer, benchmarks: list[Benchmark], charset: str, batch_
                 results = [next(readable) if it is not None else UNLOADED for it in items]
                 images += len(items)
                 if unloaded is not None:
-                    unloaded += [sample_source(bench.data, i) for it, i in zip(items, span, strict=True) if it is None]
+                    unloaded += [f"{bench.name}/{sample_source(bench.data, i)}"
+                                 for it, i in zip(items, span, strict=True) if it is None]
                 hits = scores.update([r.text for r in results], labels, [r.confidence for r in results])
                 if writer:
                     for k, (r, label, hit) in enumerate(zip(results, labels, hits, strict=True)):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +20,10 @@ EXCLUDED_FAMILIES = ("symbol", "dingbat", "d050000l", "keyboard", "math", "small
                      # matplotlib's TeX math fonts (ASCII code points drawn as arrows, braces, operators) and its
                      # placeholder font (a box naming the Unicode block, for every character)
                      "cmex", "cmsy", "cmmi", "last resort")
+# TeX's text fonts (matplotlib's cmr10, cmss10, cmb10, cmti10) keep the old OT1 layout, which draws other signs at
+# these ASCII code points (< as the inverted exclamation mark, " as a closing quote, { as an en dash, ...).
+OT1_FAMILY = re.compile(r"cm(r|ss|b|bx|ti|sl)\d")
+OT1_ELSEWHERE = set('<>\\_{|}"`')
 
 
 def discover_fonts(dirs: list[str | Path] | None = None) -> list[Path]:
@@ -71,6 +76,8 @@ def inspect_font(path: str | Path, charset: str) -> FontInfo | None:
     covered = frozenset(c for c in charset if not c.isspace() and _glyph(font, c) not in missing
                         and font.getbbox(c)[2] > font.getbbox(c)[0])
     covered |= frozenset(c for c in charset if c.isspace())
+    if OT1_FAMILY.match(family):
+        covered -= OT1_ELSEWHERE
     # One drawing for many characters (matplotlib's Last Resort font: the same box for all of Basic Latin) would
     # teach that a box reads as any label. Capitals and digits only: caps-only fonts draw lowercase as capitals.
     basis = [c for c in covered if c.isalnum() and not c.islower()]
@@ -102,16 +109,21 @@ def label_font(text: str, size: int) -> ImageFont.FreeTypeFont | ImageFont.Image
     """A font to write `text` on figures: Pillow's own, or where that draws some of its characters as boxes
     (anything past Latin letters), the installed font that draws the most of them (DejaVu Sans first)."""
     default = ImageFont.load_default(size=size)
-    chars = {c for c in text if not c.isspace()}
+    chars = "".join(sorted({c for c in text if not c.isspace()}))
     missing = {_glyph(default, "\U0010fffd"), _glyph(default, "\uffff")}
-    lacking = sum(_glyph(default, c) in missing for c in chars)
-    if not lacking:
+    if all(_glyph(default, c) not in missing for c in chars):
         return default
-    best, best_lacking = None, lacking
+    best = _font_drawing_most(chars)
+    return load_font(best, size) if best else default
+
+
+@functools.lru_cache(maxsize=32)
+def _font_drawing_most(chars: str) -> str | None:
+    best, best_lacking = None, len(chars)
     for path in sorted(discover_fonts(), key=lambda p: (p.name != "DejaVuSans.ttf", p.name)):
-        info = inspect_font(path, "".join(sorted(chars)))
-        if info is not None and len(chars - info.covered) < best_lacking:
-            best, best_lacking = info.path, len(chars - info.covered)
+        info = inspect_font(path, chars)
+        if info is not None and len(set(chars) - info.covered) < best_lacking:
+            best, best_lacking = info.path, len(set(chars) - info.covered)
             if not best_lacking:
                 break
-    return load_font(best, size) if best else default
+    return best

@@ -20,6 +20,7 @@ class TailAveraging(WeightAveraging):
         super().__init__(use_buffers=False)
         self.start, self.max_steps = start, max_steps
         self._module: L.LightningModule | None = None
+        self._swapped = False  # the live module holds the average (during validation)
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
@@ -38,10 +39,12 @@ class TailAveraging(WeightAveraging):
     def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.begun():
             super().on_validation_epoch_start(trainer, pl_module)
+            self._swapped = True
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self.begun():
+        if self._swapped:
             super().on_validation_epoch_end(trainer, pl_module)
+            self._swapped = False
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.begun():
@@ -50,6 +53,9 @@ class TailAveraging(WeightAveraging):
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
         if self.begun():
             super().on_save_checkpoint(trainer, pl_module, checkpoint)
+            if self._swapped:  # saved inside validation (a signal, then an error there): the roles are crossed
+                checkpoint["state_dict"], checkpoint["current_model_state"] = \
+                    checkpoint["current_model_state"], checkpoint["state_dict"]
 
     def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
         if "averaging_state" in checkpoint:  # otherwise the average had not begun: the copy made at setup stands

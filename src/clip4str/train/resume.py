@@ -20,7 +20,7 @@ def check_resumable(ckpt: dict, model: CLIP4STR, t: TrainSection, path: Path) ->
     check_fits(model, state, f"{path} (resumed with this config's model)")
     if "averaging_state" in ckpt and t.average_from is None:
         raise ValueError(f"{path} holds averaged weights (train.average_from) and the run's own apart; resume it "
-                         "with the same train.average_from")
+                         "with train.average_from set (the run's value)")
     schedulers = ckpt.get("lr_schedulers") or [{}]
     state = schedulers[0] if isinstance(schedulers[0], dict) else {}
     total = state.get("total_steps")  # OneCycleLR's; LambdaLR (a time budget) has lr_lambdas instead

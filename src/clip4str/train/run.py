@@ -198,7 +198,9 @@ class _NoAdvert(logging.Filter):
 def quiet_lightning() -> None:
     """Drop two lines of Lightning's start-up that say nothing about the run: an advert for its cloud logger and a
     deprecation warning its own code triggers in PyTorch."""
-    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_NoAdvert())
+    logger = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    if not any(isinstance(f, _NoAdvert) for f in logger.filters):
+        logger.addFilter(_NoAdvert())
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
 
 

@@ -34,6 +34,23 @@ def test_generator_is_deterministic_for_a_seed(renderer):
     assert [renderer[i][1] for i in range(10)] != [other[i][1] for i in range(10)]
 
 
+def test_blur_scales_with_the_letters_not_with_a_tall_canvas():
+    # A curved or turned word's canvas is several letters tall: blur sized to the canvas wiped small letters out.
+    canvas = Image.new("RGB", (120, 120), "white")
+    draw = __import__("PIL.ImageDraw").ImageDraw.Draw(canvas)
+    for x in range(10, 110, 6):
+        draw.line([(x, 50), (x, 70)], fill="black", width=2)  # strokes of letters 20 px tall
+    detail = {}
+    for text_height in (None, 24):
+        edges = 0.0
+        for seed in range(60):
+            out = np.asarray(WordRenderer._degrade(canvas.copy(), np.random.default_rng(seed), 1.0, text_height),
+                             dtype=np.float32).mean(-1)
+            edges += float(np.abs(np.diff(out, axis=1)).sum())
+        detail[text_height] = edges
+    assert detail[24] > 1.2 * detail[None]
+
+
 def test_hairline_strokes_get_full_ink_and_bold_ones_stay_as_drawn():
     from PIL import ImageDraw, ImageFont
 

@@ -46,10 +46,11 @@ def _perspective_coeffs(src: np.ndarray, dst: np.ndarray) -> list[float]:
     return np.linalg.solve(np.array(rows, dtype=np.float64), src.reshape(8)).tolist()
 
 
-def _motion_blur(image: Image.Image, rng: np.random.Generator) -> Image.Image:
-    """The mean of the image shifted along a short line, mostly horizontal, as long as a tenth of its height."""
+def _motion_blur(image: Image.Image, rng: np.random.Generator, height: int | None = None) -> Image.Image:
+    """The mean of the image shifted along a short line, mostly horizontal, as long as a tenth of `height` (the
+    letters'; default the image's)."""
     arr = np.asarray(image, dtype=np.float32)
-    steps = max(2, int(round(float(rng.uniform(0.05, 0.12)) * arr.shape[0] * 2)))
+    steps = max(2, int(round(float(rng.uniform(0.05, 0.12)) * (height or arr.shape[0]) * 2)))
     angle = float(rng.normal(0, 0.35))
     padded = np.pad(arr, ((steps, steps), (steps, steps), (0, 0)), mode="edge")
     out = np.zeros_like(arr)
@@ -96,7 +97,7 @@ class WordRenderer:
             mask = self._straight(text, font, stroke, rng)
         mask = self._full_ink(self._warp(mask, rng, d))
         image = self._compose(mask, rng, d)
-        return self._degrade(image, rng, d), text
+        return self._degrade(image, rng, d, text_height=int(1.4 * size)), text
 
     def _font_and_text(self, rng: np.random.Generator, max_chars: int | None = None) -> tuple[FontInfo, str]:
         for _ in range(20):
@@ -244,8 +245,12 @@ class WordRenderer:
         return Image.composite(text, bg, mask)
 
     @staticmethod
-    def _degrade(image: Image.Image, rng: np.random.Generator, d: float = 1.0) -> Image.Image:
+    def _degrade(image: Image.Image, rng: np.random.Generator, d: float = 1.0,
+                 text_height: int | None = None) -> Image.Image:
         w, h = image.size
+        # Blur and downsampling scale with the letters' height, not the canvas's: a curved or turned word's canvas
+        # is several letters tall, and blur sized to it wiped small letters out.
+        th = min(h, text_height) if text_height else h
         if rng.random() < 0.15 * d:  # partial occlusion: a see-through bar or a thin line over part of the word
             draw = ImageDraw.Draw(image, "RGBA")
             colour = (*(int(v) for v in rng.integers(0, 256, 3)), int(rng.integers(90, 180)))
@@ -256,12 +261,12 @@ class WordRenderer:
                 draw.line([(0, int(rng.uniform(0, h))), (w, int(rng.uniform(0, h)))], fill=colour,
                           width=int(rng.integers(1, 3)))
         if rng.random() < 0.12 * d:  # a moving camera or vehicle (IC15): the image smeared along a line
-            image = _motion_blur(image, rng)
-        # Blur and downsampling scale with the image, so that small words stay legible.
+            image = _motion_blur(image, rng, th)
+        # Blur and downsampling scale with the letters, so that small words stay legible.
         if rng.random() < 0.3 * d:
-            image = image.filter(ImageFilter.GaussianBlur(float(rng.uniform(0.2, 1.0)) * max(1.0, h / 32)))
+            image = image.filter(ImageFilter.GaussianBlur(float(rng.uniform(0.2, 1.0)) * max(1.0, th / 32)))
         elif rng.random() < 0.2 * d:  # low resolution
-            f = float(rng.uniform(1.3, max(1.5, h / 14)))
+            f = float(rng.uniform(1.3, max(1.5, th / 14)))
             image = image.resize((max(1, int(w / f)), max(1, int(h / f))), Image.Resampling.BILINEAR).resize(
                 (w, h), Image.Resampling.BILINEAR)
         if rng.random() < 0.3 * d:

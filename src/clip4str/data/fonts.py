@@ -63,6 +63,11 @@ def _glyph(font: ImageFont.FreeTypeFont, ch: str) -> bytes:
     return bytes(mask.size) + bytes(mask)
 
 
+def _missing_glyphs(font: ImageFont.FreeTypeFont) -> set[bytes]:
+    """What the font draws for characters it lacks (its missing-glyph box), as `_glyph` bytes."""
+    return {_glyph(font, "\U0010fffd"), _glyph(font, "\uffff")}
+
+
 def inspect_font(path: str | Path, charset: str) -> FontInfo | None:
     """Which charset characters the font really draws (not its missing-glyph box); None if unreadable."""
     try:
@@ -72,7 +77,7 @@ def inspect_font(path: str | Path, charset: str) -> FontInfo | None:
     family = " ".join(font.getname()).lower()
     if any(word in family for word in EXCLUDED_FAMILIES):
         return None
-    missing = {_glyph(font, "\U0010fffd"), _glyph(font, "\uffff")}
+    missing = _missing_glyphs(font)
     covered = frozenset(c for c in charset if not c.isspace() and _glyph(font, c) not in missing
                         and font.getbbox(c)[2] > font.getbbox(c)[0])
     covered |= frozenset(c for c in charset if c.isspace())
@@ -110,7 +115,7 @@ def label_font(text: str, size: int) -> ImageFont.FreeTypeFont | ImageFont.Image
     (anything past Latin letters), the installed font that draws the most of them (DejaVu Sans first)."""
     default = ImageFont.load_default(size=size)
     chars = "".join(sorted({c for c in text if not c.isspace()}))
-    missing = {_glyph(default, "\U0010fffd"), _glyph(default, "\uffff")}
+    missing = _missing_glyphs(default)
     if all(_glyph(default, c) not in missing for c in chars):
         return default
     best = _font_drawing_most(chars)

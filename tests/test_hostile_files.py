@@ -188,3 +188,48 @@ def test_globs_match_as_glob_does_without_following_links(tmp_path):
     assert [os.path.relpath(p, tmp_path) for p in expand_inputs([str(tmp_path / "imgs" / "*.png")])] == ["imgs/a.png"]
     assert [os.path.relpath(p, tmp_path) for p in expand_inputs([str(tmp_path / "imgs" / ".h*")])] == \
         ["imgs/.hidden.png"]
+
+
+EPS = (b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 64 16\n%%EndComments\n"
+       b"newpath 0 0 moveto 64 16 lineto stroke\nshowpage\n%%EOF\n")
+
+
+def test_an_eps_file_never_runs_ghostscript(tmp_path, monkeypatch):
+    """Pillow opens EPS by running `gs` on it (a PostScript program from outside): every reader refuses it in one
+    line instead, whether or not Ghostscript is installed. A fake `gs` on PATH records any call."""
+    from PIL import EpsImagePlugin
+
+    from clip4str.data.lmdb import write_lmdb
+    from clip4str.data.transforms import ImageDecodeError, load_image
+    from clip4str.serve.app import _decode
+
+    ran = tmp_path / "gs-ran"
+    fake = tmp_path / "bin" / "gs"
+    fake.parent.mkdir()
+    fake.write_text(f"#!/bin/sh\necho \"$@\" >> {ran}\nexit 0\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake.parent}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setattr(EpsImagePlugin, "gs_binary", None)  # Pillow caches the lookup: look again, find the fake
+    (tmp_path / "word.eps").write_bytes(EPS)
+
+    for source in (EPS, tmp_path / "word.eps"):
+        with pytest.raises(ImageDecodeError, match="could not be decoded: not a file of a format read here"):
+            load_image(source)
+    with pytest.raises(ImageDecodeError, match="word.eps: could not be decoded"):
+        _decode("word.eps", EPS, [10**8], [10, 10], 6.0, 10)
+    with pytest.raises(ValueError, match="no sample to write.*word.eps: not a decodable image"):
+        write_lmdb([("word.eps", EPS, "word")], tmp_path / "out")
+    assert main(["read", str(tmp_path / "word.eps"), "--backend", "onnx"]) != 0
+    assert not ran.exists(), f"gs was run: {ran.read_text()}"
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG", "GIF", "BMP", "TIFF", "WEBP", "PPM", "TGA"])
+def test_the_usual_raster_formats_still_read(fmt):
+    import io
+
+    from clip4str.data.transforms import load_image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (40, 12), (200, 30, 30)).save(buf, fmt)
+    image = load_image(buf.getvalue())
+    assert image.size == (40, 12) and image.mode == "RGB"

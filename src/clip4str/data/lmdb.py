@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import os
 import shutil
 import sys
@@ -18,7 +17,7 @@ from PIL import Image
 
 from clip4str.charset import LabelNormalizer
 from clip4str.data.compat import ConcatDataset, Dataset
-from clip4str.data.transforms import ImageDecodeError, load_image
+from clip4str.data.transforms import ImageDecodeError, load_image, open_image
 
 MAP_SIZE = 1 << 40  # address space only; the file grows with the data
 
@@ -255,7 +254,7 @@ def _invalid_reason(source: str | bytes, label: str) -> str | None:
     if "\n" in label or "\r" in label:
         return "label contains a newline"
     try:
-        with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as img:
+        with open_image(source) as img:
             img.load()
             if min(img.size) < 1:
                 return "empty image"

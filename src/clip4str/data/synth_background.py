@@ -8,6 +8,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from clip4str.data.transforms import open_image
+
 PHOTO_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp"}
 # Photographs that Debian desktop packages ship (gnome-backgrounds, mate-backgrounds, desktop-base ...).
 DEFAULT_PHOTO_DIRS = ("/usr/share/backgrounds", "/usr/share/wallpapers")
@@ -40,7 +42,7 @@ class Backgrounds:
     def _photo(self, i: int) -> np.ndarray | None:
         if i not in self._cache:
             try:
-                with Image.open(self.photos[i]) as img:
+                with open_image(self.photos[i]) as img:
                     img.draft("RGB", (PHOTO_SIDE, PHOTO_SIDE))  # fast JPEG downscale while decoding
                     img = img.convert("RGB")
                     img.thumbnail((PHOTO_SIDE, PHOTO_SIDE))

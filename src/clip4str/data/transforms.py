@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 from collections.abc import Sequence
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -14,6 +15,19 @@ ImageInput = str | Path | bytes | Image.Image | np.ndarray
 
 class ImageDecodeError(ValueError):
     """An input could not be turned into an image; the message names the input."""
+
+
+# The raster formats word crops come in. Pillow would also open EPS by running Ghostscript (`gs`) on the file, i.e.
+# a PostScript program from outside, and a score of rare formats (scientific, game, fax) no crop is stored in:
+# files from outside are opened as these formats only.
+RASTER_FORMATS = ("PNG", "JPEG", "MPO", "GIF", "BMP", "DIB", "TIFF", "WEBP", "AVIF", "PPM", "TGA", "JPEG2000")
+
+
+def open_image(source: str | Path | bytes | IO[bytes]) -> Image.Image:
+    """Pillow's lazy `Image.open` of a path, encoded bytes or a binary file, limited to RASTER_FORMATS."""
+    Image.init()
+    fp = io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source
+    return Image.open(fp, formats=[f for f in RASTER_FORMATS if f in Image.OPEN])
 
 
 def _describe(item: object) -> str:
@@ -74,17 +88,17 @@ def load_image(item: ImageInput) -> Image.Image:
         if isinstance(item, (str, Path)):
             if not Path(item).is_file():
                 raise ImageDecodeError(f"image {str(item)!r} does not exist")
-            with Image.open(item) as img:
-                img.load()
-                return to_rgb(ImageOps.exif_transpose(img))
-        if isinstance(item, (bytes, bytearray)):
-            with Image.open(io.BytesIO(item)) as img:
+        if isinstance(item, (str, Path, bytes, bytearray)):
+            with open_image(item) as img:
                 img.load()
                 return to_rgb(ImageOps.exif_transpose(img))
     except ImageDecodeError:
         raise
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise ImageDecodeError(f"image {_describe(item)} could not be decoded ({e}); "
+    except UnidentifiedImageError as e:
+        raise ImageDecodeError(f"image {_describe(item)} could not be decoded: not a file of a format read here "
+                               f"({', '.join(RASTER_FORMATS)}), or damaged; convert it to PNG or JPEG") from e
+    except Exception as e:  # Pillow raises many types (OSError, SyntaxError, struct.error, ...) for damaged data
+        raise ImageDecodeError(f"image {_describe(item)} could not be decoded ({type(e).__name__}: {e}); "
                                "is it a complete PNG/JPEG/... file?") from e
     raise ImageDecodeError(f"cannot read an image from {_describe(item)}; give a path, bytes, PIL image or array")
 

@@ -17,7 +17,7 @@ from pydantic import BaseModel
 from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartException
 
-from clip4str.data.transforms import ImageDecodeError, load_image
+from clip4str.data.transforms import ImageDecodeError, load_image, open_image
 from clip4str.reading import window_count
 from clip4str.serve.batching import Batcher, QueueFull
 
@@ -92,7 +92,7 @@ def _decode(name: str, data: bytes, budget: list[int], windows: list[int], windo
     if not data:
         raise ImageDecodeError(f"{name}: empty file")
     try:
-        with Image.open(io.BytesIO(data)) as probe:  # header only: refuse bombs before decoding pixels
+        with open_image(data) as probe:  # header only: refuse bombs before decoding pixels
             size = probe.size
     except Image.DecompressionBombError as e:
         raise ImageDecodeError(f"{name}: refused, too many pixels for a word crop (decompression bomb?)") from e

@@ -201,7 +201,7 @@ def test_an_eps_file_never_runs_ghostscript(tmp_path, monkeypatch):
 
     from clip4str.data.lmdb import write_lmdb
     from clip4str.data.transforms import ImageDecodeError, load_image
-    from clip4str.serve.app import _decode
+    from clip4str.serve.uploads import decode_upload
 
     ran = tmp_path / "gs-ran"
     fake = tmp_path / "bin" / "gs"
@@ -216,7 +216,7 @@ def test_an_eps_file_never_runs_ghostscript(tmp_path, monkeypatch):
         with pytest.raises(ImageDecodeError, match="could not be decoded: not a file of a format read here"):
             load_image(source)
     with pytest.raises(ImageDecodeError, match="word.eps: could not be decoded"):
-        _decode("word.eps", EPS, [10**8], [10, 10], 6.0, 10)
+        decode_upload("word.eps", EPS, [10**8], [10, 10], 6.0, 10)
     with pytest.raises(ValueError, match="no sample to write.*word.eps: not a decodable image"):
         write_lmdb([("word.eps", EPS, "word")], tmp_path / "out")
     assert main(["read", str(tmp_path / "word.eps"), "--backend", "onnx"]) != 0

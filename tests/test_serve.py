@@ -166,3 +166,28 @@ def test_the_server_reads_every_image_it_accepts_whatever_its_window_limit():
     with TestClient(app) as client:
         response = client.post("/v1/read", files=[("files", ("wide.png", buf.getvalue(), "image/png"))])
     assert response.status_code == 200 and seen == [1000]
+
+
+def test_attention_strips_are_bounded_across_requests(served, overfit_checkpoint):
+    """A strip costs several readings and is drawn outside the batcher's queue: a request may ask for at most
+    max_attention_images strips, and strips already promised to other requests count against the same bound."""
+    client, rendered, app = served
+    png = _png(rendered[0])
+    assert client.get("/v1/model").json()["limits"]["attention_images"] == 8
+    app.state.attention_in_flight = 8  # another request's eight strips are being drawn
+    try:
+        busy = client.post("/v1/read?attention=1", files=[("files", ("a.png", png, "image/png"))])
+        assert busy.status_code == 503 and "attention strips" in busy.json()["error"]
+        assert client.post("/v1/read", files=[("files", ("a.png", png, "image/png"))]).status_code == 200
+    finally:
+        app.state.attention_in_flight = 0
+    ok = client.post("/v1/read?attention=1", files=[("files", ("a.png", png, "image/png"))])
+    assert ok.status_code == 200 and ok.json()["results"][0]["attention_png"]
+    assert app.state.attention_in_flight == 0  # released after the answer
+
+    small = create_app(Recognizer.from_pretrained(overfit_checkpoint[0]), max_attention_images=1)
+    with TestClient(small) as other:
+        files = [("files", (f"{i}.png", png, "image/png")) for i in range(2)]
+        over = other.post("/v1/read?attention=1", files=files)
+        assert over.status_code == 413 and "at most 1" in over.json()["error"]
+        assert other.post("/v1/read", files=files).status_code == 200

@@ -246,6 +246,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-request-windows", type=positive_int, default=256, help="windows per request")
     serve.add_argument("--max-queue-windows", type=positive_int, default=512,
                        help="windows waiting for the model before requests get 503")
+    serve.add_argument("--max-attention-images", type=positive_int, default=8, help="images whose attention strips "
+                       "(?attention=1, several readings' work each) are drawn at once, across requests (503 beyond)")
     serve.add_argument("--max-connections", type=positive_int, default=256,
                        help="open connections; more are closed at once (idle sockets cannot use up descriptors)")
     serve.add_argument("--header-timeout", type=float, default=10.0, help="seconds a connection has to send a "

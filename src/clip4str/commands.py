@@ -183,7 +183,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     app = create_app(rec, max_batch=args.max_batch, max_upload_mb=args.max_upload_mb,
                      max_images=args.max_images, max_windows=args.max_windows,
                      max_request_windows=args.max_request_windows, max_queue_windows=args.max_queue_windows,
-                     decode_options=decoding_options(args), body_seconds=args.body_timeout)
+                     decode_options=decoding_options(args), body_seconds=args.body_timeout,
+                     max_attention_images=args.max_attention_images)
     host = f"[{args.host}]" if ":" in args.host else args.host
     print(f"clip4str serve: starting on http://{host}:{args.port}/ (POST /v1/read, GET /v1/model; Ctrl-C stops "
           "it)", file=sys.stderr, flush=True)

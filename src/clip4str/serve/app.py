@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import binascii
 import io
 import threading
 from importlib import resources
@@ -15,22 +14,19 @@ from fastapi.responses import HTMLResponse, JSONResponse
 from PIL import Image
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException
-from starlette.formparsers import MultiPartException
 
-from clip4str.data.transforms import ImageDecodeError, load_image, open_image
-from clip4str.reading import window_count
+from clip4str.data.transforms import ImageDecodeError
 from clip4str.serve.batching import Batcher, QueueFull
-
-MAX_PIXELS = 16_000_000  # per image: a word crop never needs more; larger ones are refused as bombs
-REQUEST_PIXELS = 64_000_000  # per request, so that many compressible images cannot exhaust memory either
-
-
-class ImageRefused(ValueError):
-    """An image or request over one of the server's limits (HTTP 413)."""
-
-
-class UnsupportedType(ValueError):
-    """A request body of a content type the API does not take (HTTP 415)."""
+from clip4str.serve.uploads import (
+    MAX_PIXELS,
+    REQUEST_PIXELS,
+    ImageRefused,
+    UnsupportedType,
+    decode_upload,
+    images_of_form,
+    images_of_json,
+    read_body,
+)
 
 
 class ReadItem(BaseModel):
@@ -47,13 +43,6 @@ class ReadResponse(BaseModel):
     """Results in request order."""
 
     results: list[ReadItem]
-
-
-class JsonImages(BaseModel):
-    """JSON request body: base64-encoded image files, optionally named."""
-
-    images: list[str]
-    names: list[str] | None = None
 
 
 class ErrorResponse(BaseModel):
@@ -75,71 +64,16 @@ READ_BODY = {"required": True, "content": {
         "names": {"type": "array", "items": {"type": "string"}}}}}}}
 
 
-def _base64_image(data: str) -> bytes:
-    """An image file from base64 as clients send it: plain, wrapped in lines (MIME), URL-safe, or a data URL."""
-    if data.startswith("data:"):
-        data = data.partition(",")[2]
-    data = "".join(data.split())
-    if "-" in data or "_" in data:
-        data = data.replace("-", "+").replace("_", "/")
-    return base64.b64decode(data + "=" * (-len(data) % 4), validate=True)
-
-
-def _decode(name: str, data: bytes, budget: list[int], windows: list[int], window_aspect: float,
-            max_windows: int) -> tuple[Image.Image, int]:
-    """The image and its windows of model work; refuses bombs and crops over the window limits before decoding
-    any pixels (a 20000x1 PNG is 101 bytes and 5,000 windows)."""
-    if not data:
-        raise ImageDecodeError(f"{name}: empty file")
-    try:
-        with open_image(data) as probe:  # header only: refuse bombs before decoding pixels
-            size = probe.size
-    except Image.DecompressionBombError as e:
-        raise ImageDecodeError(f"{name}: refused, too many pixels for a word crop (decompression bomb?)") from e
-    except (OSError, ValueError) as e:
-        raise ImageDecodeError(f"{name}: could not be decoded as an image ({e.__class__.__name__})") from e
-    if size[0] * size[1] > MAX_PIXELS:
-        raise ImageDecodeError(f"{name}: {size[0]}x{size[1]} pixels is more than {MAX_PIXELS}; send a word crop")
-    n = window_count(size[0], size[1], window_aspect)
-    if n > max_windows:
-        raise ImageRefused(f"{name}: a {size[0]}x{size[1]} image is read in {n} windows; the server reads at most "
-                           f"{max_windows} per image (crop it to the text, or split it)")
-    budget[0] -= size[0] * size[1]
-    windows[0] -= n
-    if budget[0] < 0:
-        raise ImageDecodeError(f"{name}: the images of this request hold more than {REQUEST_PIXELS} pixels")
-    if windows[0] < 0:
-        raise ImageRefused(f"{name}: the images of this request need more than the {windows[1]} windows of model "
-                           "work the server takes per request; send fewer or shorter crops")
-    try:
-        return load_image(data), n
-    except ImageDecodeError as e:
-        raise ImageDecodeError(f"{name}: could not be decoded ({e})") from e
-
-
-async def _read_body(request: Request, limit: int) -> bytes | None:
-    """The request body, or None as soon as it passes `limit` bytes (also for chunked uploads, which carry no
-    Content-Length): nothing past the limit is buffered."""
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            return None
-        chunks.append(chunk)
-    body = b"".join(chunks)
-    request._body = body  # Starlette's cache: request.form() parses this instead of the consumed stream
-    return body
-
-
 def create_app(recognizer, max_batch: int = 32, max_upload_mb: float = 10.0, max_images: int = 64,
                max_wait_ms: float = 5.0, max_windows: int = 24, max_request_windows: int = 256,
-               max_queue_windows: int = 512, decode_options: dict | None = None, body_seconds: float = 60.0
-               ) -> FastAPI:
+               max_queue_windows: int = 512, decode_options: dict | None = None, body_seconds: float = 60.0,
+               max_attention_images: int = 8) -> FastAPI:
     """The ASGI app around a Recognizer (PyTorch or ONNX backend). Work is bounded in windows (a long crop is
     read in several): per image, per request and in the queue; where the second look is on, a window may be read
     up to three times. decode_options: keywords of every read (guard, rescore, cascade, second_look; the model's
     defaults otherwise). An upload must arrive within `body_seconds` (60: 10 MB at 170 kB/s), or 408: a slow
-    body holds no task forever."""
+    body holds no task forever. Attention strips (about 7x a reading's work each, outside the batcher's queue) are
+    drawn for at most `max_attention_images` images at once, across requests; more is 413 or 503."""
     app = FastAPI(title="clip4str", version="1", description="CLIP4STR scene text recognition")
 
     # Every error answer has the documented shape {"error": ...}, FastAPI's own (a bad query value, 404, 405) too.
@@ -171,6 +105,7 @@ def create_app(recognizer, max_batch: int = 32, max_upload_mb: float = 10.0, max
     batcher = Batcher(read_batch, max_batch, max_wait_ms, max_queue_windows)
     limit = int(max_upload_mb * 2**20)
     app.state.batcher = batcher
+    app.state.attention_in_flight = 0  # images whose strips are promised; the event loop alone changes it
 
     @app.middleware("http")
     async def limit_upload(request: Request, call_next):  # noqa: ANN001, ANN202
@@ -202,7 +137,8 @@ def create_app(recognizer, max_batch: int = 32, max_upload_mb: float = 10.0, max
                 "device": str(recognizer.device) if model is not None else "cpu", "max_batch": max_batch,
                 "limits": {"upload_mb": max_upload_mb, "images_per_request": max_images,
                            "windows_per_image": max_windows, "windows_per_request": max_request_windows,
-                           "queued_windows": max_queue_windows, "pixels_per_image": MAX_PIXELS,
+                           "queued_windows": max_queue_windows, "attention_images": max_attention_images,
+                           "pixels_per_image": MAX_PIXELS,
                            "pixels_per_request": REQUEST_PIXELS}}
 
     @app.post("/v1/read", response_model=ReadResponse, openapi_extra={"requestBody": READ_BODY},
@@ -210,7 +146,7 @@ def create_app(recognizer, max_batch: int = 32, max_upload_mb: float = 10.0, max
                          415: {"model": ErrorResponse}, 503: {"model": ErrorResponse}})
     async def read(request: Request, attention: bool = Query(False, description="add attention strips (PNG)")):
         try:
-            body = await asyncio.wait_for(_read_body(request, limit), body_seconds)
+            body = await asyncio.wait_for(read_body(request, limit), body_seconds)
         except TimeoutError:
             # Connection: close, or the unread rest of the body would keep the connection (and its task) open.
             return _error(408, f"the upload did not arrive within {body_seconds:g} s; send it again", close=True)
@@ -220,8 +156,8 @@ def create_app(recognizer, max_batch: int = 32, max_upload_mb: float = 10.0, max
         if not body:
             return _error(400, "no images in the request (empty body); send multipart files or JSON images")
         try:
-            named = await _images_of(request, kind, body, max_images) if kind == "multipart/form-data" else \
-                await asyncio.to_thread(_images_of_json, kind, body, max_images)  # parsing is CPU work
+            named = await images_of_form(request, kind, body, max_images) if kind == "multipart/form-data" else \
+                await asyncio.to_thread(images_of_json, kind, body, max_images)  # parsing is CPU work
         except UnsupportedType as e:
             return _error(415, str(e))
         except ImageRefused as e:
@@ -232,11 +168,25 @@ def create_app(recognizer, max_batch: int = 32, max_upload_mb: float = 10.0, max
             return _error(400, "no images in the request; send multipart files or JSON {\"images\": [base64]}")
         if len(named) > max_images:
             return _error(413, f"{len(named)} images in one request; at most {max_images}")
+        if not (attention and hasattr(recognizer, "model")):  # the ONNX backend draws no strips
+            return await _read_named(named)
+        if len(named) > max_attention_images:
+            return _error(413, f"attention strips for {len(named)} images in one request; at most "
+                               f"{max_attention_images} (or read without ?attention=1)")
+        if app.state.attention_in_flight + len(named) > max_attention_images:
+            return _error(503, "server busy drawing attention strips; retry shortly")
+        app.state.attention_in_flight += len(named)
+        try:
+            return await _read_named(named, attention=True)
+        finally:
+            app.state.attention_in_flight -= len(named)
+
+    async def _read_named(named: list[tuple[str, bytes]], attention: bool = False) -> ReadResponse | JSONResponse:
         budget, windows = [REQUEST_PIXELS], [max_request_windows, max_request_windows]
         aspect = recognizer.window_aspect
         try:  # decoding is CPU work: off the event loop
             decoded = await asyncio.to_thread(
-                lambda: [_decode(name, data, budget, windows, aspect, max_windows) for name, data in named])
+                lambda: [decode_upload(name, data, budget, windows, aspect, max_windows) for name, data in named])
         except ImageRefused as e:
             return _error(413, str(e))
         except ImageDecodeError as e:
@@ -258,43 +208,6 @@ def create_app(recognizer, max_batch: int = 32, max_upload_mb: float = 10.0, max
         return resources.files("clip4str.serve").joinpath("index.html").read_text(encoding="utf-8")
 
     return app
-
-
-async def _images_of(request: Request, kind: str, body: bytes, max_images: int) -> list[tuple[str, bytes]]:
-    try:  # Starlette stops parsing past max_files with an HTTPException of its own ({"detail": ...})
-        form = await request.form(max_files=max_images + 1, max_fields=max_images + 16)
-    except (HTTPException, MultiPartException) as e:
-        reason = str(getattr(e, "detail", None) or getattr(e, "message", str(e)))
-        if reason.startswith("Too many"):
-            raise ImageRefused(f"multipart body refused: {reason}; at most {max_images} images per request") from e
-        raise ValueError(f"bad multipart body: {reason}") from e
-    files = [(f.filename or f"image{i}", await f.read()) for i, f in enumerate(form.getlist("files"))
-             if hasattr(f, "read")]
-    if not files and len(form):
-        raise ValueError(f"no images in the request: the multipart body has field(s) {sorted(set(form.keys()))} "
-                         "but no file in a field named 'files' (curl -F files=@word.png)")
-    return files
-
-
-def _images_of_json(kind: str, body: bytes, max_images: int) -> list[tuple[str, bytes]]:
-    if kind == "application/json":
-        try:
-            payload = JsonImages.model_validate_json(body or b"{}")
-        except ValueError as e:
-            raise ValueError(f"bad JSON body: expected {{\"images\": [base64, ...]}} ({str(e)[:120]})") from e
-        if len(payload.images) > max_images:  # before any per-image work: a body may list a million tiny strings
-            raise ImageRefused(f"{len(payload.images)} images in one request; at most {max_images}")
-        names = payload.names or [f"image{i}" for i in range(len(payload.images))]
-        if len(names) != len(payload.images):
-            raise ValueError(f"{len(names)} names for {len(payload.images)} images; give one name per image")
-        out = []
-        for i, (n, d) in enumerate(zip(names, payload.images, strict=True)):
-            try:
-                out.append((n, _base64_image(d)))
-            except (binascii.Error, ValueError) as e:
-                raise ValueError(f"image {i} ({n!r}) is not valid base64 ({e})") from e
-        return out
-    raise UnsupportedType(f"unsupported content type {kind or 'none'!r}: use multipart/form-data or application/json")
 
 
 def _attention(recognizer, image: Image.Image, text: str, lock: threading.Lock) -> str | None:

@@ -189,6 +189,14 @@ def test_every_shipped_config_is_valid():
         cfg = load_config(path)
         if cfg.model.init in ("random", "builtin"):  # the others need weight files a user brings
             build_model(cfg)
+    # Fine-tuning the built-in model on one's own crops keeps how it reads (CTC head, cascade, second look).
+    from clip4str.inference import default_model_path
+    from clip4str.weights import load_model
+    builtin = load_model(default_model_path()).config
+    tuned = build_model(load_config(Path(__file__).parents[1] / "configs" / "finetune-custom.yaml"))
+    assert tuned.ctc_head is not None
+    assert (tuned.config.cascade_confidence, tuned.config.second_look_confidence) == \
+        (builtin.cascade_confidence, builtin.second_look_confidence) != (None, None)
 
 
 def test_a_runs_written_config_reloads_as_the_same_config(tmp_path):
@@ -353,10 +361,20 @@ def test_init_from_a_clip4str_checkpoint(tmp_path, folder):
                                                    "model.image_mean=[0.4,0.4,0.4]"])
     with pytest.raises(ValueError, match="image_mean"):
         build_model(mean)
-    # A checkpoint trained with the CTC head starts a run without it (the head is dropped).
+    # A checkpoint keeps its CTC head (which the runaway guard, rescoring and the cascade read with) and its
+    # decoding settings in a run whose config does not set them, so a fine-tuned model reads as its parent does;
+    # a config that sets them wins (ctc_weight=0 drops the head).
+    model.config.second_look_confidence, model.config.cascade_confidence = 0.8, 0.9
     save_checkpoint(model, tmp_path / "with-ctc")
-    plain = build_model(load_config(_config(tmp_path, folder), [f"model.init=checkpoint:{tmp_path / 'with-ctc'}"]))
-    assert plain.ctc_head is None
+    kept = build_model(load_config(_config(tmp_path, folder), [f"model.init=checkpoint:{tmp_path / 'with-ctc'}"]))
+    assert kept.ctc_head is not None and kept.config.ctc_weight == 0.3
+    assert (kept.config.second_look_confidence, kept.config.cascade_confidence) == (0.8, 0.9)
+    torch.testing.assert_close(kept.state_dict()["ctc_head.weight"], model.state_dict()["ctc_head.weight"])
+    plain = build_model(load_config(_config(tmp_path, folder), [f"model.init=checkpoint:{tmp_path / 'with-ctc'}",
+                                                                "model.ctc_weight=0",
+                                                                "model.second_look_confidence=null"]))
+    assert plain.ctc_head is None and plain.config.second_look_confidence is None
+    assert plain.config.cascade_confidence == 0.9
     torch.testing.assert_close(plain.state_dict()["image_decoder.head.weight"],
                                model.state_dict()["image_decoder.head.weight"])
     missing = load_config(_config(tmp_path, folder), [f"model.init=checkpoint:{tmp_path / 'nope'}"])

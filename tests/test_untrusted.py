@@ -169,3 +169,94 @@ def test_errors_name_the_file_as_what_was_asked_for(tmp_path):
     with pytest.raises(ValueError) as err:
         read_clip_checkpoint(tmp_path / "cut.bin")
     assert str(err.value).startswith("CLIP checkpoint") and "\n" not in str(err.value)
+
+
+HOSTILE_SCRIPT = '''
+from typing import Tuple
+
+import torch
+
+
+class Hostile(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(2))
+
+    def forward(self, x):
+        return x
+
+    @torch.jit.export
+    def __getstate__(self) -> Tuple[torch.Tensor, bool]:
+        return (self.weight, self.training)
+
+    @torch.jit.export
+    def __setstate__(self, state: Tuple[torch.Tensor, bool]) -> None:
+        marker = torch.from_file(MARKER, True, 16, dtype=torch.uint8)  # creates and writes any file
+        self.weight = torch.add(state[0], torch.sum(marker.fill_(65)), alpha=0)  # used, so never optimised away
+        self.training = state[1]
+'''
+
+
+@pytest.mark.parametrize("use", ["clip", "authors", "read"])
+def test_a_torchscript_archive_is_read_without_running_its_code(tmp_path, monkeypatch, use):
+    """TorchScript archives (OpenAI's CLIP files) carry Python that torch.jit.load compiles and runs; torch.load
+    hands such files to it too. This one's __setstate__ writes a file, as it would on torch.jit.load."""
+    import importlib
+    import warnings
+
+    marker = tmp_path / "written"
+    (tmp_path / f"hostile_{use}.py").write_text(HOSTILE_SCRIPT.replace("MARKER", repr(str(marker))))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        scripted = torch.jit.script(importlib.import_module(f"hostile_{use}").Hostile())
+        torch.jit.save(scripted, str(tmp_path / "clip.pt"))
+    torch.jit.load(str(tmp_path / "clip.pt"))  # what the file does where its code runs
+    assert marker.exists()
+    marker.unlink()
+    with pytest.raises(ValueError, match="clip.pt"):
+        if use == "clip":
+            read_clip_checkpoint(tmp_path / "clip.pt")
+        elif use == "authors":
+            read_authors_state(tmp_path / "clip.pt")
+        else:
+            Recognizer.from_pretrained(tmp_path / "clip.pt")
+    assert not marker.exists()
+
+
+def test_a_torchscript_archives_state_dict_is_its_parameters_and_buffers(tmp_path):
+    """Read from the pickled modules, named as jit's state_dict names them: nested, mangled and container
+    modules; a plain tensor attribute (OpenAI's attn_mask) is not part of it."""
+    import warnings
+
+    from clip4str.untrusted import load_torchscript_tensors
+
+    class Block(torch.nn.Module):
+        def __init__(self, n: int):
+            super().__init__()
+            self.fc = torch.nn.Linear(n, n)
+            self.attn_mask = torch.ones(n)  # a plain attribute, pickled but not in the state dict
+            self.register_buffer("scale", torch.full((1,), 2.0))
+
+        def forward(self, x):
+            return self.fc(x) * self.scale * self.attn_mask
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blocks = torch.nn.Sequential(Block(4), Block(4), torch.nn.LayerNorm(4))
+            self.proj = torch.nn.Parameter(torch.randn(4, 3))
+            self.head = torch.nn.Linear(3, 2)  # another Linear: TorchScript mangles its class name
+
+        def forward(self, x):
+            return self.head(self.blocks(x) @ self.proj)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        traced = torch.jit.trace(Net(), torch.randn(1, 4))
+        torch.jit.save(traced, str(tmp_path / "net.pt"))
+        expected = torch.jit.load(str(tmp_path / "net.pt")).state_dict()
+    state = load_torchscript_tensors(tmp_path / "net.pt")
+    assert sorted(state) == sorted(expected) and "blocks.0.attn_mask" not in state
+    for name, value in expected.items():
+        torch.testing.assert_close(state[name], value)

@@ -7,7 +7,7 @@ that reference methods. PyTorch's weights-only unpickler refuses every such glob
 names that PyTorch's weights-only loader does not allow is replaced by an inert stand-in class of that name:
 building one only records its arguments and state, so nothing the pickle names is imported or called (an
 `os.system` in a hostile file becomes a stand-in too), while tensors are rebuilt by PyTorch's allow-listed
-functions.
+functions. TorchScript archives (OpenAI's CLIP files) are read the same way: their code is never compiled or run.
 """
 
 from __future__ import annotations
@@ -15,7 +15,9 @@ from __future__ import annotations
 import _compat_pickle
 import functools
 import pickle
+import re
 import types
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -94,7 +96,64 @@ _restricted_pickle.load = lambda file, **kwargs: _Unpickler(file, **kwargs).load
 
 def load_untrusted(path: str | Path) -> Any:
     """The object a `torch.save` file (zip or legacy format) holds, with tensors, plain containers and inert
-    stand-ins for every other global. Raises what `torch.load` raises for a file that is no PyTorch checkpoint."""
+    stand-ins for every other global; a TorchScript archive's state dict (`load_torchscript_tensors`). Raises
+    what `torch.load` raises for a file that is no PyTorch checkpoint."""
+    if is_torchscript(path):  # torch.load would run it through torch.jit.load
+        return load_torchscript_tensors(path)
     # weights_only=False only hands the pickle to our unpickler instead of PyTorch's: every global still
     # goes through _Unpickler.find_class.
     return torch.load(str(path), map_location="cpu", weights_only=False, pickle_module=_restricted_pickle)
+
+
+def is_torchscript(path: str | Path) -> bool:
+    """Whether a file is a TorchScript archive (a zip with code/ or constants.pkl), such as OpenAI's CLIP files."""
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as z:
+        return any(n.endswith("constants.pkl") or "/code/" in n for n in z.namelist())
+
+
+# `class Linear(Module):` and, in its body, `__parameters__ = ["weight", "bias", ]` / `__buffers__ = [...]`.
+_CLASS = re.compile(r"^class (\w+)\(.*?\):\n((?:[ \t]+.*\n|\n)*)", re.M)
+_NAMES = re.compile(r"^\s+__(parameters|buffers)__ = \[([^\]]*)\]", re.M)
+
+
+def _tensor_names(archive: zipfile.ZipFile) -> dict[str, set[str]]:
+    """Each TorchScript class's parameter and buffer names, read from the declarations in its code files (read as
+    text: what a module's state dict holds, without the plain tensor attributes it also pickles)."""
+    names: dict[str, set[str]] = {}
+    for entry in archive.namelist():
+        top, _, rest = entry.partition("/code/")
+        if not rest.endswith(".py"):
+            continue
+        module = rest.removesuffix(".py").replace("/", ".")
+        text = archive.read(entry).decode("utf-8", errors="replace")
+        for cls in _CLASS.finditer(text):
+            found = {n.strip().strip("\"'") for m in _NAMES.finditer(cls.group(2)) for n in m.group(2).split(",")}
+            names[f"{module}.{cls.group(1)}"] = found - {""}
+    return names
+
+
+def load_torchscript_tensors(path: str | Path) -> dict[str, torch.Tensor]:
+    """The state dict of a TorchScript archive, read without running its code: `torch.jit.load` (and `torch.load`,
+    which hands such files to it) compiles and runs the archive's Python, whose `__setstate__` can do anything."""
+    with zipfile.ZipFile(path) as z:
+        declared = _tensor_names(z)
+    reader = torch._C.PyTorchFileReader(str(path))
+    root = torch.serialization._load(reader, map_location="cpu", pickle_module=_restricted_pickle)
+    state: dict[str, torch.Tensor] = {}
+
+    def walk(obj: Any, prefix: str, depth: int) -> None:
+        if depth > 100 or not isinstance(obj, Inert) or not isinstance(obj.state, dict):
+            return
+        keep = declared.get(obj.qualified_name, set())
+        for name, value in obj.state.items():
+            if isinstance(value, torch.Tensor) and name in keep:
+                state[prefix + name] = value
+            elif isinstance(value, Inert):
+                walk(value, f"{prefix}{name}.", depth + 1)
+
+    walk(root, "", 0)
+    if not state:
+        raise ValueError("a TorchScript archive with no module parameters or buffers in it")
+    return state

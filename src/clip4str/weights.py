@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,7 +17,7 @@ from clip4str.destinations import check_checkpoint_destination
 from clip4str.errors import first_line
 from clip4str.model.clip4str import CLIP4STR
 from clip4str.model.config import ModelConfig
-from clip4str.untrusted import load_untrusted
+from clip4str.untrusted import is_torchscript, load_torchscript_tensors, load_untrusted
 
 CONFIG_NAME, WEIGHTS_NAME = "config.json", "model.safetensors"
 FORMAT = "clip4str-checkpoint-v1"
@@ -132,21 +131,14 @@ class ClipWeights:
     config: dict[str, Any]
 
 
-def _is_torchscript(path: Path) -> bool:
-    if not zipfile.is_zipfile(path):
-        return False
-    with zipfile.ZipFile(path) as z:
-        return any(n.endswith("constants.pkl") or "/code/" in n for n in z.namelist())
-
-
 def read_tensors(path: Path, kind: str = "CLIP checkpoint") -> tuple[dict[str, Any], bool]:
     """(state dict, came from a TorchScript archive) of an external file, read without running code from it
     (`clip4str.untrusted`); `kind` names the file in errors as what the caller asked for."""
     try:
         if path.suffix == ".safetensors":
             return load_file(str(path)), False
-        if _is_torchscript(path):  # OpenAI's CLIP releases: TorchScript, deserialised by PyTorch, no pickled code
-            return dict(torch.jit.load(str(path), map_location="cpu").state_dict()), True
+        if is_torchscript(path):  # OpenAI's CLIP releases: tensors read from the archive, its code never run
+            return load_torchscript_tensors(path), True
         obj = load_untrusted(path)
     except Exception as e:  # torch/safetensors raise many types for a damaged file
         reason = first_line(e)

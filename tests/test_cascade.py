@@ -11,7 +11,7 @@ from clip4str import create_model
 from clip4str.cascade import confident_rows
 from clip4str.inference import Recognizer
 from clip4str.model import clip4str as clip4str_module
-from clip4str.model.config import ModelConfig
+from clip4str.model_config import ModelConfig
 from conftest import assert_same_decoding, render_word
 
 HELLO = Path(__file__).parents[1] / "examples" / "hello.png"

@@ -233,3 +233,66 @@ def test_the_usual_raster_formats_still_read(fmt):
     Image.new("RGB", (40, 12), (200, 30, 30)).save(buf, fmt)
     image = load_image(buf.getvalue())
     assert image.size == (40, 12) and image.mode == "RGB"
+
+
+# A checkpoint from elsewhere asking for unbounded memory or loops, or values that break reading later.
+HOSTILE_SETTINGS = [
+    ({"refine_iters": 10_000_000}, "refine_iters must be an integer in"),
+    ({"max_label_length": 10_000_000}, "max_label_length must be an integer in"),
+    ({"clip": {"vision_cfg": {"layers": 100_000}}}, "clip.vision_cfg.layers"),
+    ({"clip": {"vision_cfg": {"width": 16384, "layers": 256}}}, "more than this library builds"),
+    ({"clip": {"vision_cfg": {"image_size": [32, 10**9]}}}, "image_size must be one or two integers"),
+    ({"image_std": [0, 0, 0]}, "image_std must be 3 finite numbers > 0"),
+    ({"image_mean": [1, 2]}, "image_mean must be 3 finite numbers"),
+    ({"second_look_confidence": "x"}, "second_look_confidence must be in"),
+    ({"decoder_mlp_ratio": float("inf")}, "decoder_mlp_ratio must be a number"),
+    ({"decode_mode": "zz"}, "decode_mode must be one of"),
+]
+
+
+@pytest.mark.parametrize(("change", "message"), HOSTILE_SETTINGS)
+@pytest.mark.parametrize("backend", ["torch", "onnx"])
+def test_a_checkpoint_asking_for_unbounded_work_or_broken_settings_is_refused(tmp_path, backend, change, message):
+    from clip4str.model_config import merge
+
+    source = default_model_path() if backend == "torch" else default_onnx_model_path()
+    folder = tmp_path / "model"
+    shutil.copytree(source, folder)
+    doc = json.loads((folder / "config.json").read_text())
+    doc["model"] = merge(doc["model"], change)
+    (folder / "config.json").write_text(json.dumps(doc))
+    with pytest.raises(ValueError, match=message) as err:
+        load_model(folder) if backend == "torch" else OnnxRecognizer(folder)
+    assert "\n" not in str(err.value)
+
+
+def test_a_gzip_bomb_for_a_vocabulary_is_read_only_as_far_as_it_is_used(tmp_path):
+    import gzip
+
+    from clip4str.bpe import MAX_VOCAB_BYTES, BPETokenizer
+
+    folder = tmp_path / "export"
+    shutil.copytree(default_onnx_model_path(), folder)
+    vocab = folder / "bpe_simple_vocab_16e6.txt.gz"
+    bomb = gzip.compress(b"\n" * (64 << 20))  # 64 MiB of line breaks in 64 kB
+    with open(vocab, "ab") as f:
+        for _ in range(4):  # a member appended to a gzip file is read as more of it
+            f.write(bomb)
+    inflated = []
+    real_open = gzip.open
+
+    def spy(*args, **kwargs):
+        handle = real_open(*args, **kwargs)
+        read = handle.read
+        handle.read = lambda *a: inflated.append(len(data := read(*a))) or data
+        return handle
+
+    import clip4str.bpe
+    clip4str.bpe.gzip.open, before = spy, clip4str.bpe.gzip.open
+    try:
+        tokenizer = BPETokenizer(vocab)
+    finally:
+        clip4str.bpe.gzip.open = before
+    assert inflated and sum(inflated) <= MAX_VOCAB_BYTES  # not the 256 MiB it inflates to
+    assert tokenizer.encode("hello") == BPETokenizer(default_onnx_model_path() / vocab.name).encode("hello")
+    assert OnnxRecognizer(folder).read([HELLO])[0].text == "hello"

@@ -107,7 +107,7 @@ def test_a_long_crop_merges_its_windows_best_looks_and_results_keep_their_order(
 
 
 def test_the_threshold_is_checked():
-    from clip4str.model.config import ModelConfig
+    from clip4str.model_config import ModelConfig
 
     clip = {"vision_cfg": {"image_size": [32, 128], "patch_size": 8}}
     with pytest.raises(ValueError, match="second_look_confidence must be in"):

@@ -6,8 +6,8 @@ import torch.nn.functional as F
 
 from clip4str.cli import main
 from clip4str.data.transforms import preprocess
-from clip4str.model.config import OPENAI_MEAN, OPENAI_STD
 from clip4str.model.towers import build_clip, clip_bpe_tokenizer
+from clip4str.model_config import OPENAI_MEAN, OPENAI_STD
 from clip4str.zeroshot import DEFAULT_TEMPLATE, rank_words
 from conftest import render_word
 

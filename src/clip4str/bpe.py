@@ -16,6 +16,7 @@ import regex
 
 VOCAB_NAME = "bpe_simple_vocab_16e6.txt.gz"
 SOT, EOT = "<start_of_text>", "<end_of_text>"
+MAX_VOCAB_BYTES = 4 << 20  # CLIP's vocabulary inflates to 3.2 MB; the merges read are its first 0.5 MB
 
 
 @functools.lru_cache
@@ -40,8 +41,8 @@ class BPETokenizer:
     """Text -> CLIP token ids, padded to `context_length`, truncated with EOT kept last."""
 
     def __init__(self, vocab_path: str | Path) -> None:
-        with gzip.open(vocab_path) as f:
-            merges = f.read().decode("utf-8").split("\n")[1:49152 - 256 - 2 + 1]
+        with gzip.open(vocab_path) as f:  # a bound whatever the file inflates to (a gzip bomb beside an export)
+            merges = f.read(MAX_VOCAB_BYTES).decode("utf-8", errors="replace").split("\n")[1:49152 - 256 - 2 + 1]
         merges = [tuple(m.split()) for m in merges]
         vocab = list(_bytes_to_unicode().values())
         vocab = vocab + [v + "</w>" for v in vocab] + ["".join(m) for m in merges] + [SOT, EOT]

@@ -74,8 +74,8 @@ def cmd_attention(args: argparse.Namespace) -> int:
 
 def cmd_zeroshot(args: argparse.Namespace) -> int:
     """Print each candidate's probability (CLIP image-text similarity, softmax), best first."""
-    from clip4str.model.config import OPENAI_MEAN, OPENAI_STD
     from clip4str.model.towers import build_clip
+    from clip4str.model_config import OPENAI_MEAN, OPENAI_STD
     from clip4str.weights import load_exact, read_clip_checkpoint
     from clip4str.zeroshot import rank_words
 

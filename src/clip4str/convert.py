@@ -17,7 +17,7 @@ import torch
 
 from clip4str.charset import CHARSETS
 from clip4str.model import CLIP4STR, ModelConfig
-from clip4str.model.config import OPENAI_MEAN, OPENAI_STD
+from clip4str.model_config import OPENAI_MEAN, OPENAI_STD
 from clip4str.weights import count_blocks, infer_clip_config, read_tensors
 
 PREFIXES = {"clip_model.": "clip.", "visual_decoder.": "image_decoder.", "cross_decoder.": "cross_decoder."}
@@ -120,6 +120,8 @@ def load_authors_checkpoint(path: str | Path, charset: str | None = None) -> tup
         config = authors_config(state, charset)
     except KeyError as e:
         raise ValueError(f"{path} lacks {e.args[0]!r}; the checkpoint is incomplete") from e
+    except ValueError as e:  # sizes read from its tensors out of range: damaged, or made to exhaust memory
+        raise ValueError(f"{path}: its tensors describe no CLIP4STR model this library builds ({e})") from e
     model = CLIP4STR(config)
     ours, unused = convert_state(state, model, str(path))
     model.load_state_dict(ours)

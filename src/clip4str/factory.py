@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from clip4str.model import CLIP4STR, ModelConfig
-from clip4str.model.config import merge
+from clip4str.model_config import merge
 from clip4str.presets import load_preset
 from clip4str.weights import fit_positions, load_exact, read_clip_checkpoint, read_imagenet_vit
 

@@ -20,6 +20,7 @@ from clip4str.charset import CharsetAdapter, Tokenizer, caption_updates, pass_me
 from clip4str.data.transforms import ImageInput, preprocess_array
 from clip4str.draft import ctc_drafts, settle
 from clip4str.errors import first_line
+from clip4str.model_config import ModelConfig
 from clip4str.reading import BaseRecognizer, ReadResult
 from clip4str.rescore import rescore_rows
 from clip4str.runaway import apply_guard, replace_rows, softmax
@@ -80,7 +81,7 @@ class OnnxRecognizer(BaseRecognizer):
         import onnxruntime as ort
 
         doc = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-        self.cfg = doc["model"]
+        self.cfg = ModelConfig.from_dict(doc["model"]).to_dict()  # every value checked, as for PyTorch checkpoints
         self.tokenizer = Tokenizer(self.cfg["charset"])
 
         def session(name: str, threads: int | None = 1):  # noqa: ANN202

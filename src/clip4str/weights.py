@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 from clip4str.destinations import check_checkpoint_destination
 from clip4str.errors import first_line
 from clip4str.model.clip4str import CLIP4STR
-from clip4str.model.config import ModelConfig
+from clip4str.model_config import ModelConfig
 from clip4str.untrusted import is_torchscript, load_torchscript_tensors, load_untrusted
 
 CONFIG_NAME, WEIGHTS_NAME = "config.json", "model.safetensors"

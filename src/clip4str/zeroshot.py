@@ -9,8 +9,8 @@ import torch.nn.functional as F
 from open_clip.model import CLIP
 
 from clip4str.data.transforms import ImageInput, preprocess
-from clip4str.model.config import OPENAI_MEAN, OPENAI_STD
 from clip4str.model.towers import clip_bpe_tokenizer
+from clip4str.model_config import OPENAI_MEAN, OPENAI_STD
 
 DEFAULT_TEMPLATE = 'a photo of the word "{}".'
 

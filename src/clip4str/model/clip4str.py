@@ -13,7 +13,6 @@ from clip4str.cascade import confident_rows
 from clip4str.charset import CharsetAdapter, DecodedText, Tokenizer, caption_updates, pass_memories
 from clip4str.draft import ctc_drafts
 from clip4str.model import ctc
-from clip4str.model.config import DECODE_MODES, ModelConfig
 from clip4str.model.decoder import Decoder
 from clip4str.model.greedy import cached_greedy, recomputing_greedy
 from clip4str.model.loss import LossOutput, permutation_loss
@@ -33,6 +32,7 @@ from clip4str.model.towers import (
     freeze_image_tower,
     freeze_text_tower,
 )
+from clip4str.model_config import DECODE_MODES, ModelConfig
 
 
 @dataclass

@@ -9,7 +9,7 @@ from typing import Any
 
 import yaml
 
-from clip4str.model.config import ModelConfig
+from clip4str.model_config import ModelConfig
 from clip4str.train.checks import check_sources, check_values
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 from clip4str.factory import create_model, create_model_from_imagenet_vit
 from clip4str.inference import default_model_path
 from clip4str.model import CLIP4STR
-from clip4str.model.config import ModelConfig
+from clip4str.model_config import ModelConfig
 from clip4str.train.config import TrainConfig
 from clip4str.weights import (
     CONFIG_NAME,

@@ -191,3 +191,29 @@ def test_attention_strips_are_bounded_across_requests(served, overfit_checkpoint
         over = other.post("/v1/read?attention=1", files=files)
         assert over.status_code == 413 and "at most 1" in over.json()["error"]
         assert other.post("/v1/read", files=files).status_code == 200
+
+
+def test_windows_are_counted_upright_and_any_probe_failure_is_a_400(monkeypatch):
+    """A phone JPEG stored 20x2700 with EXIF orientation 6 is read as 2700x20: its windows count as such against
+    the request's limit (it passed as one window). A header Pillow's plugin fails on with another exception type
+    (a damaged AVIF raised RuntimeError) is a 400 in the API's shape, not a plain-text 500."""
+    from PIL import Image
+
+    import clip4str.serve.uploads as uploads
+    from clip4str.onnx_backend import OnnxRecognizer
+
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    buf = io.BytesIO()
+    Image.new("RGB", (20, 2700), "white").save(buf, "JPEG", exif=exif.tobytes())
+    app = create_app(OnnxRecognizer(), max_request_windows=4)
+    with TestClient(app) as client:
+        turned = client.post("/v1/read", files=[("files", ("turned.jpg", buf.getvalue(), "image/jpeg"))])
+        assert turned.status_code == 413 and "more than the 4 windows" in turned.json()["error"]
+
+        def failing(_data):
+            raise RuntimeError("Failed to decode image: Missing or empty image item")
+
+        monkeypatch.setattr(uploads, "open_image", failing)
+        broken = client.post("/v1/read", files=[("files", ("bad.avif", b"\0\0\0\x1cftypavif", "image/avif"))])
+        assert broken.status_code == 400 and "bad.avif: could not be decoded" in broken.json()["error"]

@@ -37,6 +37,7 @@ class ReadItem(BaseModel):
     confidence: float
     char_probs: list[float]
     attention_png: str | None = None
+    error: str | None = None  # why this image was not read (its text is then empty)
 
 
 class ReadResponse(BaseModel):
@@ -198,9 +199,10 @@ def create_app(recognizer, max_batch: int = 32, max_upload_mb: float = 10.0, max
             return _error(503, f"server busy ({e}); retry shortly")
         items = []
         for (name, _), image, r in zip(named, images, results, strict=True):
-            strip = await asyncio.to_thread(_attention, recognizer, image, r.text, model_lock) if attention else None
+            strip = await asyncio.to_thread(_attention, recognizer, image, r.text, model_lock) \
+                if attention and not r.error else None
             items.append(ReadItem(name=name, text=r.text, confidence=r.confidence, char_probs=r.char_probs,
-                                  attention_png=strip))
+                                  attention_png=strip, error=r.error))
         return ReadResponse(results=items)
 
     @app.get("/", response_class=HTMLResponse)

@@ -17,6 +17,7 @@ from clip4str.reading import window_count
 
 MAX_PIXELS = 16_000_000  # per image: a word crop never needs more; larger ones are refused as bombs
 REQUEST_PIXELS = 64_000_000  # per request, so that many compressible images cannot exhaust memory either
+EXIF_ORIENTATION = 0x0112  # values 5-8: the picture is stored turned a quarter (phones), read upright
 
 
 class ImageRefused(ValueError):
@@ -53,9 +54,11 @@ def decode_upload(name: str, data: bytes, budget: list[int], windows: list[int],
     try:
         with open_image(data) as probe:  # header only: refuse bombs before decoding pixels
             size = probe.size
+            if probe.getexif().get(EXIF_ORIENTATION) in (5, 6, 7, 8):  # read turned a quarter: its windows too
+                size = size[::-1]
     except Image.DecompressionBombError as e:
         raise ImageDecodeError(f"{name}: refused, too many pixels for a word crop (decompression bomb?)") from e
-    except (OSError, ValueError) as e:
+    except Exception as e:  # Pillow's plugins raise many types for damaged headers (AVIF: RuntimeError)
         raise ImageDecodeError(f"{name}: could not be decoded as an image ({e.__class__.__name__})") from e
     if size[0] * size[1] > MAX_PIXELS:
         raise ImageDecodeError(f"{name}: {size[0]}x{size[1]} pixels is more than {MAX_PIXELS}; send a word crop")

@@ -8,6 +8,7 @@ import sys
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from clip4str.cli import main
 from clip4str.data.lmdb import write_lmdb
@@ -136,14 +137,17 @@ def test_an_unreadable_image_counts_as_wrong(images, tmp_path, capsys):
     for p in paths[:2]:
         (folder / p.name).write_bytes(p.read_bytes())
     (folder / "broken.png").write_bytes(b"\x89PNG broken")
-    (folder / "labels.tsv").write_text(f"{paths[0].name}\thello\n{paths[1].name}\tworld\nbroken.png\tsomething\n")
+    Image.new("RGB", (20000, 20), "white").save(folder / "wide.png")  # loads, but is more windows than read takes
+    (folder / "labels.tsv").write_text(f"{paths[0].name}\thello\n{paths[1].name}\tworld\nbroken.png\tsomething\n"
+                                       "wide.png\tstrip\n")
     with pytest.warns(UserWarning, match="broken.png"):
         assert main(["test", str(folder), "--model", str(ckpt), "--format", "json", "--quiet",
                      "--csv", str(tmp_path / "p.csv")]) == 0
     out, err = capsys.readouterr()
-    assert "1 of 3 images could not be loaded (mixed/broken.png): counted as wrong readings" in err
+    assert "2 of 4 images could not be loaded or read (mixed/broken.png; mixed/wide.png: image of 20000x20 pixels" \
+        in err and "counted as wrong readings" in err
     rows = {r["dataset"]: r for r in json.loads(out)}
-    assert rows["mixed"]["samples"] == 3 and rows["mixed"]["accuracy"] == pytest.approx(66.67, abs=0.01)
+    assert rows["mixed"]["samples"] == 4 and rows["mixed"]["accuracy"] == pytest.approx(50.0, abs=0.01)
     broken = list(csv.DictReader((tmp_path / "p.csv").open()))[2]  # the row names the file and says what it means
     assert (broken["source"], broken["correct"], broken["error"]) == ("broken.png", "0", "the image could not be "
                                                                       "loaded from the dataset; counted as wrong")

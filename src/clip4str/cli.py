@@ -130,8 +130,8 @@ def cmd_test(args: argparse.Namespace) -> int:
         rows, ms = run_benchmarks(rec, benches, charset, args.batch_size, args.csv, bar.update, unloaded,
                                   max_windows=args.max_windows, **decoding_options(args))
     if unloaded:  # the datasets' warnings named each; they are in the scores, as wrong readings
-        print(f"{len(unloaded)} of {total} images could not be loaded ({', '.join(unloaded[:3])}"
-              f"{', ...' if len(unloaded) > 3 else ''}): counted as wrong readings", file=sys.stderr)
+        print(f"{len(unloaded)} of {total} images could not be loaded or read ({'; '.join(unloaded[:3])}"
+              f"{'; ...' if len(unloaded) > 3 else ''}): counted as wrong readings", file=sys.stderr)
     print(format_table(rows, charset, args.format))
     if args.format == "md":
         backend = "torch" if hasattr(rec, "model") else "onnx"  # what --backend auto chose

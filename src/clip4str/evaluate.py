@@ -61,7 +61,8 @@ def run_benchmarks(recognizer, benchmarks: list[Benchmark], charset: str, batch_
                    csv_path: str | Path | None = None, progress=None, unloaded: list[str] | None = None,
                    **decode_options: object) -> tuple[list[tuple[str, Scores]], float]:
     """Score every benchmark; returns rows and milliseconds per image. Unreadable images count as wrong (their
-    sources are appended to `unloaded`). `decode_options` go to every read (e.g. guard=False)."""
+    sources, and the reader's reason where it refused one, are appended to `unloaded`). `decode_options` go to
+    every read (e.g. guard=False)."""
     rows, seconds, images = [], 0.0, 0
     writer, handle = None, None
     if csv_path:
@@ -83,9 +84,9 @@ def run_benchmarks(recognizer, benchmarks: list[Benchmark], charset: str, batch_
                 seconds += time.perf_counter() - t0
                 results = [next(readable) if it is not None else UNLOADED for it in items]
                 images += len(items)
-                if unloaded is not None:
-                    unloaded += [f"{bench.name}/{sample_source(bench.data, i)}"
-                                 for it, i in zip(items, span, strict=True) if it is None]
+                if unloaded is not None:  # not loaded, or loaded but refused by the reader (too many windows)
+                    unloaded += [f"{bench.name}/{sample_source(bench.data, i)}" + (f": {r.error}" if it else "")
+                                 for it, r, i in zip(items, results, span, strict=True) if it is None or r.error]
                 hits = scores.update([r.text for r in results], labels, [r.confidence for r in results])
                 if writer:
                     for k, (r, label, hit) in enumerate(zip(results, labels, hits, strict=True)):

@@ -296,3 +296,20 @@ def test_a_gzip_bomb_for_a_vocabulary_is_read_only_as_far_as_it_is_used(tmp_path
     assert inflated and sum(inflated) <= MAX_VOCAB_BYTES  # not the 256 MiB it inflates to
     assert tokenizer.encode("hello") == BPETokenizer(default_onnx_model_path() / vocab.name).encode("hello")
     assert OnnxRecognizer(folder).read([HELLO])[0].text == "hello"
+
+
+def test_a_fifo_listed_as_an_image_is_skipped_not_waited_on(tmp_path):
+    import threading
+
+    from clip4str.data.lmdb import write_lmdb
+
+    os.mkfifo(tmp_path / "pipe.png")  # opening it for reading would wait for a writer forever
+    shutil.copy(HELLO, tmp_path / "hello.png")
+    report = []
+    worker = threading.Thread(target=lambda: report.append(write_lmdb(
+        [("pipe.png", str(tmp_path / "pipe.png"), "pipe"), ("hello.png", str(tmp_path / "hello.png"), "hello")],
+        tmp_path / "out")), daemon=True)
+    worker.start()
+    worker.join(timeout=60)
+    assert not worker.is_alive(), "write_lmdb blocked on a FIFO"
+    assert report[0].written == 1 and report[0].skipped == [("pipe.png", "not a regular file")]

@@ -253,6 +253,8 @@ def _invalid_reason(source: str | bytes, label: str) -> str | None:
         return "empty label"
     if "\n" in label or "\r" in label:
         return "label contains a newline"
+    if not isinstance(source, bytes) and not Path(source).is_file():  # a FIFO or device would block the read
+        return "not a regular file" if Path(source).exists() else "file does not exist"
     try:
         with open_image(source) as img:
             img.load()

@@ -683,3 +683,33 @@ def test_a_checkpoint_saved_during_validation_still_holds_the_average_as_its_wei
     assert float(checkpoint["state_dict"]["w"]) == 1.5 and float(checkpoint["current_model_state"]["w"]) == 3.0
     avg.on_validation_epoch_end(None, module)
     assert float(module.w) == 3.0
+
+
+def test_a_run_on_unreadable_data_or_with_a_nan_loss_stops_with_one_line(tmp_path, folder, monkeypatch):
+    """Every image damaged: the run stops after 20 empty batches instead of 'finishing' without a loss. A loss
+    that turns NaN (checked at the logging steps) stops the run before it writes NaN weights as its result."""
+    from clip4str.model import CLIP4STR
+    from clip4str.train.system import NonFiniteLoss, UnreadableTrainingData
+
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for i in range(8):
+        (bad / f"{i}.png").write_bytes(b"\x89PNG damaged")
+    (bad / "labels.tsv").write_text("".join(f"{i}.png\tword\n" for i in range(8)))
+    with pytest.warns(UserWarning), pytest.raises(UnreadableTrainingData, match="last 20 batches"):
+        train(load_config(_config(tmp_path, bad, out="bad-run", max_steps=50)))
+    assert not (tmp_path / "bad-run" / "final").exists()
+
+    forward = CLIP4STR.forward
+
+    def turns_nan(self, *args, **kwargs):
+        out = forward(self, *args, **kwargs)
+        if self.training and getattr(self, "_calls", 0) >= 3:
+            out.loss = out.loss * float("nan")
+        self._calls = getattr(self, "_calls", 0) + 1
+        return out
+
+    monkeypatch.setattr(CLIP4STR, "forward", turns_nan)
+    with pytest.raises(NonFiniteLoss, match="loss is nan at step 4"):
+        train(load_config(_config(tmp_path, folder, out="nan-run", max_steps=10)))
+    assert not (tmp_path / "nan-run" / "final").exists()

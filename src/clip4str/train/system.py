@@ -20,6 +20,15 @@ from clip4str.train.config import TrainSection
 # New modules (decoders, PEFT) learn at decoder_lr_scale x the pre-trained towers' rate.
 FAST_PREFIXES = ("image_decoder.", "cross_decoder.", *PEFT_PREFIXES)
 NO_DECAY_NAMES = ("pos_queries", "text_embed", "positional_embedding", "class_embedding")
+EMPTY_BATCHES_LIMIT = 20  # batches in a row with no loadable sample: the data, not a few damaged files
+
+
+class UnreadableTrainingData(ValueError):
+    """Batch after batch, no training sample could be loaded."""
+
+
+class NonFiniteLoss(ValueError):
+    """The training loss became NaN or infinite."""
 
 
 def parameter_groups(model: CLIP4STR, lr: float, decoder_lr_scale: float, weight_decay: float) -> list[dict]:
@@ -58,6 +67,7 @@ class STRSystem(L.LightningModule):
         self.val_names = val_names
         self._scores: list[Scores] = []
         self._last_step_time: float | None = None
+        self._empty_batches = 0
         self.progress = 0.0  # share of a time budget spent (train.max_minutes), set by TimeBudget
 
     def on_train_start(self) -> None:
@@ -83,8 +93,14 @@ class STRSystem(L.LightningModule):
 
     def training_step(self, batch: tuple[torch.Tensor, list[str]], batch_idx: int) -> torch.Tensor | None:
         images, labels = batch
-        if not labels:  # every sample of the batch failed to load
+        if not labels:  # every sample of the batch failed to load (each was warned about)
+            self._empty_batches += 1
+            if self._empty_batches >= EMPTY_BATCHES_LIMIT:
+                raise UnreadableTrainingData(
+                    f"no sample of the last {self._empty_batches} batches could be loaded (see the warnings above): "
+                    "the training data is unreadable; check the sources of data.train")
             return None
+        self._empty_batches = 0
         with attention_kernel(images.device):
             out = self.model(images, labels)
         now = time.perf_counter()
@@ -97,6 +113,12 @@ class STRSystem(L.LightningModule):
         if self.trainer.world_size > 1:  # the whole global batch's losses, in one collective for all terms
             mean = self.trainer.strategy.reduce(torch.stack(list(terms.values())), reduce_op="mean")
             terms = dict(zip(terms, mean.unbind(), strict=True))
+        if (self.global_step + 1) % self.cfg.log_every_steps == 0 and not torch.isfinite(terms["loss"]):
+            # Checked where the logger reads the loss anyway (a host sync on every step would slow a GPU); the same
+            # value on every rank, so all stop together. The last periodic checkpoint stays as it was.
+            raise NonFiniteLoss(f"the training loss is {terms['loss'].item()} at step {self.global_step + 1}: the "
+                                "run is stopped (its last.ckpt is the last checkpoint saved before); lower "
+                                "train.base_lr, or train.precision=32-true, or check the data")
         for name, value in terms.items():
             self.log(name, value, prog_bar=name == "loss")
         self.log("lr", self.optimizers().param_groups[0]["lr"], prog_bar=True)

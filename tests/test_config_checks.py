@@ -26,6 +26,9 @@ from clip4str.train.config import load_config
     ("train.warmup_pct=1.5", "train.warmup_pct must be in [0, 1]"),
     ("model.dropout=2", "model.dropout must be in [0, 1]"),
     ("model.decoder_heads=0", "model.decoder_heads must be > 0"),
+    ("train.devices=0", "train.devices must be a count >= 1"),
+    ("train.devices=[0,0]", "train.devices must be a count >= 1"),
+    ("train.devices=[]", "train.devices must be a count >= 1"),
 ])
 def test_a_wrong_value_is_named(override, message):
     with pytest.raises(ValueError) as err:
@@ -51,3 +54,20 @@ def test_good_values_pass():
     assert cfg.train.base_lr == 1e-3  # YAML 1.1 reads 1e-3 (no dot) as a string
     assert load_config(None, ["train.devices=[0, 1]"]).train.devices == [0, 1]
     assert matches(3, float) and not matches(True, int) and matches([1, 2.5], tuple[float, ...])
+
+
+@pytest.mark.parametrize("argv", [
+    ["serve", "--port", "70000"], ["serve", "--port", "-1"], ["serve", "--max-upload-mb", "inf"],
+    ["serve", "--max-upload-mb", "nan"], ["serve", "--max-upload-mb", "0"], ["serve", "--body-timeout", "-1"],
+    ["bench", "--threads", "-1"], ["bench", "--fixed-length", "-3"], ["read", "x.png", "--device", "meta"],
+    ["read", "x.png", "--device", "cuda:x"], ["zeroshot", "x.png", "--candidates", "a", "--template", "{}{x}"],
+    ["zeroshot", "x.png", "--candidates", "a", "--template", "no slot"],
+])
+def test_an_option_out_of_range_is_a_usage_error_naming_it(argv, capsys):
+    from clip4str.cli import main
+
+    with pytest.raises(SystemExit) as code:
+        main(argv)
+    option = next(a for a in argv if a.startswith("--") and a != "--candidates")
+    err = capsys.readouterr().err
+    assert code.value.code == 2 and f"argument {option}" in err and "Traceback" not in err

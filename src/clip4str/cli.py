@@ -12,8 +12,9 @@ from pathlib import Path
 from tqdm import tqdm
 
 from clip4str import commands
+from clip4str.argtypes import device_name, port_number, positive_int, positive_number, word_template
 from clip4str.charset import CHARSETS
-from clip4str.data.cli import add_data_commands, positive_int
+from clip4str.data.cli import add_data_commands
 from clip4str.data.folder import LABELS_NAME
 from clip4str.evaluate import collect_benchmarks, format_table, run_benchmarks
 from clip4str.inputs import expand_inputs
@@ -174,7 +175,7 @@ def decoding_options(args: argparse.Namespace) -> dict:
 
 def _model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", type=Path, help="checkpoint folder (default: the built-in model)")
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps")
+    p.add_argument("--device", type=device_name, default="cpu", help="cpu, cuda, cuda:1, mps")
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32")
     p.add_argument("--compile", action="store_true", help="decoding steps through torch.compile (PyTorch backend): "
                    "seconds to compile on first use, then faster steps; for long jobs and servers")
@@ -212,18 +213,18 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="parameters, GFLOPs, latency, throughput and memory of a model")
     bench.add_argument("--model", type=Path, help="checkpoint folder (default: the built-in model)")
     bench.add_argument("--preset", help="benchmark an untrained preset (tiny, b16, l14, h14) instead")
-    bench.add_argument("--device", default="cpu")
+    bench.add_argument("--device", type=device_name, default="cpu")
     bench.add_argument("--precision", dest="precisions", nargs="+", choices=["fp32", "bf16", "fp16"],
                        default=["fp32", "bf16"])
     bench.add_argument("--decoding", nargs="+", choices=["eager", "compiled"], default=["eager", "compiled"],
                        help="decoding steps eager and/or through torch.compile (PyTorch backend)")
     bench.add_argument("--batch-size", type=positive_int, default=64)
     bench.add_argument("--repeats", type=positive_int, default=20)
-    bench.add_argument("--threads", type=int, default=None, help="CPU threads (default: all)")
+    bench.add_argument("--threads", type=positive_int, default=None, help="CPU threads (default: all)")
     bench.add_argument("--backend", choices=["torch", "onnx"], default="torch",
                        help="onnx: --model is a folder from `clip4str export onnx`")
-    bench.add_argument("--fixed-length", type=int, help="decode exactly N characters (default: 5 with --preset; "
-                       "use it for untrained or exported-untrained models, which never emit EOS)")
+    bench.add_argument("--fixed-length", type=positive_int, help="decode exactly N characters (default: 5 with "
+                       "--preset; use it for untrained or exported-untrained models, which never emit EOS)")
     bench.set_defaults(func=commands.cmd_bench)
     export = sub.add_parser("export", help="export a model").add_subparsers(dest="export_format", required=True)
     onnx = export.add_parser("onnx", help="ONNX graphs + config for ONNX Runtime (no PyTorch needed to run)")
@@ -237,9 +238,9 @@ def build_parser() -> argparse.ArgumentParser:
     _model_options(serve)
     _decoding_options(serve)
     serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--port", type=port_number, default=8000)
     serve.add_argument("--max-batch", type=positive_int, default=32, help="images per model batch (across requests)")
-    serve.add_argument("--max-upload-mb", type=float, default=10.0)
+    serve.add_argument("--max-upload-mb", type=positive_number, default=10.0)
     serve.add_argument("--max-images", type=positive_int, default=64, help="images per request")
     serve.add_argument("--max-windows", type=positive_int, default=24,
                        help="windows of model work per image (a long crop is read in overlapping windows)")
@@ -250,10 +251,10 @@ def build_parser() -> argparse.ArgumentParser:
                        "(?attention=1, several readings' work each) are drawn at once, across requests (503 beyond)")
     serve.add_argument("--max-connections", type=positive_int, default=256,
                        help="open connections; more are closed at once (idle sockets cannot use up descriptors)")
-    serve.add_argument("--header-timeout", type=float, default=10.0, help="seconds a connection has to send a "
-                       "request's headers, after opening or after its last response; it is closed otherwise")
-    serve.add_argument("--body-timeout", type=float, default=60.0, help="seconds an upload has to arrive (408 "
-                       "otherwise)")
+    serve.add_argument("--header-timeout", type=positive_number, default=10.0, help="seconds a connection has to "
+                       "send a request's headers, after opening or after its last response; it is closed otherwise")
+    serve.add_argument("--body-timeout", type=positive_number, default=60.0,
+                       help="seconds an upload has to arrive (408 otherwise)")
     serve.set_defaults(func=commands.cmd_serve)
     conv = sub.add_parser("convert", help="the authors' .ckpt/.pt checkpoint -> clip4str checkpoint folder")
     conv.add_argument("src", type=Path)
@@ -270,7 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
     zs.add_argument("image", type=Path)
     zs.add_argument("--candidates", nargs="+", required=True)
     zs.add_argument("--clip", type=Path, help="a local CLIP file (OpenAI or open_clip); default: --model's towers")
-    zs.add_argument("--template", default='a photo of the word "{}".')
+    zs.add_argument("--template", type=word_template, default='a photo of the word "{}".')
     _model_options(zs)
     zs.set_defaults(func=commands.cmd_zeroshot)
     presets = sub.add_parser("presets", help="list model presets")

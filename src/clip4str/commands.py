@@ -166,9 +166,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from clip4str.serve.app import create_app
     from clip4str.serve.connections import guarded_protocol
 
-    for option, seconds in (("--header-timeout", args.header_timeout), ("--body-timeout", args.body_timeout)):
-        if not seconds > 0:
-            raise ValueError(f"{option} must be a positive number of seconds, got {seconds}")
     rec = _recognizer(args)
     if getattr(rec, "compiled", False):  # compile before the first request, for one image and for batches
         import time

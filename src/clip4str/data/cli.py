@@ -11,6 +11,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
+from clip4str.argtypes import positive_int
 from clip4str.charset import CHARSETS, LabelNormalizer, resolve_charset
 from clip4str.data.folder import LABELS_NAME, read_label_file
 from clip4str.data.lmdb import write_lmdb
@@ -71,14 +72,6 @@ def contact_sheet(items: list[tuple[Image.Image, str]], columns: int = 4,
         sheet.paste(image.convert("RGB").resize(cell, Image.Resampling.BICUBIC), (x, y))
         draw.text((x, y + h + 2), label, fill=(180, 0, 0), font=font)
     return sheet
-
-
-def positive_int(text: str) -> int:
-    """argparse type: an integer >= 1."""
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:

@@ -75,6 +75,11 @@ class TrainSection:
     out_dir: str = "runs/experiment"
 
     def __post_init__(self) -> None:
+        d = self.devices
+        if not (d == "auto" or (type(d) is int and (d >= 1 or d == -1)) or (
+                isinstance(d, list) and d and all(type(i) is int and i >= 0 for i in d) and len(set(d)) == len(d))):
+            raise ValueError(f"train.devices must be a count >= 1 (-1: all), 'auto', or a list of distinct device "
+                             f"ids such as [0, 1], got {d!r}")
         if self.average_from is not None and not 0.0 <= self.average_from < 1.0:
             raise ValueError(f"train.average_from is the share of the schedule after which every step's weights "
                              f"are averaged, in [0, 1), got {self.average_from!r}")

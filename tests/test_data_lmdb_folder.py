@@ -194,3 +194,24 @@ def test_nothing_to_write_is_an_error_not_an_empty_database(tmp_path):
     with pytest.raises(ValueError, match="none were given"):
         write_lmdb([], tmp_path / "db")
     assert not (tmp_path / "db").exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_by_folder_names_every_sub_folder_apart(tmp_path):
+    """Rows of `clip4str test --by-folder`: the path below the folders all share, never two rows of one name."""
+    from PIL import Image
+
+    from clip4str.charset import CHARSETS
+    from clip4str.evaluate import collect_benchmarks
+
+    def layout(root, folders):
+        lines = []
+        for i, folder in enumerate(folders):
+            (root / folder).mkdir(parents=True, exist_ok=True)
+            Image.new("RGB", (40, 12), "white").save(root / folder / f"{i}.png")
+            lines.append(f"{folder}/{i}.png\tword\n")
+        (root / "labels.tsv").write_text("".join(lines))
+        return [b.name for b in collect_benchmarks([root], CHARSETS["36"], by_folder=True)]
+
+    assert layout(tmp_path / "bf", [".", "a/x", "b/x"]) == ["bf", "a/x", "b/x"]
+    assert layout(tmp_path / "real", ["images/cute80", "images/svt"]) == ["cute80", "svt"]
+    assert layout(tmp_path / "nest", ["a/x", "a/x/x"]) == ["a/x", "a/x/x"]

@@ -45,12 +45,26 @@ def collect_benchmarks(paths: list[str | Path], charset: str, by_folder: bool = 
             groups: dict[str, list[int]] = {}
             for i in range(len(ds)):
                 groups.setdefault(ds.group(i), []).append(i)
-            out.extend(Benchmark(Path(g).name, Subset(ds, idx)) for g, idx in sorted(groups.items()))
+            names = _group_names(list(groups), p.resolve().name)
+            out.extend(Benchmark(names[g], Subset(ds, idx)) for g, idx in sorted(groups.items()))
         else:
             for db in find_lmdbs(p):
                 name = str(db.relative_to(p)) if db != p else p.resolve().name
                 out.append(Benchmark(name, LmdbDataset(db, LabelNormalizer(charset, max_length))))
     return out
+
+
+def _group_names(groups: list[str], root_name: str) -> dict[str, str]:
+    """Sub-folders named by their path below the folders they all share (images/cute80, images/svt: cute80, svt;
+    a/x and b/x stay apart); images beside labels.tsv by the dataset's own name."""
+    common = os.path.commonpath(groups) if len(groups) > 1 else os.path.dirname(groups[0])
+    names = {}
+    for g in groups:
+        rel = os.path.relpath(g, common or ".")
+        names[g] = root_name if g == "." else Path(g).name if rel == "." else Path(rel).as_posix()
+    if len(set(names.values())) < len(names):  # a/x beside a/x/x: the whole paths
+        names = {g: root_name if g == "." else Path(g).as_posix() for g in groups}
+    return names
 
 
 # The reading of a sample its dataset could not load (the dataset's warning says why).

@@ -313,3 +313,35 @@ def test_a_fifo_listed_as_an_image_is_skipped_not_waited_on(tmp_path):
     worker.join(timeout=60)
     assert not worker.is_alive(), "write_lmdb blocked on a FIFO"
     assert report[0].written == 1 and report[0].skipped == [("pipe.png", "not a regular file")]
+
+
+def test_a_config_that_does_not_describe_its_weights_is_refused_before_allocating(tmp_path):
+    """config.json asks for a 2-layer tower of width 8192 (6 GB of fp32) beside the tiny weights: the safetensors
+    header is compared with the config's shapes (built on the meta device) before any parameter is allocated."""
+    import resource
+
+    folder = tmp_path / "model"
+    shutil.copytree(default_model_path(), folder)
+    doc = json.loads((folder / "config.json").read_text())
+    doc["model"]["clip"]["vision_cfg"].update(width=8192, layers=2, head_width=64)
+    (folder / "config.json").write_text(json.dumps(doc))
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(ValueError, match="does not fit this model") as err:
+        load_model(folder)
+    grown_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+    assert grown_mb < 1000, f"peak memory grew by {grown_mb:.0f} MB"
+    assert "\n" not in str(err.value)
+
+
+def test_a_checkpoint_with_nan_weights_is_refused(tmp_path):
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path / "model"
+    shutil.copytree(default_model_path(), folder)
+    state = load_file(folder / "model.safetensors")
+    state["image_decoder.head.weight"][0, 0] = float("nan")
+    save_file(state, folder / "model.safetensors")
+    with pytest.raises(ValueError, match="image_decoder.head.weight holds NaN or infinite values"):
+        load_model(folder)
+    assert torch.isnan(load_file(folder / "model.safetensors")["image_decoder.head.weight"]).any()

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from clip4str.destinations import check_checkpoint_destination
@@ -92,11 +92,20 @@ def model_config(doc: dict[str, Any], config_path: Path) -> ModelConfig:
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> CLIP4STR:
     """Load a CLIP4STR checkpoint folder in eval mode; needs no other file."""
     doc, weights_path = read_checkpoint_config(path)
-    model = CLIP4STR(model_config(doc, weights_path.parent / CONFIG_NAME))
+    config = model_config(doc, weights_path.parent / CONFIG_NAME)
     try:
+        with safe_open(str(weights_path), "pt") as f:  # the header alone: names and shapes
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118 - not a dict
+        with torch.device("meta"):  # the config's shapes without allocating them: a config.json from elsewhere
+            check_fits(CLIP4STR(config), shapes, str(weights_path))  # must describe the weights beside it
         state = load_file(str(weights_path))
     except (SafetensorError, OSError) as e:
         raise ValueError(f"{weights_path} could not be read ({e}); the file is truncated or not safetensors") from e
+    damaged = next((k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
+    if damaged:  # every reading would be NaN (and `--format json` would print NaN, which is not JSON)
+        raise ValueError(f"{weights_path}: tensor {damaged} holds NaN or infinite values; the checkpoint is damaged "
+                         "(saved from a run whose loss diverged?)")
+    model = CLIP4STR(config)
     load_exact(model, state, str(weights_path))
     model.provenance = doc.get("provenance", {})
     return model.to(device).eval()
@@ -109,12 +118,14 @@ def load_exact(module: torch.nn.Module, state: dict[str, torch.Tensor], source: 
     module.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()})
 
 
-def check_fits(module: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
-    """Raise ValueError unless `state` matches `module`'s state dict key for key and shape for shape."""
-    expected = module.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    wrong = sorted(k for k in set(expected) & set(state) if expected[k].shape != state[k].shape)
+def check_fits(module: torch.nn.Module, state: dict[str, torch.Tensor | tuple[int, ...]], source: str) -> None:
+    """Raise ValueError unless `state` (tensors or their shapes) matches `module`'s state dict key for key and shape
+    for shape."""
+    expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+    given = {k: tuple(v.shape) if isinstance(v, torch.Tensor) else tuple(v) for k, v in state.items()}
+    missing = sorted(set(expected) - set(given))
+    unexpected = sorted(set(given) - set(expected))
+    wrong = sorted(k for k in set(expected) & set(given) if expected[k] != given[k])
     if missing or unexpected or wrong:
         parts = [f"{name}: {', '.join(keys[:5])}{' ...' if len(keys) > 5 else ''}"
                  for name, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)) if keys]

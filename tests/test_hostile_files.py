@@ -113,7 +113,8 @@ def test_a_damaged_checkpoint_config_is_named(tmp_path, config, message):
     assert "config.json" in str(err.value) and "\n" not in str(err.value)
 
 
-@pytest.mark.parametrize("damage", ["truncated graph", "missing graph", "no charset", "bad json", "other size"])
+@pytest.mark.parametrize("damage", ["truncated graph", "missing graph", "no charset", "bad json", "other size",
+                                    "other charset"])
 def test_a_damaged_onnx_export_is_named(tmp_path, damage):
     folder = tmp_path / "export"
     shutil.copytree(default_onnx_model_path(), folder)
@@ -126,9 +127,13 @@ def test_a_damaged_onnx_export_is_named(tmp_path, damage):
         (folder / "config.json").write_text(json.dumps({"model": {}}))
     elif damage == "bad json":
         (folder / "config.json").write_text("{ not json")
-    else:  # config.json of a model with another input size beside these graphs
+    elif damage == "other size":  # config.json of a model with another input size beside these graphs
         doc = json.loads((folder / "config.json").read_text())
         doc["model"]["clip"]["vision_cfg"]["image_size"] = [32, 128]
+        (folder / "config.json").write_text(json.dumps(doc))
+    else:  # ... or with another charset (was an IndexError at the first reading)
+        doc = json.loads((folder / "config.json").read_text())
+        doc["model"]["charset"] = "abc"
         (folder / "config.json").write_text(json.dumps(doc))
     with pytest.raises(ValueError, match="is not a readable ONNX export") as err:
         OnnxRecognizer(folder)

@@ -108,6 +108,10 @@ class OnnxRecognizer(BaseRecognizer):
         graph_size = tuple(self.image_encoder.get_inputs()[0].shape[2:])
         if all(isinstance(d, int) for d in graph_size) and graph_size != self.image_size:
             raise ValueError(f"{IMAGE_ENCODER} takes {graph_size} images but config.json says {self.image_size}")
+        classes = self.image_decoder.get_outputs()[0].shape[-1]
+        if isinstance(classes, int) and classes != self.tokenizer.num_classes:
+            raise ValueError(f"{IMAGE_DECODER} scores {classes} classes but config.json's charset makes "
+                             f"{self.tokenizer.num_classes}")
 
     def preprocess(self, images: Sequence[ImageInput]) -> np.ndarray:
         """Images -> the model's input array (the one preprocessing function, NumPy flavour)."""

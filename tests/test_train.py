@@ -713,3 +713,22 @@ def test_a_run_on_unreadable_data_or_with_a_nan_loss_stops_with_one_line(tmp_pat
     with pytest.raises(NonFiniteLoss, match="loss is nan at step 4"):
         train(load_config(_config(tmp_path, folder, out="nan-run", max_steps=10)))
     assert not (tmp_path / "nan-run" / "final").exists()
+
+
+def test_a_run_never_writes_over_another_runs_folder(tmp_path, folder):
+    """A second run into a folder another run is writing is refused (the later one's model replaced the first's
+    under the same result path), and so is a new run into a finished run's folder whose last.ckpt was deleted."""
+    import fcntl
+
+    out = tmp_path / "run"
+    out.mkdir()
+    with open(out / ".lock", "a+") as held:  # what a running `clip4str train` holds
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(FileExistsError, match="another `clip4str train` is writing to"):
+            train(load_config(_config(tmp_path, folder, max_steps=2)))
+    assert train(load_config(_config(tmp_path, folder, max_steps=2))) == out / "final"
+    (out / "last.ckpt").unlink()  # kept only the model, as people do
+    before = (out / "final" / "model.safetensors").read_bytes()
+    with pytest.raises(FileExistsError, match="holds another run's final, config.yaml, logs"):
+        train(load_config(_config(tmp_path, folder, max_steps=2, seed=5)))
+    assert (out / "final" / "model.safetensors").read_bytes() == before

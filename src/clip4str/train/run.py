@@ -22,6 +22,7 @@ from clip4str.train.budget import TimeBudget
 from clip4str.train.callbacks import ResumableCheckpoint
 from clip4str.train.config import TrainConfig
 from clip4str.train.history import plot_history
+from clip4str.train.outdir import claimed
 from clip4str.train.resume import check_resumable, read_training_checkpoint
 from clip4str.train.start import build_model
 from clip4str.train.system import STRSystem
@@ -117,12 +118,18 @@ def quiet_lightning() -> None:
 def train(cfg: TrainConfig, resume: bool = False) -> Path | None:
     """Run (or resume) an experiment; returns the exported model folder (None on ranks other than 0)."""
     check_paths(cfg, init=not resume)  # a resumed run's weights come from last.ckpt
+    out = Path(cfg.train.out_dir)
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"train.out_dir {str(out)!r} is a file; give a folder for the run")
+    with claimed(out, resume):
+        return _train(cfg, resume)
+
+
+def _train(cfg: TrainConfig, resume: bool) -> Path | None:
     quiet_lightning()
     t, d = cfg.train, cfg.data
     out = Path(t.out_dir)
     last = out / "last.ckpt"
-    if out.exists() and not out.is_dir():
-        raise FileExistsError(f"train.out_dir {str(out)!r} is a file; give a folder for the run")
     if resume:
         if not last.is_file():
             raise FileNotFoundError(f"--resume: no checkpoint at {last}; start without --resume")

@@ -49,3 +49,12 @@ def test_bundle_then_budgeted_training_exports_weights_that_read(tmp_path):
     assert provenance["config"]["train"]["max_minutes"] == 0.3 and provenance["steps"] > 0
     assert Recognizer.from_pretrained(weights).read([ROOT / "examples" / "hello.png"])[0].text
     assert (tmp_path / "out" / "metrics.csv").is_file()
+    # A second call on the same host whose training fails (here: a data path that is not there) exports nothing:
+    # it once exported the first call's last.ckpt and reported success.
+    env["OUT"] = str(tmp_path / "out2")
+    failed = subprocess.run(["bash", "scripts/gpu/train.sh", "0.3", str(bundle), *cpu,
+                             f"data.train=[{{path: {tmp_path / 'absent'}}}]"], cwd=ROOT, env=env, timeout=300,
+                            capture_output=True, text=True)
+    log = (tmp_path / "out2" / "log.txt").read_text()
+    assert failed.returncode != 0 and "nothing to export" in log, log[-3000:]
+    assert not list((tmp_path / "out2" / "w").glob("model.safetensors*"))

@@ -7,7 +7,8 @@
 set -euo pipefail
 BUNDLE=${1:-.devcarry}; PYV=${2:-3.12}
 PY=${PYTHON:-.venv/bin/python}
-mkdir -p "$BUNDLE/whl"; TMP=$(mktemp -d)
+rm -rf "$BUNDLE/whl"; mkdir -p "$BUNDLE/whl"  # a wheel of an earlier call beside a newer one: pip refuses both
+TMP=$(mktemp -d); trap 'rm -rf "$TMP"' EXIT
 "$PY" - "$TMP/fsub" "$TMP/bgs" "${MAX_FONTS:-100000}" "${MAX_BACKGROUNDS:-100000}" <<'PY'
 import sys
 from pathlib import Path
@@ -37,10 +38,9 @@ for db in lmdb ic13-train; do mkdir -p "$TMP/realtrain/$db" && cp "../shared/rea
 tar -C "$TMP" -cJf "$BUNDLE/fonts.tar.xz" fsub
 tar -C "$TMP" -cf "$BUNDLE/bgs.tar" bgs
 tar -C "$TMP" -cJf "$BUNDLE/realtrain.tar.xz" realtrain
-[ "${WHEELS:-1}" = 0 ] && { rm -rf "$TMP"; du -sh "$BUNDLE"; exit 0; }
+[ "${WHEELS:-1}" = 0 ] && { du -sh "$BUNDLE"; exit 0; }
 OC=$("$PY" -c "import importlib.metadata as m; print(m.version('open_clip_torch'))")
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version "$PYV" --implementation cp \
   --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
   -d "$BUNDLE/whl" "open_clip_torch==$OC" ftfy wcwidth lmdb
-rm -rf "$TMP"
 du -sh "$BUNDLE"

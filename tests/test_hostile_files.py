@@ -152,9 +152,13 @@ def test_writing_a_model_never_mixes_kinds_or_replaces_one_without_force(tmp_pat
     shutil.copytree(default_onnx_model_path(), export)
     assert main(["export", "onnx", "--out", str(export)]) == 2
     assert "--force" in capsys.readouterr().err
-    (export / "stale.onnx").write_bytes(b"a graph of an earlier export")
+    (export / "rec.onnx").write_bytes(b"another program's model")  # --force deleted every *.onnx of the folder
+    assert main(["export", "onnx", "--out", str(export), "--force"]) == 2
+    assert "holds rec.onnx, which is not a graph of a clip4str export" in capsys.readouterr().err
+    assert (export / "rec.onnx").read_bytes() == b"another program's model"
+    (export / "rec.onnx").unlink()
     assert main(["export", "onnx", "--out", str(export), "--force"]) == 0
-    assert not (export / "stale.onnx").exists() and OnnxRecognizer(export).read(HELLO)[0].text == "hello"
+    assert OnnxRecognizer(export).read(HELLO)[0].text == "hello"
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "config.json").write_text('{"my": 1}')  # the user's own file, not an export: named as what is in the way

@@ -5,7 +5,9 @@ from __future__ import annotations
 from fnmatch import fnmatch
 from pathlib import Path
 
-CHECKPOINT_FILES, ONNX_FILES = ("config.json", "model.safetensors"), ("*.onnx", "config.json")
+from clip4str.onnx_backend import GRAPHS
+
+CHECKPOINT_FILES, ONNX_FILES = ("config.json", "model.safetensors"), (*GRAPHS, "config.json")
 
 
 def check_destination(folder: Path, ours: tuple[str, ...], foreign: tuple[str, ...], kind: str, force: bool) -> None:
@@ -33,5 +35,11 @@ def check_checkpoint_destination(folder: Path, force: bool) -> None:
 
 
 def check_onnx_destination(folder: Path, force: bool) -> None:
-    """An ONNX export (graphs + config.json) may be written to `folder`."""
+    """An ONNX export (graphs + config.json) may be written to `folder`; never beside other ONNX models, which
+    `--force` would otherwise have replaced or deleted."""
+    strangers = sorted(p.name for p in Path(folder).glob("*.onnx") if p.name not in GRAPHS) \
+        if Path(folder).is_dir() else []
+    if strangers:
+        raise FileExistsError(f"{str(folder)!r} holds {strangers[0]}, which is not a graph of a clip4str export; "
+                              "write the ONNX export to another folder")
     check_destination(folder, ONNX_FILES, ("model.safetensors",), "ONNX export", force)

@@ -19,7 +19,7 @@ from clip4str.bpe import VOCAB_NAME
 from clip4str.destinations import check_onnx_destination
 from clip4str.model import CLIP4STR
 from clip4str.model.decoder import Decoder
-from clip4str.onnx_backend import CROSS_DECODER, CTC_HEAD, IMAGE_DECODER, IMAGE_ENCODER, TEXT_ENCODER
+from clip4str.onnx_backend import CROSS_DECODER, CTC_HEAD, GRAPHS, IMAGE_DECODER, IMAGE_ENCODER, TEXT_ENCODER
 
 ONNX_FORMAT = "clip4str-onnx-v1"
 
@@ -119,8 +119,8 @@ def export_onnx(model: CLIP4STR, out_dir: str | Path, fp16_weights: bool = False
     out = Path(out_dir)
     check_onnx_destination(out, force)
     out.mkdir(parents=True, exist_ok=True)
-    for stale in out.glob("*.onnx"):  # a graph the new model lacks (a CTC head) must not outlive the export
-        stale.unlink()
+    for stale in GRAPHS:  # a graph the new model lacks (a CTC head) must not outlive the export
+        (out / stale).unlink(missing_ok=True)
     model = model.float().eval()
     cfg = model.config
     h, w = cfg.image_size

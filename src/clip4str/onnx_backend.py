@@ -29,6 +29,7 @@ from clip4str.runaway import apply_guard, replace_rows, softmax
 IMAGE_ENCODER, IMAGE_DECODER = "image_encoder.onnx", "image_decoder.onnx"
 TEXT_ENCODER, CROSS_DECODER = "text_encoder.onnx", "cross_decoder.onnx"
 CTC_HEAD = "ctc_head.onnx"  # only for models with a CTC head; exports made before it have no runaway guard
+GRAPHS = (IMAGE_ENCODER, IMAGE_DECODER, TEXT_ENCODER, CROSS_DECODER, CTC_HEAD)
 BUILTIN_ONNX = "tiny-onnx"  # the built-in model's graphs, beside its PyTorch weights in clip4str/pretrained
 
 

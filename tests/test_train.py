@@ -99,7 +99,8 @@ def test_sigkill_after_a_checkpoint_then_resume_repeats_the_same_run(tmp_path, f
         assert resumed[step] == pytest.approx(expected[step], rel=1e-5, abs=1e-6), step
 
 
-@pytest.mark.parametrize("kind", ["hostile", "truncated", "not a checkpoint"])
+@pytest.mark.parametrize("kind", ["hostile", "truncated", "not a checkpoint", "int key", "not a tensor",
+                                  "odd schedulers", "odd step", "plain torch.save"])
 @pytest.mark.parametrize("action", ["--resume", "--export-last"])
 def test_a_hostile_or_broken_last_ckpt_is_refused_in_one_line_without_running_its_code(tmp_path, folder, capsys,
                                                                                          kind, action):
@@ -111,8 +112,17 @@ def test_a_hostile_or_broken_last_ckpt_is_refused_in_one_line_without_running_it
     cfg = _config(tmp_path, folder)
     (tmp_path / "run").mkdir()
     last, marker = tmp_path / "run" / "last.ckpt", tmp_path / "ran"
+    lightning = {"pytorch-lightning_version": "2.6", "epoch": 0, "loops": {}, "optimizer_states": [],
+                 "lr_schedulers": [], "global_step": 3, "state_dict": {"model.w": torch.zeros(1)}}
+    foreign = {"int key": {"state_dict": {1: torch.zeros(1)}}, "not a tensor": {"state_dict": {"model.w": "x"}},
+               "odd schedulers": {"lr_schedulers": 5}, "odd step": {"global_step": [1]},
+               "plain torch.save": {"state_dict": {"model.w": torch.zeros(1)}, "global_step": 0}}
     if kind == "not a checkpoint":
         torch.save({"weights": torch.zeros(2)}, last)
+    elif kind == "plain torch.save":  # real-looking weights, none of Lightning's keys: stopped deep in trainer.fit
+        torch.save(foreign[kind], last)
+    elif kind in foreign:
+        torch.save({**lightning, **foreign[kind]}, last)
     else:
         torch.save({"state_dict": {}, "global_step": 3, "callbacks": RunsCode(marker)}, last)
         if kind == "truncated":

@@ -44,6 +44,7 @@ def read_training_checkpoint(path: Path) -> dict:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
         if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict) or "global_step" not in ckpt:
             raise ValueError("no state_dict or global_step in it")
+        _check_shape(ckpt)
     except Exception as e:  # a truncated, foreign or hostile file: name it instead of a pickle traceback
         reason = first_line(e)
         if reason.startswith("Weights only load failed"):  # not torch's advice to unpickle an untrusted file
@@ -51,3 +52,21 @@ def read_training_checkpoint(path: Path) -> dict:
         raise ValueError(f"{path} is not a readable training checkpoint ({type(e).__name__}: {reason}); "
                          "resume from an earlier copy or train again") from e
     return ckpt
+
+
+# What Lightning reads from a checkpoint it resumes, beside the weights; a foreign file lacking one stops it deep
+# inside trainer.fit, after the run has written its config and logs.
+LIGHTNING_KEYS = ("pytorch-lightning_version", "epoch", "loops", "optimizer_states", "lr_schedulers")
+
+
+def _check_shape(ckpt: dict) -> None:
+    """The types a Lightning checkpoint of ours has, so that a foreign one is named, not a TypeError later."""
+    if not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in ckpt["state_dict"].items()):
+        raise ValueError("its state_dict maps names to something other than tensors")
+    if type(ckpt["global_step"]) is not int or ckpt["global_step"] < 0:
+        raise ValueError(f"its global_step is {ckpt['global_step']!r}, not a step count")
+    missing = [k for k in LIGHTNING_KEYS if k not in ckpt]
+    if missing:
+        raise ValueError(f"it lacks {', '.join(missing)}: not a checkpoint Lightning saved")
+    if not isinstance(ckpt["lr_schedulers"], list) or not isinstance(ckpt["optimizer_states"], list):
+        raise ValueError("its lr_schedulers or optimizer_states are not lists")

@@ -354,3 +354,19 @@ def test_a_checkpoint_with_nan_weights_is_refused(tmp_path):
     with pytest.raises(ValueError, match="image_decoder.head.weight holds NaN or infinite values"):
         load_model(folder)
     assert torch.isnan(load_file(folder / "model.safetensors")["image_decoder.head.weight"]).any()
+
+
+def test_attention_of_a_reading_that_never_ends(tmp_path):
+    """An early checkpoint (here: random weights) never emits end-of-text: its reading has one character more than
+    the decoders take, which was an IndexError in `clip4str attention`."""
+    import torch
+
+    from clip4str.factory import create_model
+    from clip4str.inference import Recognizer
+    from clip4str.visualize import attention_strip
+
+    torch.manual_seed(0)
+    rec = Recognizer(create_model("tiny"))
+    text, panels = attention_strip(rec, HELLO, tmp_path / "strip.png")
+    assert 0 < len(text) <= rec.model.config.max_label_length and panels == len(text)
+    assert Image.open(tmp_path / "strip.png").width > 0

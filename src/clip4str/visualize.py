@@ -48,6 +48,7 @@ def _attention(rec: Recognizer, image: ImageInput, text: str | None) -> tuple[st
     # the charset) is replaced by the model's reading of the whole image.
     if text is None or not set(text) <= set(model.config.charset) or len(text) > model.config.max_label_length:
         text = model.tokenizer.decode(out.logits.float().softmax(-1), out.lengths.tolist())[0].text
+        text = text[: model.config.max_label_length]  # a reading that never ended holds one character more
     ids = model.tokenizer.encode([text]).to(rec.device)[:, :-1]  # [B] + characters
     length = ids.shape[1]
     grid = model.clip.visual.grid_size

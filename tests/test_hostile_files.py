@@ -370,3 +370,24 @@ def test_attention_of_a_reading_that_never_ends(tmp_path):
     text, panels = attention_strip(rec, HELLO, tmp_path / "strip.png")
     assert 0 < len(text) <= rec.model.config.max_label_length and panels == len(text)
     assert Image.open(tmp_path / "strip.png").width > 0
+
+
+def test_an_empty_crop_or_a_folder_is_an_error_not_a_reading():
+    """A detector's degenerate box (img.crop((10, 0, 10, h))) was read as a confident word ('SALE', 0.6)."""
+    from clip4str.data.transforms import ImageDecodeError, load_image
+
+    image = Image.open(HELLO)
+    for empty in (image.crop((10, 0, 10, image.height)), image.crop((0, 5, image.width, 5))):
+        with pytest.raises(ImageDecodeError, match="holds nothing to read"):
+            load_image(empty)
+    with pytest.raises(ImageDecodeError, match="is a folder, not an image file"):
+        load_image(HELLO.parent)
+    results = OnnxRecognizer().read([image.crop((10, 0, 10, image.height)), HELLO])
+    assert results[0].text == "" and "nothing to read" in results[0].error and results[1].text == "hello"
+
+
+def test_a_patch_larger_than_the_image_is_refused():
+    from clip4str.factory import create_model
+
+    with pytest.raises(ValueError, match="patch_size .* is larger than the image"):
+        create_model("tiny", clip={"vision_cfg": {"patch_size": [64, 64]}})

@@ -47,10 +47,14 @@ def _check_towers(clip: Any) -> None:
                 raise ValueError(f"clip.{where}.{key} must be an integer in [{lo}, {hi}], got {cfg[key]!r}")
     if "embed_dim" in clip and not (_is_int(clip["embed_dim"]) and 1 <= clip["embed_dim"] <= 16384):
         raise ValueError(f"clip.embed_dim must be an integer in [1, 16384], got {clip['embed_dim']!r}")
+    sides = {}
     for key in ("image_size", "patch_size"):
-        sides = vision[key] if isinstance(vision[key], (list, tuple)) else [vision[key]]
-        if not 1 <= len(sides) <= 2 or not all(_is_int(v) and 1 <= v <= 4096 for v in sides):
+        sides[key] = vision[key] if isinstance(vision[key], (list, tuple)) else [vision[key]] * 2
+        if len(sides[key]) != 2 or not all(_is_int(v) and 1 <= v <= 4096 for v in sides[key]):
             raise ValueError(f"clip.vision_cfg.{key} must be one or two integers in [1, 4096], got {vision[key]!r}")
+    if any(p > i for p, i in zip(sides["patch_size"], sides["image_size"], strict=True)):
+        raise ValueError(f"clip.vision_cfg.patch_size {vision['patch_size']!r} is larger than the image "
+                         f"({vision['image_size']!r})")
     size = 12 * sum(c.get("width", 0) ** 2 * c.get("layers", 0) for c in (vision, text)) + \
         text.get("vocab_size", 0) * text.get("width", 0)
     if size > MAX_PARAMETERS:

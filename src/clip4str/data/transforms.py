@@ -84,8 +84,12 @@ def load_image(item: ImageInput) -> Image.Image:
         if isinstance(item, np.ndarray):
             return to_rgb(_array_to_pil(item))
         if isinstance(item, Image.Image):  # Image.open(path) keeps the EXIF orientation unapplied, as files do
+            if 0 in item.size:  # a degenerate crop box: nothing to read (it was read as a confident word)
+                raise ImageDecodeError(f"image of {item.width}x{item.height} pixels holds nothing to read")
             return to_rgb(ImageOps.exif_transpose(item))
         if isinstance(item, (str, Path)):
+            if Path(item).is_dir():
+                raise ImageDecodeError(f"{str(item)!r} is a folder, not an image file")
             if not Path(item).is_file():
                 raise ImageDecodeError(f"image {str(item)!r} does not exist")
         if isinstance(item, (str, Path, bytes, bytearray)):

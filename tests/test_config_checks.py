@@ -71,3 +71,16 @@ def test_an_option_out_of_range_is_a_usage_error_naming_it(argv, capsys):
     option = next(a for a in argv if a.startswith("--") and a != "--candidates")
     err = capsys.readouterr().err
     assert code.value.code == 2 and f"argument {option}" in err and "Traceback" not in err
+
+
+def test_a_yaml_alias_bomb_or_an_override_that_is_not_yaml_is_one_short_line(tmp_path):
+    levels = ["&a [x, x, x, x, x, x, x, x, x]"]  # nine levels of nine: 387M strings once expanded
+    levels += [f"&{c} [" + ", ".join([f"*{p}"] * 9) + "]" for p, c in zip("abcdefgh", "bcdefghi", strict=True)]
+    (tmp_path / "bomb.yaml").write_text("data:\n  fonts: [" + ", ".join(levels) + "]\n")
+    with pytest.raises(ValueError, match="data.fonts must be a list of strings") as err:
+        load_config(tmp_path / "bomb.yaml")  # the message's repr expanded every alias (MemoryError)
+    assert len(str(err.value)) < 400
+    for override in ("train.out_dir=@runs/x", "data.val=[a,b", "model.charset=*#abc"):
+        with pytest.raises(ValueError, match="the value is not valid YAML.*quote it") as err:
+            load_config(None, [override])
+        assert "\n" not in str(err.value)

@@ -4,6 +4,7 @@ its key, not a traceback from deep inside Lightning or the model."""
 from __future__ import annotations
 
 import dataclasses
+import reprlib
 import types
 import typing
 from typing import Any, Union
@@ -18,6 +19,16 @@ NON_NEGATIVE = {"data.num_workers", "data.synth_val_size", "data.curriculum_imag
                 "data.min_photos", "train.weight_decay", "train.decoder_lr_scale", "model.refine_iters",
                 "model.ctc_weight", "model.cross_loss_weight"}
 SHARES = {"train.warmup_pct", "train.average_from", "model.dropout", "model.adapter_ratio"}  # in [0, 1]
+
+
+_SHORT = reprlib.Repr()  # keyword arguments only from Python 3.12
+_SHORT.maxlevel, _SHORT.maxlist, _SHORT.maxtuple, _SHORT.maxdict, _SHORT.maxstring, _SHORT.maxother = 2, 4, 4, 4, 80, 80
+
+
+def short(value: Any) -> str:
+    """repr() cut to a line: a YAML alias bomb (nested lists sharing references) expands to gigabytes in full."""
+    text = _SHORT.repr(value)
+    return text if len(text) <= 200 else text[:200] + "..."
 
 
 def matches(value: Any, hint: Any) -> bool:
@@ -79,27 +90,27 @@ def check_values(section: str, cls: type, values: dict[str, Any]) -> None:
         if not matches(value, hint):
             quote = f" (write it in quotes: {key}: '{value}' in YAML, \"{name}='{value}'\" on the command line)" \
                 if matches("x", hint) and isinstance(value, (int, float)) else ""
-            raise ValueError(f"{name} must be {_describe(hint)}, got {value!r}{quote}")
+            raise ValueError(f"{name} must be {_describe(hint)}, got {short(value)}{quote}")
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             if name in POSITIVE and not value > 0 or name in NON_NEGATIVE and not value >= 0:
-                raise ValueError(f"{name} must be {'> 0' if name in POSITIVE else '>= 0'}, got {value!r}")
+                raise ValueError(f"{name} must be {'> 0' if name in POSITIVE else '>= 0'}, got {short(value)}")
             if name in SHARES and not 0 <= value <= 1:
-                raise ValueError(f"{name} must be in [0, 1], got {value!r}")
+                raise ValueError(f"{name} must be in [0, 1], got {short(value)}")
 
 
 def check_sources(entries: Any) -> None:
     """data.train: a list of {path, weight > 0, holdout in [0, 1)} mappings."""
     if not isinstance(entries, list) or not entries:
-        raise ValueError(f"data.train must be a non-empty list of {{path: ..., weight: ...}}, got {entries!r}")
+        raise ValueError(f"data.train must be a non-empty list of {{path: ..., weight: ...}}, got {short(entries)}")
     for entry in entries:
         if not isinstance(entry, dict) or not isinstance(entry.get("path"), str):
-            raise ValueError(f"data.train entries are {{path: <folder or synth>, weight: <share>}}, got {entry!r}")
+            raise ValueError(f"data.train entries are {{path: <folder or synth>, weight: <share>}}, got {short(entry)}")
         unknown = sorted(set(entry) - {"path", "weight", "holdout"})
         if unknown:
             raise ValueError(f"data.train entry {entry['path']}: unknown key(s) {unknown}; keys: path, weight, "
                              "holdout")
         weight, holdout = entry.get("weight", 1.0), entry.get("holdout", 0.0)
         if not matches(weight, float) or not weight > 0:
-            raise ValueError(f"data.train entry {entry['path']}: weight must be a number > 0, got {weight!r}")
+            raise ValueError(f"data.train entry {entry['path']}: weight must be a number > 0, got {short(weight)}")
         if not matches(holdout, float) or not 0 <= holdout < 1:
-            raise ValueError(f"data.train entry {entry['path']}: holdout must be in [0, 1), got {holdout!r}")
+            raise ValueError(f"data.train entry {entry['path']}: holdout must be in [0, 1), got {short(holdout)}")

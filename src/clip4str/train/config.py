@@ -10,7 +10,7 @@ from typing import Any
 import yaml
 
 from clip4str.model_config import ModelConfig
-from clip4str.train.checks import check_sources, check_values
+from clip4str.train.checks import check_sources, check_values, short
 
 
 @dataclass
@@ -79,7 +79,7 @@ class TrainSection:
         if not (d == "auto" or (type(d) is int and (d >= 1 or d == -1)) or (
                 isinstance(d, list) and d and all(type(i) is int and i >= 0 for i in d) and len(set(d)) == len(d))):
             raise ValueError(f"train.devices must be a count >= 1 (-1: all), 'auto', or a list of distinct device "
-                             f"ids such as [0, 1], got {d!r}")
+                             f"ids such as [0, 1], got {short(d)}")
         if self.average_from is not None and not 0.0 <= self.average_from < 1.0:
             raise ValueError(f"train.average_from is the share of the schedule after which every step's weights "
                              f"are averaged, in [0, 1), got {self.average_from!r}")
@@ -128,7 +128,7 @@ def build_config(doc: dict[str, Any]) -> TrainConfig:
     for name, cls in SECTIONS.items():
         raw = doc.get(name) or {}
         if not isinstance(raw, dict):
-            raise ValueError(f"config section '{name}' must be a mapping of keys to values, got {raw!r}")
+            raise ValueError(f"config section '{name}' must be a mapping of keys to values, got {short(raw)}")
         values = dict(raw)
         _check_keys(name, values)
         check_values(name, cls, values)
@@ -148,7 +148,12 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     key, sep, raw = item.partition("=")
     if not sep or "." not in key:
         raise ValueError(f"override {item!r} must look like section.key=value (e.g. train.max_steps=100)")
-    return key.split("."), yaml.safe_load(raw)
+    try:
+        return key.split("."), yaml.safe_load(raw)
+    except yaml.YAMLError as e:
+        reason = " ".join(str(e).split())[:160]
+        raise ValueError(f"override {item!r}: the value is not valid YAML ({reason}); quote it: "
+                         f"\"{key}='{raw}'\"") from e
 
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConfig:
@@ -173,7 +178,7 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConf
                 node[k] = {}
             node = node[k]
             if not isinstance(node, dict):
-                raise ValueError(f"override {item!r}: {'.'.join(keys[:depth + 1])} is {node!r}, not a section "
+                raise ValueError(f"override {item!r}: {'.'.join(keys[:depth + 1])} is {short(node)}, not a section "
                                  "with keys")
         node[keys[-1]] = value
     return build_config(doc)

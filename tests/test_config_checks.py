@@ -27,6 +27,8 @@ from clip4str.train.config import load_config
     ("model.dropout=2", "model.dropout must be in [0, 1]"),
     ("model.decoder_heads=0", "model.decoder_heads must be > 0"),
     ("train.devices=0", "train.devices must be a count >= 1"),
+    ("data.batch_size=10000000000", "data.batch_size must be at most 65536"),
+    ("train.threads=100000000", "train.threads must be at most 4096"),
     ("train.devices=[0,0]", "train.devices must be a count >= 1"),
     ("train.devices=[]", "train.devices must be a count >= 1"),
 ])

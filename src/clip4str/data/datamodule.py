@@ -159,6 +159,8 @@ class TrainStream(IterableDataset):
             if self.augment is not None and (difficulty >= 1.0 or rng.random() < difficulty):
                 image = self.augment(image, random.Random(int(rng.integers(2**62))))
             return self._tensor(image), label
+        except MemoryError:  # the machine, not the sample: skipping would fill the log while memory stays full
+            raise
         except Exception as e:  # one odd font, word or crop must not stop a run of hours: drop that sample
             warnings.warn(f"training sample {g} ({source.path}) failed and was skipped: {type(e).__name__}: {e}",
                           stacklevel=1)

@@ -19,6 +19,9 @@ NON_NEGATIVE = {"data.num_workers", "data.synth_val_size", "data.curriculum_imag
                 "data.min_photos", "train.weight_decay", "train.decoder_lr_scale", "model.refine_iters",
                 "model.ctc_weight", "model.cross_loss_weight"}
 SHARES = {"train.warmup_pct", "train.average_from", "model.dropout", "model.adapter_ratio"}  # in [0, 1]
+# Upper bounds where a typo costs all memory before the first step (a batch of 1e10 images).
+AT_MOST = {"data.batch_size": 65536, "data.num_workers": 1024, "train.threads": 4096,
+           "train.accumulate_grad_batches": 65536}
 
 
 _SHORT = reprlib.Repr()  # keyword arguments only from Python 3.12
@@ -96,6 +99,8 @@ def check_values(section: str, cls: type, values: dict[str, Any]) -> None:
                 raise ValueError(f"{name} must be {'> 0' if name in POSITIVE else '>= 0'}, got {short(value)}")
             if name in SHARES and not 0 <= value <= 1:
                 raise ValueError(f"{name} must be in [0, 1], got {short(value)}")
+            if name in AT_MOST and value > AT_MOST[name]:
+                raise ValueError(f"{name} must be at most {AT_MOST[name]}, got {short(value)}")
 
 
 def check_sources(entries: Any) -> None:

@@ -86,3 +86,18 @@ def test_a_yaml_alias_bomb_or_an_override_that_is_not_yaml_is_one_short_line(tmp
         with pytest.raises(ValueError, match="the value is not valid YAML.*quote it") as err:
             load_config(None, [override])
         assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["bench", "--backend", "onnx", "--preset", "tiny"], "--preset builds an untrained PyTorch model"),
+    (["bench", "--backend", "onnx", "--precision", "bf16"], "--backend onnx runs fp32"),
+    (["bench", "--backend", "onnx", "--fixed-length", "1000", "--repeats", "1", "--batch-size", "1"],
+     "this model decodes at most 25 characters"),
+])
+def test_bench_refuses_what_it_would_mislabel(argv, message, capsys):
+    """`bench --backend onnx` benched the built-in export under the preset's name, fp32 under a bf16 label, and
+    25 characters under 'exactly 1000'."""
+    from clip4str.cli import main
+
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err

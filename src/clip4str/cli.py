@@ -215,7 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--preset", help="benchmark an untrained preset (tiny, b16, l14, h14) instead")
     bench.add_argument("--device", type=device_name, default="cpu")
     bench.add_argument("--precision", dest="precisions", nargs="+", choices=["fp32", "bf16", "fp16"],
-                       default=["fp32", "bf16"])
+                       help="default: fp32 bf16 (PyTorch), fp32 (ONNX)")
     bench.add_argument("--decoding", nargs="+", choices=["eager", "compiled"], default=["eager", "compiled"],
                        help="decoding steps eager and/or through torch.compile (PyTorch backend)")
     bench.add_argument("--batch-size", type=positive_int, default=64)

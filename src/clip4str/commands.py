@@ -24,6 +24,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from clip4str.bench import WORD, run_bench
 
     model = None
+    if args.backend == "onnx":  # what the ONNX backend reads: an export at fp32, never an untrained preset
+        if args.preset:
+            raise ValueError("--preset builds an untrained PyTorch model; with --backend onnx give --model EXPORT "
+                             "(or nothing for the built-in model's graphs)")
+        if set(args.precisions or ()) - {"fp32"}:
+            raise ValueError("--backend onnx runs fp32 (graphs with float16 weights compute in fp32); leave out "
+                             "--precision or give fp32")
     if args.backend == "torch":
         import torch
 
@@ -39,7 +46,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     fixed = args.fixed_length or (len(WORD) if args.preset else None)
     print(f"| model | precision | decoding | params | GFLOPs/image | batch-1 latency (ms) | batch-{args.batch_size} "
           "images/s | peak memory (MB) | first read (ms) |\n|:--|:--|:--|--:|--:|--:|--:|--:|--:|")
-    runs = [(p, d) for p in args.precisions for d in args.decoding] if args.backend == "torch" else [("fp32", "-")]
+    precisions = args.precisions or ["fp32", "bf16"]
+    runs = [(p, d) for p in precisions for d in args.decoding] if args.backend == "torch" else [("fp32", "-")]
     for precision, decoding in runs:
         if args.backend == "onnx":
             rec = _recognizer(args)
@@ -48,6 +56,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
         else:
             rec = Recognizer.from_pretrained(args.model, device=args.device, precision=precision,
                                              compiled=decoding == "compiled")
+        cfg = getattr(rec, "config", None) or rec.cfg
+        longest = cfg.max_label_length if hasattr(cfg, "max_label_length") else cfg["max_label_length"]
+        if fixed and fixed > longest:
+            raise ValueError(f"--fixed-length {fixed}: this model decodes at most {longest} characters")
         r = run_bench(rec, args.batch_size, args.repeats, fixed)
         name = args.preset or str(args.model or "built-in")
         params = f"{r.params_m:.1f}M" if r.params_m is not None else "-"

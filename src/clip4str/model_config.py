@@ -109,6 +109,9 @@ class ModelConfig:
         for key, (lo, hi) in FLOAT_RANGES.items():
             if not (_is_number(getattr(self, key)) and lo <= getattr(self, key) <= hi):
                 raise ValueError(f"{key} must be a number in [{lo:g}, {hi:g}], got {getattr(self, key)!r}")
+        for key in ("cross_branch", "perm_forward", "perm_mirrored"):
+            if not isinstance(getattr(self, key), bool):
+                raise ValueError(f"{key} must be true or false, got {getattr(self, key)!r}")
         for key in ("cascade_confidence", "second_look_confidence"):
             value = getattr(self, key)
             if value is not None and not (_is_number(value) and 0.0 <= value <= 1.0):

@@ -64,6 +64,7 @@ def test_good_values_pass():
     ["bench", "--threads", "-1"], ["bench", "--fixed-length", "-3"], ["read", "x.png", "--device", "meta"],
     ["read", "x.png", "--device", "cuda:x"], ["zeroshot", "x.png", "--candidates", "a", "--template", "{}{x}"],
     ["zeroshot", "x.png", "--candidates", "a", "--template", "no slot"],
+    ["data", "synth", "out", "--count", "2", "--seed", "-1"],
 ])
 def test_an_option_out_of_range_is_a_usage_error_naming_it(argv, capsys):
     from clip4str.cli import main
@@ -101,3 +102,10 @@ def test_bench_refuses_what_it_would_mislabel(argv, message, capsys):
 
     assert main(argv) == 2
     assert message in capsys.readouterr().err
+
+
+def test_a_charset_with_nothing_to_draw_is_named(tmp_path, capsys):
+    from clip4str.cli import main
+
+    assert main(["data", "synth", str(tmp_path / "s"), "--count", "2", "--charset", " "]) == 2
+    assert "--charset ' ' holds no character to draw" in capsys.readouterr().err

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
-from clip4str.argtypes import positive_int
+from clip4str.argtypes import non_negative_int, positive_int
 from clip4str.charset import CHARSETS, LabelNormalizer, resolve_charset
 from clip4str.data.folder import LABELS_NAME, read_label_file
 from clip4str.data.lmdb import write_lmdb
@@ -41,7 +41,11 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
     from clip4str.data.synth import WordRenderer
 
-    renderer = WordRenderer(resolve_charset(args.charset), args.fonts, args.backgrounds, seed=args.seed)
+    charset = resolve_charset(args.charset)
+    if not charset.strip():
+        raise ValueError(f"--charset {args.charset!r} holds no character to draw; give 36, 62, 94, the characters "
+                         "themselves or a file of them")
+    renderer = WordRenderer(charset, args.fonts, args.backgrounds, seed=args.seed)
     start = time.perf_counter()
 
     def samples() -> Iterator[tuple[str, bytes, str]]:
@@ -126,7 +130,7 @@ def add_data_commands(sub: argparse._SubParsersAction) -> None:
     sy = data.add_parser("synth", help="render synthetic word images into an LMDB")
     sy.add_argument("out", type=Path)
     sy.add_argument("--count", type=positive_int, required=True)
-    sy.add_argument("--seed", type=int, default=0)
+    sy.add_argument("--seed", type=non_negative_int, default=0)
     sy.add_argument("--charset", default=CHARSETS["94"])
     sy.add_argument("--fonts", nargs="+", help="font folders (default: system font folders, $CLIP4STR_FONTS)")
     sy.add_argument("--backgrounds", nargs="+", help="photo folders (default: /usr/share/backgrounds ...)")

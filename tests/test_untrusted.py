@@ -260,3 +260,24 @@ def test_a_torchscript_archives_state_dict_is_its_parameters_and_buffers(tmp_pat
     assert sorted(state) == sorted(expected) and "blocks.0.attn_mask" not in state
     for name, value in expected.items():
         torch.testing.assert_close(state[name], value)
+
+
+def test_bytes_after_a_torchscript_archive_do_not_send_it_to_torch_jit_load(tmp_path, monkeypatch):
+    """Python's zipfile reads a file with 'PK\\x05\\x06' appended as no zip, PyTorch's reader as the archive it is:
+    the decision follows PyTorch's reader, so the archive never reaches torch.load's torch.jit.load."""
+    import importlib
+    import warnings
+
+    marker = tmp_path / "written"
+    (tmp_path / "hostile_tail.py").write_text(HOSTILE_SCRIPT.replace("MARKER", repr(str(marker))))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.jit.save(torch.jit.script(importlib.import_module("hostile_tail").Hostile()), str(tmp_path / "t.pt"))
+    with open(tmp_path / "t.pt", "ab") as f:
+        f.write(b"PK\x05\x06")
+    with pytest.raises(ValueError, match="t.pt"):
+        read_clip_checkpoint(tmp_path / "t.pt")
+    with pytest.raises(ValueError):
+        load_untrusted(tmp_path / "t.pt")
+    assert not marker.exists()

@@ -17,7 +17,6 @@ import functools
 import pickle
 import re
 import types
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -105,12 +104,22 @@ def load_untrusted(path: str | Path) -> Any:
     return torch.load(str(path), map_location="cpu", weights_only=False, pickle_module=_restricted_pickle)
 
 
+def _torch_records(path: str | Path) -> list[str] | None:
+    """The record names of a zip as PyTorch reads it (its own reader, which `torch.load` uses to decide what a file
+    is; Python's zipfile may disagree on a file with bytes appended), or None for a file that is no such zip."""
+    with open(path, "rb") as f:
+        if f.read(4) != b"PK\x03\x04":  # torch.load's own test for its zip format
+            return None
+    try:
+        return list(torch._C.PyTorchFileReader(str(path)).get_all_records())
+    except Exception:  # damaged: torch.load fails on it too, in one line from the caller
+        return None
+
+
 def is_torchscript(path: str | Path) -> bool:
-    """Whether a file is a TorchScript archive (a zip with code/ or constants.pkl), such as OpenAI's CLIP files."""
-    if not zipfile.is_zipfile(path):
-        return False
-    with zipfile.ZipFile(path) as z:
-        return any(n.endswith("constants.pkl") or "/code/" in n for n in z.namelist())
+    """Whether a file is a TorchScript archive (code/ or constants.pkl inside), such as OpenAI's CLIP files."""
+    records = _torch_records(path) or []
+    return any(r.split("/")[-1] == "constants.pkl" or r.startswith("code/") or "/code/" in r for r in records)
 
 
 # `class Linear(Module):` and, in its body, `__parameters__ = ["weight", "bias", ]` / `__buffers__ = [...]`.
@@ -118,16 +127,21 @@ _CLASS = re.compile(r"^class (\w+)\(.*?\):\n((?:[ \t]+.*\n|\n)*)", re.M)
 _NAMES = re.compile(r"^\s+__(parameters|buffers)__ = \[([^\]]*)\]", re.M)
 
 
-def _tensor_names(archive: zipfile.ZipFile) -> dict[str, set[str]]:
+MAX_CODE_BYTES = 16 << 20  # a code file of OpenAI's ViT-L/14 archive is under 100 kB
+
+
+def _tensor_names(reader: Any) -> dict[str, set[str]]:
     """Each TorchScript class's parameter and buffer names, read from the declarations in its code files (read as
     text: what a module's state dict holds, without the plain tensor attributes it also pickles)."""
     names: dict[str, set[str]] = {}
-    for entry in archive.namelist():
-        top, _, rest = entry.partition("/code/")
+    for entry in reader.get_all_records():
+        rest = entry.removeprefix("code/") if entry.startswith("code/") else entry.partition("/code/")[2]
         if not rest.endswith(".py"):
             continue
         module = rest.removesuffix(".py").replace("/", ".")
-        text = archive.read(entry).decode("utf-8", errors="replace")
+        if reader.get_record_size(entry) > MAX_CODE_BYTES:  # read whole below: a zip bomb would fill memory
+            raise ValueError(f"a code file of {reader.get_record_size(entry)} bytes in a TorchScript archive")
+        text = reader.get_record(entry).decode("utf-8", errors="replace")
         for cls in _CLASS.finditer(text):
             found = {n.strip().strip("\"'") for m in _NAMES.finditer(cls.group(2)) for n in m.group(2).split(",")}
             names[f"{module}.{cls.group(1)}"] = found - {""}
@@ -137,9 +151,8 @@ def _tensor_names(archive: zipfile.ZipFile) -> dict[str, set[str]]:
 def load_torchscript_tensors(path: str | Path) -> dict[str, torch.Tensor]:
     """The state dict of a TorchScript archive, read without running its code: `torch.jit.load` (and `torch.load`,
     which hands such files to it) compiles and runs the archive's Python, whose `__setstate__` can do anything."""
-    with zipfile.ZipFile(path) as z:
-        declared = _tensor_names(z)
     reader = torch._C.PyTorchFileReader(str(path))
+    declared = _tensor_names(reader)
     root = torch.serialization._load(reader, map_location="cpu", pickle_module=_restricted_pickle)
     state: dict[str, torch.Tensor] = {}
 

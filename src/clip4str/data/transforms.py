@@ -96,7 +96,7 @@ def load_image(item: ImageInput) -> Image.Image:
             with open_image(item) as img:
                 img.load()
                 return to_rgb(ImageOps.exif_transpose(img))
-    except ImageDecodeError:
+    except (ImageDecodeError, MemoryError):  # MemoryError: the machine's, not the image's; never a skipped sample
         raise
     except UnidentifiedImageError as e:
         raise ImageDecodeError(f"image {_describe(item)} could not be decoded: not a file of a format read here "

@@ -54,10 +54,17 @@ def decode_upload(name: str, data: bytes, budget: list[int], windows: list[int],
     try:
         with open_image(data) as probe:  # header only: refuse bombs before decoding pixels
             size = probe.size
-            if probe.getexif().get(EXIF_ORIENTATION) in (5, 6, 7, 8):  # read turned a quarter: its windows too
-                size = size[::-1]
+            # EXIF from the header only (Pillow's getexif() decodes a whole PNG to look past its pixels)
+            raw = probe.info.get("exif") if probe.format == "PNG" else None
+            exif = probe.getexif() if probe.format != "PNG" else Image.Exif()
+            if raw:
+                exif.load(raw)
+            if size[0] * size[1] <= MAX_PIXELS and exif.get(EXIF_ORIENTATION) in (5, 6, 7, 8):
+                size = size[::-1]  # read turned a quarter: its windows too
     except Image.DecompressionBombError as e:
         raise ImageDecodeError(f"{name}: refused, too many pixels for a word crop (decompression bomb?)") from e
+    except MemoryError:
+        raise
     except Exception as e:  # Pillow's plugins raise many types for damaged headers (AVIF: RuntimeError)
         raise ImageDecodeError(f"{name}: could not be decoded as an image ({e.__class__.__name__})") from e
     if size[0] * size[1] > MAX_PIXELS:

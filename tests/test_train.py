@@ -4,6 +4,7 @@ trainable, bad configs fail before any work."""
 import csv
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -742,3 +743,23 @@ def test_a_run_never_writes_over_another_runs_folder(tmp_path, folder):
     with pytest.raises(FileExistsError, match="holds another run's final, config.yaml, logs"):
         train(load_config(_config(tmp_path, folder, max_steps=2, seed=5)))
     assert (out / "final" / "model.safetensors").read_bytes() == before
+
+
+def test_a_run_from_a_removed_checkpoint_resumes_with_the_settings_it_inherited(tmp_path, folder):
+    """The settings a run took from its start checkpoint are written into its config.yaml, and a resume or export
+    after that checkpoint was deleted reads them from there (it built a model without the CTC head)."""
+    import torch
+
+    from clip4str.factory import create_model
+    from clip4str.weights import save_checkpoint
+
+    parent = create_model("tiny", **SMALL, ctc_weight=0.5, cascade_confidence=0.9)
+    save_checkpoint(parent, tmp_path / "parent", dtype=torch.float16)
+    cfg = load_config(_config(tmp_path, folder, max_steps=2), [f"model.init=checkpoint:{tmp_path / 'parent'}"])
+    train(cfg)
+    written = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["model"]
+    assert (written["ctc_weight"], written["cascade_confidence"]) == (0.5, 0.9)
+    shutil.rmtree(tmp_path / "parent")
+    again = load_config(_config(tmp_path, folder, max_steps=2), [f"model.init=checkpoint:{tmp_path / 'parent'}"])
+    model = build_model(again, init=False)
+    assert model.ctc_head is not None and model.config.cascade_confidence == 0.9

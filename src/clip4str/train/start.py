@@ -7,6 +7,8 @@ import copy
 import sys
 from pathlib import Path
 
+import yaml
+
 from clip4str.factory import create_model, create_model_from_imagenet_vit
 from clip4str.inference import default_model_path
 from clip4str.model import CLIP4STR
@@ -46,8 +48,12 @@ def build_model(cfg: TrainConfig, init: bool = True) -> CLIP4STR:
         return create_model_from_imagenet_vit(m.preset, path, **m.overrides)
     folder = default_model_path() if kind == "builtin" else Path(path)
     overrides = dict(m.overrides)
-    if kind in ("checkpoint", "builtin") and (init or (folder / CONFIG_NAME).is_file()):
-        overrides |= inherited_settings(folder, overrides)
+    if kind in ("checkpoint", "builtin"):
+        if init or (folder / CONFIG_NAME).is_file():
+            overrides |= inherited_settings(folder, overrides)
+        else:  # resumed or exported after the start checkpoint was removed: what the run recorded when it began
+            overrides |= recorded_settings(Path(cfg.train.out_dir) / "config.yaml", overrides)
+        m.overrides.update({k: overrides[k] for k in INHERITED_KEYS if k in overrides})  # into the run's config.yaml
     model = create_model(m.preset, clip_checkpoint=path if kind == "clip" else None, **overrides)
     if init and kind in ("checkpoint", "builtin"):
         load_weights_into(model, folder)
@@ -59,6 +65,14 @@ def inherited_settings(folder: str | Path, overrides: dict) -> dict:
     doc, weights = read_checkpoint_config(folder)
     parent = model_config(doc, weights.parent / CONFIG_NAME).to_dict()
     return {k: parent[k] for k in INHERITED_KEYS if k not in overrides and k in parent}
+
+
+def recorded_settings(run_config: Path, overrides: dict) -> dict:
+    """The INHERITED_KEYS a run's config.yaml recorded at its start that `overrides` does not set."""
+    if not run_config.is_file():
+        return {}
+    model = (yaml.safe_load(run_config.read_text(encoding="utf-8")) or {}).get("model") or {}
+    return {k: model[k] for k in INHERITED_KEYS if k not in overrides and k in model}
 
 
 def load_weights_into(model: CLIP4STR, folder: str | Path) -> None:

@@ -24,8 +24,8 @@ D=$(mktemp -d /tmp/clip4str-data.XXXX); trap 'rm -rf "$D"' EXIT
 tar -C "$D" -xJf "$BUNDLE/fonts.tar.xz" && tar -C "$D" -xf "$BUNDLE/bgs.tar" && tar -C "$D" -xJf "$BUNDLE/realtrain.tar.xz" \
   || exit 1
 for db in lmdb ic13-train; do  # the config names them under ../shared/realtrain, as on the development machine
-  # A link left by an earlier run points into its deleted $D: replace links, never a real folder.
-  if [ -L "../shared/realtrain/$db" ] || [ ! -e "../shared/realtrain/$db" ]; then
+  # A link left by an earlier run points into its deleted $D: replace dangling links, never real data.
+  if [ ! -e "../shared/realtrain/$db" ]; then
     mkdir -p ../shared/realtrain && ln -sfn "$D/realtrain/$db" "../shared/realtrain/$db" || exit 1
   fi
 done

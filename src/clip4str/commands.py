@@ -56,10 +56,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
         else:
             rec = Recognizer.from_pretrained(args.model, device=args.device, precision=precision,
                                              compiled=decoding == "compiled")
-        cfg = getattr(rec, "config", None) or rec.cfg
-        longest = cfg.max_label_length if hasattr(cfg, "max_label_length") else cfg["max_label_length"]
-        if fixed and fixed > longest:
-            raise ValueError(f"--fixed-length {fixed}: this model decodes at most {longest} characters")
+        if fixed and fixed > rec.config.max_label_length:
+            raise ValueError(f"--fixed-length {fixed}: this model decodes at most {rec.config.max_label_length} "
+                             "characters")
         r = run_bench(rec, args.batch_size, args.repeats, fixed)
         name = args.preset or str(args.model or "built-in")
         params = f"{r.params_m:.1f}M" if r.params_m is not None else "-"

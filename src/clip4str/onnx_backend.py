@@ -82,7 +82,8 @@ class OnnxRecognizer(BaseRecognizer):
         import onnxruntime as ort
 
         doc = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-        self.cfg = ModelConfig.from_dict(doc["model"]).to_dict()  # every value checked, as for PyTorch checkpoints
+        self.config = ModelConfig.from_dict(doc["model"])  # every value checked, as for PyTorch checkpoints
+        self.cfg = self.config.to_dict()
         self.tokenizer = Tokenizer(self.cfg["charset"])
 
         def session(name: str, threads: int | None = 1):  # noqa: ANN202
@@ -101,9 +102,7 @@ class OnnxRecognizer(BaseRecognizer):
             self.bpe = BPETokenizer(folder / VOCAB_NAME)
         self.ctc_head = session(CTC_HEAD) if (folder / CTC_HEAD).is_file() else None
         self.caption_adapter = CharsetAdapter(self.cfg["caption_charset"])
-        self.image_size = tuple(self.cfg["clip"]["vision_cfg"]["image_size"]) \
-            if isinstance(self.cfg["clip"]["vision_cfg"]["image_size"], list) else \
-            (self.cfg["clip"]["vision_cfg"]["image_size"],) * 2
+        self.image_size = self.config.image_size
         self.second_look_confidence = self.cfg.get("second_look_confidence")
         # Graphs of another export beside this config.json: fail here, not at the first batch.
         graph_size = tuple(self.image_encoder.get_inputs()[0].shape[2:])

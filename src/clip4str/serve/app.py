@@ -125,8 +125,7 @@ def create_app(recognizer, max_batch: int = 32, max_upload_mb: float = 10.0, max
 
     @app.get("/v1/model")
     def model_info() -> dict:
-        cfg = getattr(recognizer, "config", None) or recognizer.cfg
-        cfg = cfg if isinstance(cfg, dict) else cfg.to_dict()
+        cfg = recognizer.config.to_dict()  # both backends' ModelConfig
         model = getattr(recognizer, "model", None)
         return {"preset_towers": cfg["clip"], "charset": cfg["charset"], "image_size": cfg["clip"]["vision_cfg"]
                 ["image_size"], "decoding": {"mode": cfg["decode_mode"], "refine_iters": cfg["refine_iters"],

@@ -54,13 +54,8 @@ def decode_upload(name: str, data: bytes, budget: list[int], windows: list[int],
     try:
         with open_image(data) as probe:  # header only: refuse bombs before decoding pixels
             size = probe.size
-            # EXIF from the header only (Pillow's getexif() decodes a whole PNG to look past its pixels)
-            raw = probe.info.get("exif") if probe.format == "PNG" else None
-            exif = probe.getexif() if probe.format != "PNG" else Image.Exif()
-            if raw:
-                exif.load(raw)
-            if size[0] * size[1] <= MAX_PIXELS and exif.get(EXIF_ORIENTATION) in (5, 6, 7, 8):
-                size = size[::-1]  # read turned a quarter: its windows too
+            if _turned_a_quarter(probe):
+                size = size[::-1]  # read upright: its windows too
     except Image.DecompressionBombError as e:
         raise ImageDecodeError(f"{name}: refused, too many pixels for a word crop (decompression bomb?)") from e
     except MemoryError:
@@ -84,6 +79,17 @@ def decode_upload(name: str, data: bytes, budget: list[int], windows: list[int],
         return load_image(data), n
     except ImageDecodeError as e:
         raise ImageDecodeError(f"{name}: could not be decoded ({e})") from e
+
+
+def _turned_a_quarter(probe: Image.Image) -> bool:
+    """Whether the header's EXIF orientation (5-8) has the picture read turned a quarter, as phones store it; a PNG's
+    EXIF from its header chunk only (Pillow's getexif() decodes a whole PNG to look for one after its pixels)."""
+    if probe.format == "PNG":
+        exif = Image.Exif()
+        exif.load(probe.info.get("exif") or b"")
+    else:
+        exif = probe.getexif()
+    return exif.get(EXIF_ORIENTATION) in (5, 6, 7, 8)
 
 
 async def read_body(request: Request, limit: int) -> bytes | None:

@@ -341,3 +341,28 @@ def test_join_real_joins_that_share_of_real_crops_with_another_of_their_source(t
     with pytest.raises(ValueError, match="join_real"):
         from clip4str.train.config import DataSection
         DataSection(join_real=-0.1)
+
+
+def test_a_source_can_be_augmented_harder_and_other_sources_keep_their_stream(tmp_path):
+    from clip4str.data.sources import open_labelled
+    from test_data_lmdb_folder import _folder
+
+    root = _folder(tmp_path, [f"w{i}" for i in range(8)])
+    data = open_labelled(str(root), LabelNormalizer(CHARSETS["94"], 25))
+    args = dict(batch_size=4, image_size=(32, 128), mean=(0.5,) * 3, std=(0.5,) * 3, seed=2)
+    reference = TrainStream([(Source(str(root), 1.0), data)], **args)
+    stated = TrainStream([(Source(str(root), 1.0, augment={"num_ops": 3, "magnitude": 5, "prob": 0.5}), data)], **args)
+    harder = TrainStream([(Source(str(root), 1.0, augment={"prob": 1.0, "magnitude": 8}), data)], **args)
+    off = TrainStream([(Source(str(root), 1.0, augment={"num_ops": 0}), data)], **args)
+    clean = TrainStream([(Source(str(root), 1.0), data)], augment=False, **args)
+    changed = {"stated": 0, "harder": 0, "off": 0}
+    for g in range(40):
+        ref = reference.sample(g)
+        assert torch.equal(ref[0], stated.sample(g)[0])  # the reference's values written out: the same stream
+        assert harder.sample(g)[1] == ref[1]
+        changed["harder"] += not torch.equal(ref[0], harder.sample(g)[0])
+        changed["off"] += not torch.equal(clean.sample(g)[0], off.sample(g)[0])
+    assert changed["harder"] > 25 and changed["off"] == 0
+    for bad in ({"prob": 1.5}, {"num_ops": 2.5}, {"strength": 1}, {"magnitude": "high"}, [3], {"prob": True}):
+        with pytest.raises(ValueError, match="augment"):
+            Source("x", 1.0, augment=bad)

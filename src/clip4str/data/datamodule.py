@@ -34,6 +34,8 @@ MAX_PAD, MAX_CUT = 0.25, 0.10
 # `data.join_real`: two real crops joined side by side make one longer word only up to this width:height, within
 # what reading takes whole (the built-in model: up to 11.25:1; wider crops are read in windows).
 MAX_JOINED_ASPECT = 9.0
+# A source's `augment` options and their ranges (RandAugment's magnitude is on its 0-10 scale).
+AUGMENT_RANGES = {"num_ops": (0, 8), "magnitude": (0.0, 10.0), "prob": (0.0, 1.0)}
 
 
 @dataclass
@@ -46,6 +48,31 @@ class Source:
     path: str
     weight: float = 1.0
     holdout: float = 0.0
+    # This source's RandAugment ({num_ops, magnitude, prob}, the rest as the reference's 3 / 5 / 0.5): a model
+    # that has learnt a few thousand real crops by heart reads their plain views right and learns nothing more.
+    augment: dict[str, float] | None = None
+
+    def __post_init__(self) -> None:
+        if self.augment is None:
+            return
+        if not isinstance(self.augment, dict) or set(self.augment) - set(AUGMENT_RANGES):
+            raise ValueError(f"data source {self.path}: augment takes a mapping of {sorted(AUGMENT_RANGES)}, "
+                             f"got {self.augment!r}")
+        for key, value in self.augment.items():
+            low, high = AUGMENT_RANGES[key]
+            if isinstance(value, bool) or not isinstance(value, int | float) or not low <= value <= high:
+                raise ValueError(f"data source {self.path}: augment.{key} must be a number in [{low}, {high}], "
+                                 f"got {value!r}")
+        if not float(self.augment.get("num_ops", 3)).is_integer():
+            raise ValueError(f"data source {self.path}: augment.num_ops must be a whole number, "
+                             f"got {self.augment['num_ops']!r}")
+
+    def randaugment(self) -> RandAugment:
+        """This source's augmentation."""
+        options = dict(self.augment or {})
+        if "num_ops" in options:
+            options["num_ops"] = int(options["num_ops"])
+        return RandAugment(**options)
 
     @property
     def is_synth(self) -> bool:
@@ -132,7 +159,7 @@ class TrainStream(IterableDataset):
         self.cumulative = np.cumsum(weights / weights.sum())
         self.batch_size, self.image_size, self.mean, self.std = batch_size, image_size, mean, std
         self.seed, self.start_batch, self.rank, self.world = seed, start_batch, rank, world
-        self.augment = RandAugment() if augment else None
+        self.augments = [s.randaugment() for s, _ in sources] if augment else None
         self.curriculum_images, self.scale_jitter = curriculum_images, scale_jitter
         self.join_real, self.max_label_length = join_real, max_label_length
 
@@ -156,8 +183,8 @@ class TrainStream(IterableDataset):
             # Drawn only when on, so that streams without it stay what they were (exact resume of older runs).
             if self.scale_jitter and rng.random() < self.scale_jitter:
                 image = rescale_vertically(image, rng.uniform(-MAX_CUT, MAX_PAD))
-            if self.augment is not None and (difficulty >= 1.0 or rng.random() < difficulty):
-                image = self.augment(image, random.Random(int(rng.integers(2**62))))
+            if self.augments is not None and (difficulty >= 1.0 or rng.random() < difficulty):
+                image = self.augments[k](image, random.Random(int(rng.integers(2**62))))
             return self._tensor(image), label
         except MemoryError:  # the machine, not the sample: skipping would fill the log while memory stays full
             raise

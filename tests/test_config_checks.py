@@ -18,6 +18,8 @@ from clip4str.train.config import load_config
     ("data.train=[{path: synth, weight: 0}]", "weight must be a number > 0"),
     ("data.train=[{path: synth, holdout: 1}]", "holdout must be in [0, 1)"),
     ("data.train=[{path: synth, wieght: 1}]", "unknown key(s) ['wieght']"),
+    ("data.train=[{path: synth, augment: {prob: 2}}]", "data.train entry synth: augment.prob must be a number in"),
+    ("data.train=[{path: synth, augment: {ops: 2}}]", "data.train entry synth: augment takes a mapping of"),
     ("model.init=5", "model.init must be a string"),
     ("model.decoder_depth=abc", "model.decoder_depth must be an integer"),
     ("model.image_mean=[1, 2, x]", "model.image_mean must be a list of numbers"),

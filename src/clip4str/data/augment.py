@@ -97,6 +97,26 @@ OPS: dict[str, Callable[[Image.Image, float, random.Random], Image.Image]] = {
 }
 
 
+# A data source's `augment` options and their ranges (magnitude on RandAugment's 0-10 scale).
+AUGMENT_RANGES = {"num_ops": (0, 8), "magnitude": (0.0, MAX_LEVEL), "prob": (0.0, 1.0)}
+
+
+def check_augment(where: str, augment: object) -> None:
+    """A data source's `augment` mapping, or a one-line ValueError naming `where` (the source) and the option."""
+    if augment is None:
+        return
+    if not isinstance(augment, dict) or set(augment) - set(AUGMENT_RANGES):
+        raise ValueError(f"{where}: augment takes a mapping of {sorted(AUGMENT_RANGES)}, got "
+                         f"{str(augment)[:80]}")
+    for key, value in augment.items():
+        low, high = AUGMENT_RANGES[key]
+        whole = key != "num_ops" or isinstance(value, int) or isinstance(value, float) and value.is_integer()
+        if isinstance(value, bool) or not isinstance(value, int | float) or not low <= value <= high or not whole:
+            kind = "a whole number" if key == "num_ops" else "a number"
+            raise ValueError(f"{where}: augment.{key} must be {kind} in [{low}, {high}], got "
+                             f"{str(value)[:80]}")
+
+
 class RandAugment:
     """Pick `num_ops` ops per image, each applied with probability `prob` at a noisy magnitude."""
 

@@ -20,7 +20,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from clip4str.charset import LabelNormalizer
-from clip4str.data.augment import RandAugment, join_horizontally, rescale_vertically
+from clip4str.data.augment import RandAugment, check_augment, join_horizontally, rescale_vertically
 from clip4str.data.compat import Dataset, Subset
 from clip4str.data.sources import open_labelled
 from clip4str.data.synth import WordRenderer
@@ -34,8 +34,6 @@ MAX_PAD, MAX_CUT = 0.25, 0.10
 # `data.join_real`: two real crops joined side by side make one longer word only up to this width:height, within
 # what reading takes whole (the built-in model: up to 11.25:1; wider crops are read in windows).
 MAX_JOINED_ASPECT = 9.0
-# A source's `augment` options and their ranges (RandAugment's magnitude is on its 0-10 scale).
-AUGMENT_RANGES = {"num_ops": (0, 8), "magnitude": (0.0, 10.0), "prob": (0.0, 1.0)}
 
 
 @dataclass
@@ -53,19 +51,7 @@ class Source:
     augment: dict[str, float] | None = None
 
     def __post_init__(self) -> None:
-        if self.augment is None:
-            return
-        if not isinstance(self.augment, dict) or set(self.augment) - set(AUGMENT_RANGES):
-            raise ValueError(f"data source {self.path}: augment takes a mapping of {sorted(AUGMENT_RANGES)}, "
-                             f"got {self.augment!r}")
-        for key, value in self.augment.items():
-            low, high = AUGMENT_RANGES[key]
-            if isinstance(value, bool) or not isinstance(value, int | float) or not low <= value <= high:
-                raise ValueError(f"data source {self.path}: augment.{key} must be a number in [{low}, {high}], "
-                                 f"got {value!r}")
-        if not float(self.augment.get("num_ops", 3)).is_integer():
-            raise ValueError(f"data source {self.path}: augment.num_ops must be a whole number, "
-                             f"got {self.augment['num_ops']!r}")
+        check_augment(f"data source {self.path}", self.augment)
 
     def randaugment(self) -> RandAugment:
         """This source's augmentation."""

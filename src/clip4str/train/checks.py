@@ -9,6 +9,8 @@ import types
 import typing
 from typing import Any, Union
 
+from clip4str.data.augment import check_augment
+
 # Values that must be > 0 or >= 0 (None, where a key allows it, always passes).
 POSITIVE = {"data.batch_size", "train.max_steps", "train.max_minutes", "train.base_lr", "train.num_nodes",
             "train.accumulate_grad_batches", "train.val_every_steps", "train.log_every_steps", "train.threads",
@@ -104,16 +106,17 @@ def check_values(section: str, cls: type, values: dict[str, Any]) -> None:
 
 
 def check_sources(entries: Any) -> None:
-    """data.train: a list of {path, weight > 0, holdout in [0, 1)} mappings."""
+    """data.train: a list of {path, weight > 0, holdout in [0, 1), augment} mappings."""
     if not isinstance(entries, list) or not entries:
         raise ValueError(f"data.train must be a non-empty list of {{path: ..., weight: ...}}, got {short(entries)}")
     for entry in entries:
         if not isinstance(entry, dict) or not isinstance(entry.get("path"), str):
             raise ValueError(f"data.train entries are {{path: <folder or synth>, weight: <share>}}, got {short(entry)}")
-        unknown = sorted(set(entry) - {"path", "weight", "holdout"})
+        unknown = sorted(set(entry) - {"path", "weight", "holdout", "augment"})
         if unknown:
             raise ValueError(f"data.train entry {entry['path']}: unknown key(s) {unknown}; keys: path, weight, "
-                             "holdout")
+                             "holdout, augment")
+        check_augment(f"data.train entry {entry['path']}", entry.get("augment"))
         weight, holdout = entry.get("weight", 1.0), entry.get("holdout", 0.0)
         if not matches(weight, float) or not weight > 0:
             raise ValueError(f"data.train entry {entry['path']}: weight must be a number > 0, got {short(weight)}")

@@ -20,6 +20,7 @@ from clip4str.model import CLIP4STR
 from clip4str.train.averaging import TailAveraging
 from clip4str.train.budget import TimeBudget
 from clip4str.train.callbacks import ResumableCheckpoint
+from clip4str.train.checks import check_sources
 from clip4str.train.config import TrainConfig
 from clip4str.train.history import plot_history
 from clip4str.train.outdir import claimed
@@ -86,10 +87,7 @@ def check_synth_resources(dm: STRDataModule, min_fonts: int, min_photos: int) ->
 def check_paths(cfg: TrainConfig, init: bool = True) -> None:
     """Fail before any work if a data path, font folder or init file is missing (init=False: a checkpoint
     folder to start from is not needed)."""
-    for item in cfg.data.train:
-        unknown = set(item) - {"path", "weight", "holdout"}
-        if unknown or "path" not in item:
-            raise ValueError(f"data.train entries take path, weight, holdout; got {item}")
+    check_sources(cfg.data.train)  # again: a TrainConfig built in code skipped load_config's checks
     paths = [i["path"] for i in cfg.data.train if i["path"] != "synth"] + list(cfg.data.val)
     paths += list(cfg.data.fonts or []) + list(cfg.data.backgrounds or [])
     if ":" in cfg.model.init and (init or not cfg.model.init.startswith("checkpoint:")):

@@ -185,3 +185,21 @@ def test_bf16_reading_stores_weights_once_and_computes_what_autocast_computes(im
         got = rec.model.decode(x).logits
     assert torch.equal(got, expected)
     assert [r.text for r in rec.read(rendered)] == OVERFIT_WORDS
+
+
+def test_a_whole_photo_gets_a_note_and_crops_do_not(images, capsys):
+    from clip4str.reading import photo_note
+
+    ckpt, root, paths, _ = images
+    assert photo_note(599, 900) is None and photo_note(1500, 600) is None and "600x600" in photo_note(600, 600)
+    photo = root / "street.jpg"
+    Image.new("RGB", (1200, 900), "gray").save(photo)
+    rec = Recognizer.from_pretrained(ckpt)
+    results = rec.read([photo, Image.new("RGB", (1600, 500)), paths[0]])
+    assert "whole photo" in results[0].note and results[1].note is None and results[2].note is None
+    assert results[2].text == OVERFIT_WORDS[0]
+    code = main(["read", str(photo), str(paths[0]), "--model", str(ckpt), "--format", "json"])
+    out, err = capsys.readouterr()
+    lines = [json.loads(line) for line in out.splitlines()]
+    assert code == 0 and "1200x900" in lines[0]["note"] and lines[1]["note"] is None
+    assert f"note: {photo}: a 1200x900 image looks like a whole photo" in err

@@ -70,6 +70,15 @@ def test_multipart_and_json_reads(served):
     assert [r["text"] for r in body["results"]] == ["cafe"] * 3
 
 
+def test_a_whole_photo_is_read_with_a_note(served):
+    client, rendered, _ = served
+    files = [("files", ("photo.png", _png(Image.new("RGB", (800, 600), "gray")), "image/png")),
+             ("files", ("crop.png", _png(rendered[0]), "image/png"))]
+    photo, crop = client.post("/v1/read", files=files).json()["results"]
+    assert "800x600 image looks like a whole photo" in photo["note"] and photo["error"] is None
+    assert crop["note"] is None and crop["text"] == OVERFIT_WORDS[0]
+
+
 def test_concurrent_requests_share_batches(served):
     client, rendered, app = served
     before = app.state.batcher.batches

@@ -89,21 +89,29 @@ def cmd_read(args: argparse.Namespace) -> int:
         raise FileNotFoundError(f"no images to read{hint}")
     rec = recognizer(args)
     bar = tqdm(total=len(paths), unit="img", file=sys.stderr, disable=len(paths) < 50 or args.quiet)
-    failures = []
+    failures, notes = [], []
     results = rec.iter_read(paths, args.batch_size, mode=args.mode, refine_iters=args.refine_iters,
                             max_windows=args.max_windows, **decoding_options(args))
     for path, r in zip(paths, results, strict=True):
         bar.update(1)
         if r.error:
             failures.append(f"{path}: {r.error}")
+        if r.note:
+            notes.append(f"{path}: {r.note}")
         if args.format == "json":
             print(json_line({"path": path, "text": r.text, "confidence": round(r.confidence, 6),
-                             "char_probs": [round(p, 6) for p in r.char_probs], "error": r.error}))
+                             "char_probs": [round(p, 6) for p in r.char_probs], "error": r.error,
+                             "note": r.note}))
         elif args.format == "tsv":
             print(f"{path.translate(TSV_ESCAPES)}\t{r.text}\t{r.confidence:.4f}")
         else:
             print(r.text if not r.error else "")
     bar.close()
+    for note in notes[:3]:
+        print(f"note: {note}", file=sys.stderr)
+    if len(notes) > 3:
+        print(f"note: {len(notes) - 3} more images look like whole photos (--format json names each)",
+              file=sys.stderr)
     if failures:
         print(f"{len(failures)} of {len(paths)} images failed:", file=sys.stderr)
         for f in failures:

@@ -38,6 +38,7 @@ class ReadItem(BaseModel):
     char_probs: list[float]
     attention_png: str | None = None
     error: str | None = None  # why this image was not read (its text is then empty)
+    note: str | None = None  # the image does not look like a cropped word (a whole photo, say)
 
 
 class ReadResponse(BaseModel):
@@ -201,7 +202,7 @@ def create_app(recognizer, max_batch: int = 32, max_upload_mb: float = 10.0, max
             strip = await asyncio.to_thread(_attention, recognizer, image, r.text, model_lock) \
                 if attention and not r.error else None
             items.append(ReadItem(name=name, text=r.text, confidence=r.confidence, char_probs=r.char_probs,
-                                  attention_png=strip, error=r.error))
+                                  attention_png=strip, error=r.error, note=r.note))
         return ReadResponse(results=items)
 
     @app.get("/", response_class=HTMLResponse)

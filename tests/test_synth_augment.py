@@ -366,3 +366,21 @@ def test_a_source_can_be_augmented_harder_and_other_sources_keep_their_stream(tm
     for bad in ({"prob": 1.5}, {"num_ops": 2.5}, {"strength": 1}, {"magnitude": "high"}, [3], {"prob": True}):
         with pytest.raises(ValueError, match="augment"):
             Source("x", 1.0, augment=bad)
+
+
+def test_a_busy_background_is_calmed_under_the_text_and_a_plain_one_is_not():
+    from clip4str.data.synth_background import LOW_CONTRAST, LUMA, MAX_LOST_INK, calmed
+
+    def lost(bg, ink, text_luma):
+        return float((ink * (np.abs(bg @ LUMA / 255 - text_luma) < LOW_CONTRAST)).sum() / ink.sum())
+
+    rng = np.random.default_rng(0)
+    busy = np.where(rng.random((32, 100, 1)) < 0.5, 230.0, 40.0) * np.ones(3)  # half of it as light as the text
+    ink = np.zeros((32, 100))
+    ink[8:24, 10:90] = 1.0
+    assert lost(busy, ink, 0.9) > 0.4
+    out = calmed(busy, ink, 0.9)
+    assert lost(out, ink, 0.9) <= MAX_LOST_INK and out.shape == busy.shape
+    assert 0 < out.std() < busy.std()  # the texture is still there, weaker
+    plain = np.full((32, 100, 3), 40.0)
+    assert calmed(plain, ink, 0.9) is plain and calmed(busy, np.zeros((32, 100)), 0.9) is busy

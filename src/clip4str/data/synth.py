@@ -18,10 +18,10 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from clip4str.charset import CHARSETS
 from clip4str.data.fonts import FontInfo, discover_fonts, load_font, usable_fonts
-from clip4str.data.synth_background import Backgrounds
+from clip4str.data.synth_background import LUMA, Backgrounds, calmed
 from clip4str.data.words import WordSampler
 
-__all__ = ["SyntheticStream", "WordRenderer", "WordSampler"]
+__all__ = ["LUMA", "SyntheticStream", "WordRenderer", "WordSampler"]
 
 @functools.lru_cache(maxsize=65536)
 def _glyph(path: str, size: int, ch: str) -> tuple[Image.Image, float]:
@@ -32,9 +32,6 @@ def _glyph(path: str, size: int, ch: str) -> tuple[Image.Image, float]:
     cell = Image.new("L", (int(math.ceil(advance)) + 4, ascent + descent + 4), 0)
     ImageDraw.Draw(cell).text((2, 2), ch, font=font, fill=255)
     return cell, advance
-
-
-LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)  # ITU-R BT.601 weights of R, G, B
 
 
 def _perspective_coeffs(src: np.ndarray, dst: np.ndarray) -> list[float]:
@@ -226,7 +223,6 @@ class WordRenderer:
         # Contrast is judged where the text lies, not over the whole (possibly busy) background, in luma (green
         # looks brighter than blue of the same value).
         bg_lum = float((bg_arr @ LUMA * weight).sum() / max(weight.sum(), 1.0)) / 255.0
-        bg = Image.fromarray(bg_arr.astype(np.uint8))
         fg_lum = (bg_lum + rng.uniform(0.35, 0.65)) % 1.0 if rng.random() < 0.5 else 1.0 - bg_lum
         if abs(fg_lum - bg_lum) < 0.35 + 0.3 * (1 - d):  # easy samples get strong contrast
             fg_lum = 0.08 if bg_lum > 0.5 else 0.92
@@ -235,6 +231,7 @@ class WordRenderer:
         if abs(float(colour @ LUMA) - bg_lum) < 0.25:  # the tint took away the contrast chosen above
             colour = np.full(3, fg_lum)
         fg = tuple(int(v) for v in colour * 255)
+        bg = Image.fromarray(calmed(bg_arr, weight / 255.0, float(colour @ LUMA)).astype(np.uint8))
         if rng.random() < 0.2 * d:  # shadow: the text's silhouette, offset and darker
             dx, dy = (int(v) for v in rng.integers(-3, 4, 2))
             shadow = ImageChops.offset(mask, dx, dy).point(lambda v: v * 0.6)

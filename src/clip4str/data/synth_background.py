@@ -14,6 +14,26 @@ PHOTO_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp"}
 # Photographs that Debian desktop packages ship (gnome-backgrounds, mate-backgrounds, desktop-base ...).
 DEFAULT_PHOTO_DIRS = ("/usr/share/backgrounds", "/usr/share/wallpapers")
 PHOTO_SIDE = 640  # photos are kept in memory at this size
+LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)  # ITU-R BT.601 weights of R, G, B
+# Legibility: at most MAX_LOST_INK of a word's ink may lie on background within LOW_CONTRAST luma of the text.
+LOW_CONTRAST, MAX_LOST_INK = 0.15, 0.2
+
+
+def calmed(background: np.ndarray, ink: np.ndarray, text_luma: float) -> np.ndarray:
+    """The background (h, w, 3, 0..255) pulled toward its mean colour under the text until at most MAX_LOST_INK of
+    the ink (h, w, 0..1) lies on pixels within LOW_CONTRAST luma of the text colour (0..1). The text's colour is
+    chosen against that mean, but a busy photo (flowers, foliage) has much of it near any colour, and such words
+    were all but invisible under their labels; a sign's text stands out from its surface."""
+    total = float(ink.sum())
+    if not total:
+        return background
+    mean = (background * ink[..., None]).sum((0, 1)) / total
+    for keep in (1.0, 0.6, 0.35, 0.15, 0.0):
+        out = mean + keep * (background - mean) if keep < 1 else background
+        lost = float((ink * (np.abs(out @ LUMA / 255 - text_luma) < LOW_CONTRAST)).sum()) / total
+        if lost <= MAX_LOST_INK:
+            break
+    return out
 
 
 def discover_photos(dirs: list[str | Path] | None = None) -> list[Path]:
